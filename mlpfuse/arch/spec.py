@@ -1,0 +1,100 @@
+"""Architecture specs as data: where each layer's MLP tensors live and how they are laid out.
+
+A spec names, for a family of ``model_type``s, the MLP *sites* (a path template such as
+``encoder.layer.{i}`` plus the config attribute holding the number of layers) and the projection
+module names inside each site. Paths are relative to the transformers *base model*
+(``model.base_model``); checkpoints may add a prefix (``bert.``, ``model.``), found by
+:func:`find_prefix`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LINEAR = "linear"  # nn.Linear: weight [out, in]
+CONV1D = "conv1d"  # GPT-2 Conv1D: weight [in, out]
+
+
+@dataclass(frozen=True)
+class Projections:
+    """Module names of one MLP's projections, relative to its site."""
+
+    up: str
+    down: str
+    gate: str | None = None
+
+
+@dataclass(frozen=True)
+class SiteTemplate:
+    """A stack of MLPs: ``path`` with ``{i}`` for the layer, ``count`` the config attribute of its depth."""
+
+    path: str
+    count: str
+    label: str = "layer"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One registry entry. ``gated_flag``: config attribute that switches to ``gated_projections``."""
+
+    name: str
+    model_types: tuple[str, ...]
+    sites: tuple[SiteTemplate, ...]
+    projections: Projections
+    layout: str = LINEAR
+    gated_projections: Projections | None = None
+    gated_flag: str | None = None
+
+    def projections_for(self, config: dict) -> Projections:
+        """The projections this config uses (T5 v1.1 is gated, T5 v1.0 is not)."""
+        if self.gated_flag and self.gated_projections and _gated(config, self.gated_flag):
+            return self.gated_projections
+        return self.projections
+
+
+def _gated(config: dict, flag: str) -> bool:
+    value = config.get(flag)
+    if flag == "feed_forward_proj":
+        return str(value or "").startswith("gated-")
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class MLPSite:
+    """One concrete MLP in a model: its global index, label and module paths (base-model relative)."""
+
+    index: int
+    label: str
+    path: str
+    projections: Projections
+    layout: str
+
+    def module_path(self, role: str) -> str:
+        return f"{self.path}.{getattr(self.projections, role)}"
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ("gate", "up", "down") if self.projections.gate else ("up", "down")
+
+
+def resolve_sites(spec: ArchSpec, config: dict) -> list[MLPSite]:
+    """Every MLP site of a model with this config, numbered across stacks (encoder first)."""
+    projections = spec.projections_for(config)
+    sites: list[MLPSite] = []
+    for template in spec.sites:
+        depth = config.get(template.count)
+        if depth is None and template.count == "num_decoder_layers":
+            depth = config.get("num_layers")
+        for i in range(int(depth or 0)):
+            label = f"{template.label}.{i}" if len(spec.sites) > 1 else str(i)
+            sites.append(MLPSite(len(sites), label, template.path.format(i=i), projections, spec.layout))
+    return sites
+
+
+def find_prefix(keys, site: MLPSite) -> str:
+    """The prefix a checkpoint puts before base-model paths (``""``, ``"bert."``, ``"model."``...)."""
+    suffix = f"{site.module_path('up')}.weight"
+    candidates = sorted(k[: -len(suffix)] for k in keys if k.endswith(suffix) and (k == suffix or k[-len(suffix) - 1] == "."))
+    if not candidates:
+        return None
+    return min(candidates, key=len)

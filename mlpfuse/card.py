@@ -1,0 +1,54 @@
+"""The model card (README.md) written next to a fused checkpoint."""
+
+from __future__ import annotations
+
+
+def model_card(report: dict) -> str:
+    """Markdown that says what was fused, how, and what it saved."""
+    before, after = report["parameters"]["before"], report["parameters"]["after"]
+    saved = 100.0 * (before - after) / before if before else 0.0
+    rows = "\n".join(
+        f"| {layer['label']} | {layer['original_width']} | {layer['width']} | {layer['inertia']:.4g} |"
+        for layer in report["layers"]
+    )
+    return f"""---
+library_name: transformers
+tags:
+- mlpfuse
+- mlp-fusion
+---
+
+# {report['source_name']} with fused MLPs
+
+This checkpoint was written by [mlpfuse](https://pypi.org/project/mlpfuse/) {report['version']}
+from `{report['source']}` with method `{report['method']}` (seed {report['seed']}, k-means backend
+`{report['backend']}`).
+
+Method `fusion` is MLP Fusion (Wei et al., ICML 2023): the sub-MLPs (neurons) of each chosen
+feed-forward block are clustered with k-means, each cluster is replaced by its average, and the
+cluster sizes are kept as a constant scale `P` (buffer `fusion_scale`) so the fine-tuning dynamics
+(the Adam NTK) stay close to the original. Method `cluster` folds `sqrt(P)` into the weights instead.
+
+Parameters: {before:,} before, {after:,} after ({saved:.1f}% fewer).
+
+| layer | width before | width after | k-means inertia |
+|---|---|---|---|
+{rows}
+
+## Loading
+
+```python
+import mlpfuse
+model = mlpfuse.load("path/to/this/dir", task="sequence-classification", num_labels=2)
+```
+
+or, with only transformers installed:
+
+```python
+from transformers import AutoModel
+model = AutoModel.from_pretrained("path/to/this/dir", trust_remote_code=True)
+```
+
+The returned model is the standard transformers class of the base architecture with narrower MLP
+projections; submodule names are unchanged, so PEFT/LoRA target names still apply.
+"""

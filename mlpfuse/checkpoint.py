@@ -1,0 +1,210 @@
+"""Reading and writing Hugging Face checkpoints tensor by tensor.
+
+``CheckpointReader`` opens safetensors files memory-mapped (single or sharded with an index) or
+legacy ``.bin`` files with ``weights_only``; tensors are read one at a time, never the whole model.
+``ShardedWriter`` writes safetensors shards as they fill, then the index. ``staging_directory``
+gives a temporary directory beside the target that only becomes the target on success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import InputError
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+def read_config(directory: Path) -> dict:
+    """The checkpoint's config.json as a dict; InputError if missing or unreadable."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise InputError(f"{directory} is not a Hugging Face checkpoint: no config.json in it")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+
+
+def _weight_files(directory: Path) -> tuple[list[Path], dict[str, Path] | None]:
+    """The weight files of a checkpoint and, when sharded, the name -> file map of its index."""
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index = directory / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted({directory / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise InputError(f"{index} names missing shard(s): {', '.join(missing)}")
+            return files, {k: directory / v for k, v in weight_map.items()}
+    for single in (SAFE_SINGLE, BIN_SINGLE):
+        if (directory / single).is_file():
+            return [directory / single], None
+    raise InputError(f"{directory} holds no model weights (model.safetensors or pytorch_model.bin)")
+
+
+class CheckpointReader:
+    """Lazy, memory-mapped access to a checkpoint's tensors by name."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.files, weight_map = _weight_files(self.directory)
+        self.is_safetensors = self.files[0].suffix == ".safetensors"
+        self._handles: dict[Path, object] = {}
+        self._file_of: dict[str, Path] = {}
+        for file in self.files:
+            names = self._open(file).keys()
+            for name in names:
+                if weight_map is None or weight_map.get(name) == file:
+                    self._file_of[name] = file
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            try:
+                if self.is_safetensors:
+                    self._handles[file] = safe_open(str(file), framework="pt")
+                else:
+                    self._handles[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # corrupt or truncated files come in many forms
+                raise InputError(f"cannot read weights file {file}: {exc}") from None
+        return self._handles[file]
+
+    def keys(self) -> list[str]:
+        """Tensor names in a stable (sorted) order."""
+        return sorted(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def get(self, name: str) -> torch.Tensor:
+        handle = self._open(self._file_of[name])
+        return handle.get_tensor(name) if self.is_safetensors else handle[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle = self._open(self._file_of[name])
+        if self.is_safetensors:
+            return tuple(handle.get_slice(name).get_shape())
+        return tuple(handle[name].shape)
+
+    def is_floating(self, name: str) -> bool:
+        """Whether a tensor holds floating-point values (read from the header, not the data)."""
+        handle = self._open(self._file_of[name])
+        if self.is_safetensors:
+            return handle.get_slice(name).get_dtype().startswith(("F", "BF"))
+        return handle[name].is_floating_point()
+
+    def sha256(self) -> str:
+        """Hash of the weight files' bytes, in file-name order: identifies the source checkpoint."""
+        digest = hashlib.sha256()
+        for file in self.files:
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"5GB"``, ``"500MB"``, ``"2GiB"`` or an int."""
+    if isinstance(text, int):
+        return text
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    clean = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if clean.endswith(unit):
+            number = clean[: -len(unit)].strip()
+            try:
+                return int(float(number) * units[unit])
+            except ValueError:
+                break
+    raise InputError(f"bad size {text!r}: use a number with a unit, e.g. 5GB or 500MB")
+
+
+class ShardedWriter:
+    """Write tensors into safetensors shards of at most ``max_shard_bytes`` as they come."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        self.directory = Path(directory)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.directory / f"shard-{len(self._shards):05d}.tmp"
+        save_file(self._pending, str(path), metadata={"format": "pt"})
+        path.chmod(0o644)  # safetensors may create the file private
+        self._shards.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Flush, name the shards ``model-0000i-of-0000n.safetensors`` and write the index."""
+        if self._pending or not self._shards:
+            self._flush()
+        if len(self._shards) == 1:
+            self._shards[0][0].rename(self.directory / SAFE_SINGLE)
+            return [SAFE_SINGLE]
+        count = len(self._shards)
+        weight_map, names = {}, []
+        for number, (path, keys) in enumerate(self._shards, start=1):
+            name = f"model-{number:05d}-of-{count:05d}.safetensors"
+            path.rename(self.directory / name)
+            names.append(name)
+            weight_map.update({key: name for key in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        return names + [SAFE_INDEX]
+
+
+def write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def staging_directory(target: Path, overwrite: bool):
+    """Yield a temporary directory beside ``target``; on success it replaces ``target`` atomically.
+
+    On any failure or interruption the temporary directory is removed and ``target`` is untouched,
+    so a half-written output never looks complete.
+    """
+    target = Path(target).resolve()
+    if target.exists() and not overwrite:
+        raise InputError(f"output {target} already exists; pass --overwrite to replace it or choose another -o")
+    if target.exists() and not target.is_dir():
+        raise InputError(f"output {target} exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.mlpfuse-tmp-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the output should read like any directory
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.mlpfuse-old-{os.getpid()}"
+        target.rename(old)
+    staging.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,121 @@
+"""What every command shares: error handling and exit codes, consoles, JSON reports, progress."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..errors import InputError, MlpfuseError
+
+console = Console()  # results (tables) go to stdout
+log = Console(stderr=True)  # progress and messages go to stderr
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 130
+
+DebugOption = typer.Option(False, "--debug", help="Show full tracebacks on errors.")
+JsonOption = typer.Option(None, "--json", help="Write a machine-readable report to this path ('-' for stdout).")
+
+
+def handle_errors(fn):
+    """Run a command body: a known error becomes one line on stderr and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False) or os.environ.get("MLPFUSE_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except MlpfuseError as exc:
+            if debug:
+                raise
+            log.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            log.print("[bold red]interrupted[/]: nothing was written (partial output removed)")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as exc:  # an internal error: one line unless --debug
+            if debug:
+                raise
+            log.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+    return wrapper
+
+
+def write_json_report(path: str | None, data: dict) -> None:
+    """Write ``data`` as JSON to ``path`` ('-' means stdout); nothing when ``path`` is None."""
+    if path is None:
+        return
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    if path == "-":
+        sys.stdout.write(text)
+    else:
+        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(path).expanduser().write_text(text, encoding="utf-8")
+
+
+def results_console(json_path: str | None) -> Console:
+    """Where tables go: stdout, or stderr when the JSON report itself goes to stdout."""
+    return log if json_path == "-" else console
+
+
+def load_recipe(path: str | None, allowed: set[str]) -> dict:
+    """A YAML recipe as a dict with only ``allowed`` keys ('-' in keys is read as '_')."""
+    if path is None:
+        return {}
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InputError(f"recipe {path} not found")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"recipe {path} must be a mapping of field: value")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise InputError(f"recipe {path} has unknown field(s) {unknown}; allowed: {', '.join(sorted(allowed))}")
+    return data
+
+
+def merge(cli_value, recipe: dict, key: str, default=None):
+    """CLI flags win over the recipe, the recipe over the default."""
+    if cli_value is not None:
+        return cli_value
+    return recipe.get(key, default)
+
+
+@contextmanager
+def layer_progress(description: str, total: int):
+    """A progress bar over layers on a terminal; one plain line per layer otherwise.
+
+    Yields ``advance(text)``, called once per finished layer.
+    """
+    if log.is_terminal:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=log, transient=True) as progress:
+            task = progress.add_task(description, total=total)
+
+            def advance(text: str) -> None:
+                progress.update(task, advance=1, description=f"{description}: {text}")
+
+            yield advance
+    else:
+        def advance(text: str) -> None:
+            log.print(f"{description}: {text}", highlight=False)
+
+        yield advance

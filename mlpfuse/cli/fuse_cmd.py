@@ -1,0 +1,89 @@
+"""``mlpfuse fuse``: a checkpoint in, a fused checkpoint out."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import fields
+
+import typer
+from rich.table import Table
+
+from ..errors import InputError
+from ..fuse import FuseSettings, fuse_checkpoint
+from .common import DebugOption, JsonOption, handle_errors, layer_progress, load_recipe, merge, results_console, write_json_report
+
+RECIPE_FIELDS = {f.name for f in fields(FuseSettings)} - {"allow_full_width"} | {"model", "output", "overwrite"}
+
+
+@handle_errors
+def fuse(
+    model: str = typer.Argument(None, help="Checkpoint directory, hub id, or 'minilm' for the bundled all-MiniLM-L6-v2."),
+    output: str = typer.Option(None, "-o", "--output", help="Directory to write (must not exist unless --overwrite)."),
+    layers: str = typer.Option(None, "--layers", help="MLP layers to fuse: 4-11, 0,2,4 or all. [default: all]"),
+    dim: int = typer.Option(None, "--dim", help="Fused intermediate width k."),
+    ratio: float = typer.Option(None, "--ratio", help="Fused width as a fraction of the original (instead of --dim)."),
+    method: str = typer.Option(None, "--method", help="fusion (MLP Fusion, default) or cluster (baseline)."),
+    backend: str = typer.Option(None, "--backend", help="k-means backend: auto, faiss or torch. [default: auto]"),
+    device: str = typer.Option(None, "--device", help="Device for k-means: cpu, cuda, cuda:N. [default: auto]"),
+    seed: int = typer.Option(None, "--seed", help="Random seed (same inputs and seed, same output). [default: 0]"),
+    dtype: str = typer.Option(None, "--dtype", help="Output dtype: auto (keep), float32, bfloat16, float16."),
+    max_shard_size: str = typer.Option(None, "--max-shard-size", help="Largest safetensors shard. [default: 5GB]"),
+    overwrite: bool = typer.Option(None, "--overwrite/--no-overwrite", help="Replace an existing output directory."),
+    config: str = typer.Option(None, "--config", help="YAML recipe with the same fields (+ per_layer overrides); flags win."),
+    json_path: str = JsonOption,
+    debug: bool = DebugOption,
+):
+    """Fuse the MLPs of a Hugging Face checkpoint (MLP Fusion) and write a loadable checkpoint."""
+    recipe = load_recipe(config, RECIPE_FIELDS)
+    model = merge(model, recipe, "model")
+    output = merge(output, recipe, "output")
+    if model is None:
+        raise InputError("no model given: pass a checkpoint directory, hub id or 'minilm' (or set model: in --config)")
+    if output is None:
+        raise InputError("no output directory given: pass -o DIR (or set output: in --config)")
+    if dim is not None or ratio is not None:  # a flag for the width replaces the recipe's width entirely
+        recipe.pop("dim", None)
+        recipe.pop("ratio", None)
+    settings = FuseSettings(
+        layers=merge(layers, recipe, "layers", "all"),
+        dim=merge(dim, recipe, "dim"),
+        ratio=merge(ratio, recipe, "ratio"),
+        method=merge(method, recipe, "method", "fusion"),
+        backend=merge(backend, recipe, "backend", "auto"),
+        device=merge(device, recipe, "device"),
+        seed=int(merge(seed, recipe, "seed", 0)),
+        dtype=merge(dtype, recipe, "dtype", "auto"),
+        per_layer=recipe.get("per_layer") or {},
+        max_shard_size=merge(max_shard_size, recipe, "max_shard_size", "5GB"),
+    )
+    overwrite = bool(merge(overwrite, recipe, "overwrite", False))
+
+    with ExitStack() as stack:
+        advance = []
+
+        def on_start(plans):
+            advance.append(stack.enter_context(layer_progress("fusing", len(plans))))
+
+        def on_layer(layer):
+            advance[0](f"layer {layer.label} {layer.original_width} -> {layer.width} ({layer.seconds:.2f}s)")
+
+        report = fuse_checkpoint(model, output, settings, overwrite=overwrite, on_layer=on_layer, on_start=on_start)
+    out = results_console(json_path)
+    out.print(_summary_table(report))
+    before, after = report.parameters["before"], report.parameters["after"]
+    out.print(f"parameters: {before:,} -> {after:,} ({100 * (before - after) / before:.1f}% fewer); "
+              f"wrote {report.output} in {report.seconds:.1f}s", highlight=False)
+    write_json_report(json_path, report.to_dict())
+
+
+def _summary_table(report) -> Table:
+    table = Table(title=f"{report.method}: {report.source} -> {report.output}")
+    for column in ("layer", "width", "params", "inertia", "k-means s", "backend"):
+        table.add_column(column, justify="left" if column == "backend" else "right", no_wrap=True)
+    for layer in report.layers:
+        table.add_row(
+            layer.label, f"{layer.original_width} -> {layer.width}", f"{layer.params_before:,} -> {layer.params_after:,}",
+            "-" if layer.inertia is None else f"{layer.inertia:.4g}",
+            "-" if layer.kmeans_seconds is None else f"{layer.kmeans_seconds:.2f}", layer.backend or "-",
+        )
+    return table

@@ -1,0 +1,324 @@
+"""The ``fuse`` pipeline: one streaming pass, layer by layer, from a checkpoint to a fused one.
+
+Also :func:`fuse_model`, the same maths applied in place to a model already in memory (used by
+ntk-check, tune and the tests).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from . import __version__
+from .arch import MLPSite, find_prefix, lookup, resolve_sites
+from .arch.io import module_specs, read_mlp, tensor_names, write_mlp
+from .arch.spec import CONV1D
+from .card import model_card
+from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, staging_directory, write_json
+from .errors import InputError
+from .kmeans import resolve_backend
+from .methods import MethodOptions, get_method
+from .mlp import MLPWeights
+from .modeling import verify_checkpoint
+from .plan import LayerPlan, plan_layers
+from .remote.modeling_mlpfuse import (
+    FUSED_MODEL_TYPE,
+    apply_fusion_layout,
+    fused_config_dict,
+    fused_model_class,
+    write_remote_code,
+)
+from .source import resolve_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_PATTERNS = (
+    "tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model",
+    "*.tiktoken", "generation_config.json", "chat_template*", "preprocessor_config.json",
+)
+RECIPE_FILE = "mlpfuse_recipe.yaml"
+
+
+@dataclass
+class FuseSettings:
+    """Everything that decides the output of ``fuse`` (a YAML recipe holds the same fields)."""
+
+    layers: str | list = "all"
+    dim: int | None = None
+    ratio: float | None = None
+    method: str = "fusion"
+    backend: str = "auto"
+    device: str | None = None
+    seed: int = 0
+    dtype: str = "auto"
+    per_layer: dict = field(default_factory=dict)
+    max_shard_size: str = "5GB"
+    allow_full_width: bool = False
+
+
+@dataclass
+class LayerReport:
+    index: int
+    label: str
+    original_width: int
+    width: int
+    params_before: int
+    params_after: int
+    inertia: float | None
+    kmeans_seconds: float | None
+    seconds: float
+    backend: str | None
+
+
+@dataclass
+class FuseReport:
+    source: str
+    source_path: str
+    output: str | None
+    model_type: str
+    method: str
+    seed: int
+    backend: str
+    layers: list[LayerReport]
+    parameters: dict
+    seconds: float = 0.0
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["version"] = __version__
+        data["source_name"] = Path(self.source).name or self.source
+        return data
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the output, for provenance."""
+    versions = {"mlpfuse": __version__}
+    for name in ("torch", "transformers", "safetensors", "faiss-cpu", "faiss-gpu"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _site_widths(sites: list[MLPSite], shape_of: Callable[[str], tuple], names_of) -> dict[int, int]:
+    widths = {}
+    for site in sites:
+        shape = shape_of(names_of(site)["w_in"])
+        widths[site.index] = shape[1] if site.layout == CONV1D else shape[0]
+    return widths
+
+
+def compress_layer(plan: LayerPlan, mlp: MLPWeights, method: str, options: MethodOptions) -> tuple[MLPWeights, LayerReport]:
+    """Run ``method`` on one layer and describe what happened."""
+    start = time.perf_counter()
+    compressed = get_method(method)(mlp, plan.width, options)
+    seconds = time.perf_counter() - start
+    stats = compressed.stats
+    report = LayerReport(
+        index=plan.site.index,
+        label=plan.site.label,
+        original_width=plan.original_width,
+        width=plan.width,
+        params_before=mlp.num_parameters(),
+        params_after=compressed.num_parameters(),
+        inertia=stats.get("inertia"),
+        kmeans_seconds=stats.get("kmeans_seconds"),
+        seconds=seconds,
+        backend=stats.get("backend"),
+    )
+    return compressed, report
+
+
+def _resolve_dtype(name: str) -> torch.dtype | None:
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise InputError(f"unknown --dtype {name!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _copy_side_files(source: Path, target: Path) -> None:
+    for pattern in TOKENIZER_PATTERNS:
+        for path in source.glob(pattern):
+            if path.is_file():
+                shutil.copyfile(path, target / path.name)
+
+
+def _section(report: FuseReport, settings: FuseSettings, modules: list, reader: CheckpointReader, dtype: str) -> dict:
+    return {
+        "version": __version__,
+        "method": report.method,
+        "layers": [layer.index for layer in report.layers],
+        "layer_labels": [layer.label for layer in report.layers],
+        "widths": {str(layer.index): layer.width for layer in report.layers},
+        "original_widths": {str(layer.index): layer.original_width for layer in report.layers},
+        "seed": settings.seed,
+        "backend": report.backend,
+        "dtype": dtype,
+        "source": report.source,
+        "source_sha256": reader.sha256(),
+        "parameters": report.parameters,
+        "packages": package_versions(),
+        "modules": modules,
+    }
+
+
+def fuse_checkpoint(
+    model: str,
+    output: str | Path,
+    settings: FuseSettings,
+    overwrite: bool = False,
+    on_layer: Callable[[LayerReport], None] | None = None,
+    on_start: Callable[[list[LayerPlan]], None] | None = None,
+) -> FuseReport:
+    """Fuse the chosen MLPs of checkpoint ``model`` and write a loadable checkpoint to ``output``.
+
+    Streams: reads one layer's tensors at a time from memory-mapped files and writes shards as
+    they fill; the output appears only when complete (temporary directory + rename).
+    """
+    start = time.perf_counter()
+    source_dir = resolve_model(model)
+    config = read_config(source_dir)
+    if config.get("model_type") == FUSED_MODEL_TYPE:
+        raise InputError(f"{model} is already an mlpfuse checkpoint; fuse the original model instead")
+    spec = lookup(config.get("model_type"))
+    target = Path(output).expanduser().resolve()
+    if target == source_dir.resolve() or source_dir.resolve() in target.parents and target.exists():
+        raise InputError("the output directory must not be the input checkpoint; choose another -o")
+    method = get_method(settings.method)
+    backend = resolve_backend(settings.backend, settings.device)
+    dtype = _resolve_dtype(settings.dtype)
+    max_shard = parse_size(settings.max_shard_size)
+    if target.exists() and not overwrite:
+        raise InputError(f"output {target} already exists; pass --overwrite to replace it or choose another -o")
+
+    reader = CheckpointReader(source_dir)
+    keys = set(reader.keys())
+    sites = resolve_sites(spec, config)
+    prefix = find_prefix(keys, sites[0]) if sites else None
+    if prefix is None:
+        raise InputError(f"{model}: no MLP tensors where a {config.get('model_type')} checkpoint keeps them "
+                         f"(e.g. {sites[0].module_path('up') if sites else '?'}.weight)")
+    names_of = lambda site: tensor_names(site, prefix, keys)  # noqa: E731
+    widths = _site_widths(sites, reader.shape, names_of)
+    plans = plan_layers(sites, widths, settings.layers, settings.dim, settings.ratio,
+                        settings.per_layer, settings.allow_full_width)
+    if on_start:
+        on_start(plans)
+    options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device)
+
+    params_before = sum(_numel(reader.shape(k)) for k in keys if _is_float_param(reader, k))
+    layers: list[LayerReport] = []
+    modules: list[dict] = []
+    with staging_directory(target, overwrite) as staging:
+        writer = ShardedWriter(staging, max_shard)
+        fused_keys: set[str] = set()
+        for plan in plans:
+            names = names_of(plan.site)
+            fused_keys.update(names.values())
+            mlp = read_mlp(plan.site, names, reader.get)
+            compressed, layer = compress_layer(plan, mlp, settings.method, options)
+            out_dtype = dtype or reader.get(names["w_in"]).dtype
+            for name, tensor in write_mlp(plan.site, compressed, prefix, out_dtype).items():
+                writer.add(name, tensor)
+            modules.extend(module_specs(plan.site, compressed))
+            layers.append(layer)
+            if on_layer:
+                on_layer(layer)
+        for key in reader.keys():
+            if key not in fused_keys:
+                writer.add(key, _cast(reader.get(key), dtype))
+        files = writer.close()
+
+        saved = sum(layer.params_before - layer.params_after for layer in layers)
+        report = FuseReport(
+            source=model, source_path=str(source_dir), output=str(target), model_type=config["model_type"],
+            method=settings.method, seed=settings.seed,
+            backend=layers[0].backend if layers and layers[0].backend else backend,
+            layers=layers, parameters={"before": params_before, "after": params_before - saved}, files=files,
+        )
+        out_config = dict(config)
+        if dtype is not None:
+            out_config["dtype"] = settings.dtype
+            out_config.pop("torch_dtype", None)
+        write_json(staging / "config.json", fused_config_dict(out_config, _section(report, settings, modules, reader, settings.dtype)))
+        write_remote_code(staging)
+        _copy_side_files(source_dir, staging)
+        recipe = {"model": model, **{k: v for k, v in asdict(settings).items() if k != "allow_full_width"}}
+        (staging / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=True), encoding="utf-8")
+        report.seconds = time.perf_counter() - start
+        (staging / "README.md").write_text(model_card(report.to_dict()), encoding="utf-8")
+        verify_checkpoint(staging)
+    report.files = sorted(p.name for p in target.iterdir())
+    return report
+
+
+def _numel(shape: tuple) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def _is_float_param(reader: CheckpointReader, key: str) -> bool:
+    return key.rsplit(".", 1)[-1] != "fusion_scale" and reader.is_floating(key)
+
+
+def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
+    """Fuse the chosen MLPs of an in-memory transformers model in place; returns the report.
+
+    The model's class becomes the fused subclass of its own class, so ``save_pretrained`` writes
+    an mlpfuse checkpoint and ``mlpfuse.load`` reads it back.
+    """
+    config = model.config.to_dict()
+    spec = lookup(config.get("model_type"))
+    base = model.base_model
+    state = base.state_dict()
+    keys = set(state)
+    sites = resolve_sites(spec, config)
+    names_of = lambda site: tensor_names(site, "", keys)  # noqa: E731
+    widths = _site_widths(sites, lambda k: tuple(state[k].shape), names_of)
+    plans = plan_layers(sites, widths, settings.layers, settings.dim, settings.ratio,
+                        settings.per_layer, settings.allow_full_width)
+    backend = resolve_backend(settings.backend, settings.device)
+    options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device)
+    params_before = sum(p.numel() for p in model.parameters())
+    layers, modules = [], []
+    for plan in plans:
+        mlp = read_mlp(plan.site, names_of(plan.site), lambda k: state[k].detach())
+        compressed, layer = compress_layer(plan, mlp, settings.method, options)
+        specs = module_specs(plan.site, compressed)
+        apply_fusion_layout(base, specs)
+        tensors = write_mlp(plan.site, compressed, "", mlp.w_in.dtype)
+        result = base.load_state_dict(tensors, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"fused tensors did not match the new modules: {result.unexpected_keys}")
+        modules.extend(specs)
+        layers.append(layer)
+    report = FuseReport(
+        source=getattr(model.config, "_name_or_path", "") or "<in-memory>", source_path="", output=None,
+        model_type=config["model_type"], method=settings.method, seed=settings.seed, backend=backend,
+        layers=layers, parameters={"before": params_before, "after": sum(p.numel() for p in model.parameters())},
+    )
+    previous = getattr(model.config, "mlpfuse", None) or {}
+    model.config.mlpfuse = {
+        "version": __version__, "method": settings.method, "seed": settings.seed, "backend": backend,
+        "layers": sorted(set(previous.get("layers", [])) | {layer.index for layer in layers}),
+        "widths": {**previous.get("widths", {}), **{str(layer.index): layer.width for layer in layers}},
+        "modules": previous.get("modules", []) + modules,
+    }
+    model.__class__ = fused_model_class(type(model))
+    return report
+

@@ -1,0 +1,350 @@
+"""k-means behind one call: FAISS (CPU/GPU) or native torch (CPU/CUDA), same seeding, same finish.
+
+Every backend starts from the same greedy k-means++ seeding (torch, on the compute device) and
+ends the same way: nearest-centroid labels, empty clusters repaired, centroids and inertia
+recomputed from the members in float64 on the CPU. Only the Lloyd iterations in between differ.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .errors import EnvironmentProblem, InputError
+
+BACKENDS = ("auto", "faiss", "torch")
+
+# Chosen on MiniLM layer 3 at k=384 (docs/kmeans.md): within 0.5% of scikit-learn n_init=30.
+DEFAULT_MAX_ITER = 100
+DEFAULT_N_INIT = 1
+TOL = 1e-4  # centroid-shift tolerance, relative to the mean per-feature variance (as scikit-learn)
+FAISS_CHUNK = 10  # FAISS has no stopping rule: run it this many iterations at a time, then test the shift
+
+
+@dataclass
+class KMeansResult:
+    """Outcome of one k-means problem. Tensors are on the CPU."""
+
+    labels: torch.Tensor  # int64 [n], every cluster 0..k-1 non-empty
+    centroids: torch.Tensor  # float32 [k, d], the mean of each cluster's members
+    inertia: float  # sum of squared distances to the cluster means, float64
+    seconds: float  # wall time
+    backend: str  # "faiss-cpu" | "faiss-gpu" | "torch-cpu" | "torch-cuda"
+    iterations: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend selection
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def _faiss_has_gpu(faiss) -> bool:
+    return faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def available_backends() -> dict[str, bool]:
+    """Which concrete backends can run here."""
+    faiss = _faiss()
+    return {
+        "faiss-cpu": faiss is not None,
+        "faiss-gpu": _faiss_has_gpu(faiss),
+        "torch-cpu": True,
+        "torch-cuda": torch.cuda.is_available(),
+    }
+
+
+def _device(device) -> torch.device:
+    """None/"auto" -> cuda if available else cpu; an explicit cuda without a GPU is an error."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise InputError(f"unsupported device {device!r} for k-means: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise EnvironmentProblem(f"device {device!r} asked for, but no CUDA GPU is available: use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise EnvironmentProblem(f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist")
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _resolve(backend: str, device) -> tuple[str, torch.device]:
+    if backend not in BACKENDS:
+        raise InputError(f"unknown k-means backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    dev = _device(device)
+    faiss = _faiss()
+    if backend == "torch":
+        return ("torch-cuda" if dev.type == "cuda" else "torch-cpu"), dev
+    if backend == "faiss":
+        if faiss is None:
+            raise EnvironmentProblem("k-means backend 'faiss' asked for, but faiss is not installed: "
+                                     "pip install faiss-cpu (or faiss-gpu), or use --kmeans-backend torch")
+        if dev.type == "cuda" and _faiss_has_gpu(faiss):
+            return "faiss-gpu", dev
+        return "faiss-cpu", torch.device("cpu")
+    # auto
+    if dev.type == "cuda":
+        return ("faiss-gpu" if _faiss_has_gpu(faiss) else "torch-cuda"), dev
+    return ("faiss-cpu" if faiss is not None else "torch-cpu"), dev
+
+
+def resolve_backend(backend: str, device=None) -> str:
+    """The concrete backend that ``kmeans(..., backend=backend, device=device)`` would run."""
+    return _resolve(backend, device)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch core, batched over independent problems: x is [B, n, d] float32 on the compute device.
+
+
+def _sq_dist_to(x: torch.Tensor, sq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Squared distances [B, t, n] from the points x[b, idx[b, j]] to all points of problem b."""
+    d = x.shape[2]
+    cx = torch.gather(x, 1, idx[..., None].expand(-1, -1, d))
+    csq = torch.gather(sq, 1, idx)
+    dist = torch.baddbmm(csq[..., None] + sq[:, None, :], cx, x.transpose(1, 2), alpha=-2.0)
+    return dist.clamp_min_(0.0)
+
+
+def _kmeanspp(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding; returns initial centroids [B, k, d].
+
+    Each step draws 2 + int(log k) candidates with probability proportional to the squared
+    distance to the nearest chosen centre and keeps the one that lowers the potential most.
+    The loop only queues device work (no .item()), so on a GPU it is not held up by the host.
+    """
+    B, n, d = x.shape
+    trials = 2 + int(math.log(k))
+    rows = torch.arange(B, device=x.device)
+    centers = torch.empty(B, k, dtype=torch.long, device=x.device)
+    centers[:, 0] = torch.randint(n, (B,), generator=gen, device=x.device)
+    closest = _sq_dist_to(x, sq, centers[:, :1])[:, 0]  # [B, n]
+    for i in range(1, k):
+        # When every point already sits on a centre (fewer distinct points than k), draw uniformly.
+        weights = torch.where(closest.sum(1, keepdim=True) > 0, closest, 1.0)
+        cand = torch.multinomial(weights, trials, replacement=True, generator=gen)  # [B, t]
+        dist = torch.minimum(_sq_dist_to(x, sq, cand), closest[:, None, :])  # [B, t, n]
+        best = dist.sum(2).argmin(1)  # [B]
+        closest = dist[rows, best]
+        centers[:, i] = cand[rows, best]
+    return torch.gather(x, 1, centers[..., None].expand(-1, -1, d))
+
+
+def _assign(x: torch.Tensor, sq: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid per point: labels [B, n] and squared distance [B, n]."""
+    csq = (c * c).sum(2)
+    # ||x||^2 is the same for every centroid, so it is left out of the argmin and added after.
+    part = torch.baddbmm(csq[:, None, :], x, c.transpose(1, 2), alpha=-2.0)
+    mind, labels = part.min(2)
+    return labels, (mind + sq).clamp_min_(0.0)
+
+
+def _cluster_means(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Member sums divided by counts ([B, k, d], zero for empty clusters) and counts [B, k]."""
+    B, n, d = x.shape
+    if x.is_cuda:
+        # A one-hot matmul instead of index_add_: CUDA's atomic adds would sum in a random order.
+        onehot = torch.zeros(B, n, k, device=x.device, dtype=x.dtype).scatter_(2, labels[..., None], 1.0)
+        sums = torch.bmm(onehot.transpose(1, 2), x)
+        counts = onehot.sum(1)
+    else:
+        flat = (labels + torch.arange(B, device=x.device)[:, None] * k).reshape(-1)
+        sums = torch.zeros(B * k, d, dtype=x.dtype, device=x.device).index_add_(0, flat, x.reshape(-1, d))
+        sums = sums.view(B, k, d)
+        counts = torch.bincount(flat, minlength=B * k).view(B, k).to(x.dtype)
+    return sums / counts.clamp_min(1.0)[..., None], counts
+
+
+def _relocate_empty(x, mind, means, counts):
+    """Move the centroid of each empty cluster onto one of the points farthest from its centroid."""
+    empty = counts == 0
+    order = mind.argsort(dim=1, descending=True)  # [B, n]
+    rank = (empty.cumsum(1) - 1).clamp_(0, x.shape[1] - 1)  # j-th empty cluster gets j-th farthest point
+    far = torch.gather(order, 1, rank)
+    far_x = torch.gather(x, 1, far[..., None].expand(-1, -1, x.shape[2]))
+    return torch.where(empty[..., None], far_x, means)
+
+
+def _lloyd(x, sq, c, max_iter: int, tol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations until the centroid shift is <= tol (per problem) or max_iter."""
+    B = x.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=x.device)
+    iters = torch.zeros(B, dtype=torch.long, device=x.device)
+    for _ in range(max_iter):
+        labels, mind = _assign(x, sq, c)
+        means, counts = _cluster_means(x, labels, c.shape[1])
+        new = _relocate_empty(x, mind, means, counts)
+        shift = ((new - c) ** 2).sum((1, 2))
+        c = torch.where(done[:, None, None], c, new)  # finished problems stay as they are
+        iters += (~done).long()
+        done |= shift <= tol
+        if bool(done.all()):
+            break
+    return c, iters
+
+
+def _tolerance(x: torch.Tensor) -> torch.Tensor:
+    return TOL * x.var(dim=1, unbiased=False).mean(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finish (same for every backend) and FAISS
+
+
+def _finish(x_cpu: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Repair empty clusters, then exact float64 member means and inertia. x_cpu is [n, d] float32."""
+    labels = labels.cpu().clone()
+    counts = torch.bincount(labels, minlength=k)
+    for j in torch.nonzero(counts == 0).flatten().tolist():
+        # Deterministic: the member farthest from the mean of the largest cluster (first on ties).
+        big = int(torch.argmax(counts))
+        members = torch.nonzero(labels == big).flatten()
+        pts = x_cpu[members].double()
+        far = members[int(torch.argmax(((pts - pts.mean(0)) ** 2).sum(1)))]
+        labels[far] = j
+        counts[big] -= 1
+        counts[j] = 1
+    sums = torch.zeros(k, x_cpu.shape[1], dtype=torch.float64)
+    inertia = 0.0
+    chunk = 4096
+    for s in range(0, x_cpu.shape[0], chunk):
+        sums.index_add_(0, labels[s:s + chunk], x_cpu[s:s + chunk].double())
+    means = sums / counts[:, None].double()
+    for s in range(0, x_cpu.shape[0], chunk):
+        diff = x_cpu[s:s + chunk].double() - means[labels[s:s + chunk]]
+        inertia += float((diff * diff).sum())
+    return labels, means.float(), inertia
+
+
+def _faiss_lloyd(x: torch.Tensor, init: torch.Tensor, max_iter: int, seed: int, dev: torch.device,
+                 tol: float) -> tuple[torch.Tensor, int]:
+    """FAISS Lloyd iterations from the given centroids; returns centroids [k, d] and iterations run."""
+    faiss = _faiss()
+    n, d = x.shape
+    k = init.shape[0]
+    xn = x.detach().cpu().contiguous().numpy()
+    c = init.detach().cpu().contiguous().numpy()
+    res = faiss.StandardGpuResources() if dev.type == "cuda" else None
+    done = 0
+    while done < max_iter:
+        cp = faiss.ClusteringParameters()
+        cp.niter = min(FAISS_CHUNK, max_iter - done)
+        cp.seed = seed + done
+        cp.verbose = False
+        cp.min_points_per_centroid = 1
+        cp.max_points_per_centroid = n  # never subsample: neuron counts are small
+        if res is not None:
+            cfg = faiss.GpuIndexFlatConfig()
+            cfg.device = dev.index
+            index = faiss.GpuIndexFlatL2(res, d, cfg)
+        else:
+            index = faiss.IndexFlatL2(d)
+        clus = faiss.Clustering(d, k, cp)
+        faiss.copy_array_to_vector(c.ravel(), clus.centroids)
+        clus.train(xn, index)
+        new = faiss.vector_float_to_array(clus.centroids).reshape(k, d)
+        done += cp.niter
+        shift = float(((new - c) ** 2).sum())
+        c = new
+        if shift <= tol:  # moved less over the whole chunk than one step of a converged run may
+            break
+    return torch.from_numpy(c.copy()), done
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _check_k(k, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise InputError(f"k-means needs 1 <= k <= n (number of neurons = {n}); got k={k!r}")
+
+
+def _check_x(x, dims: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != dims or 0 in x.shape:
+        raise InputError(f"k-means input must be a non-empty {dims}-D tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not torch.isfinite(x).all():
+        raise InputError("k-means input contains NaN or inf values: check the weights being clustered")
+
+
+def _check_iters(max_iter, n_init=1) -> None:
+    if max_iter < 1 or n_init < 1:
+        raise InputError(f"max_iter and n_init must be >= 1, got max_iter={max_iter}, n_init={n_init}")
+
+
+def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, backend: str = "auto", device=None,
+           max_iter: int = DEFAULT_MAX_ITER, n_init: int = DEFAULT_N_INIT) -> KMeansResult:
+    """Cluster the rows of ``x`` [n, d] into ``k`` non-empty clusters.
+
+    ``backend`` is "auto", "faiss" or "torch" (see :func:`resolve_backend`); ``n_init`` runs with
+    seeds seed, seed+1, ... and keeps the lowest inertia. Same input, seed and backend give the
+    same labels.
+    """
+    start = time.perf_counter()
+    _check_x(x, 2)
+    n, _ = x.shape
+    _check_k(k, n)
+    _check_iters(max_iter, n_init)
+    name, dev = _resolve(backend, device)
+    x_cpu = x.detach().to("cpu", torch.float32).contiguous()
+    xd = x_cpu.to(dev)[None]  # [1, n, d] on the compute device
+    sq = (xd * xd).sum(2)
+    tol = _tolerance(xd)
+    best = None
+    for run in range(n_init):
+        gen = torch.Generator(device=dev).manual_seed(seed + run)
+        c = _kmeanspp(xd, sq, k, gen)
+        if name.startswith("faiss"):
+            c, iters = _faiss_lloyd(xd[0], c[0], max_iter, seed + run, dev, float(tol[0]))
+            c = c.to(dev)[None]
+        else:
+            c, iters = _lloyd(xd, sq, c, max_iter, tol)
+            iters = int(iters[0])
+        labels, centroids, inertia = _finish(x_cpu, _assign(xd, sq, c)[0][0], k)
+        if best is None or inertia < best[2]:
+            best = (labels, centroids, inertia, iters)
+    labels, centroids, inertia, iters = best
+    return KMeansResult(labels, centroids, inertia, time.perf_counter() - start, name, iters)
+
+
+def kmeans_batched(xs: torch.Tensor, k: int, *, seed: int = 0, device=None,
+                   max_iter: int = DEFAULT_MAX_ITER) -> list[KMeansResult]:
+    """Cluster B independent problems ``xs`` [B, n, d] at once with torch (e.g. MoE experts).
+
+    Same seeding, Lloyd and finish as ``kmeans(..., backend="torch")``, batched with bmm.
+    Each result's ``seconds`` is the wall time of the whole batch.
+    """
+    start = time.perf_counter()
+    _check_x(xs, 3)
+    _, n, _ = xs.shape
+    _check_k(k, n)
+    _check_iters(max_iter)
+    name, dev = _resolve("torch", device)
+    x_cpu = xs.detach().to("cpu", torch.float32).contiguous()
+    xd = x_cpu.to(dev)
+    sq = (xd * xd).sum(2)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    c = _kmeanspp(xd, sq, k, gen)
+    c, iters = _lloyd(xd, sq, c, max_iter, _tolerance(xd))
+    labels = _assign(xd, sq, c)[0].cpu()
+    iters = iters.tolist()
+    finished = [_finish(x_cpu[b], labels[b], k) for b in range(xs.shape[0])]
+    seconds = time.perf_counter() - start
+    return [KMeansResult(lab, cen, ine, seconds, name, it) for (lab, cen, ine), it in zip(finished, iters)]

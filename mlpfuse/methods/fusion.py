@@ -1,0 +1,62 @@
+"""MLP Fusion and its clustering baseline (Wei et al., ICML 2023, Sec. 4).
+
+Both cluster the sub-MLPs with k-means and average each cluster (``C_bar``). ``fusion`` keeps the
+cluster sizes ``P`` as a constant scale applied to the output weight, so the backward pass
+carries P and the Adam NTK stays close to the original. ``cluster`` folds ``sqrt(P)`` into the
+input and output layers instead: a similar output, a different NTK.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kmeans import kmeans
+from ..mlp import MLPWeights
+from . import MethodOptions, register
+
+
+def cluster_average(tensor: torch.Tensor, labels: torch.Tensor, k: int, dim: int = 0) -> torch.Tensor:
+    """Mean of ``tensor``'s slices along ``dim`` within each cluster (``C_bar`` applied)."""
+    moved = tensor.float().movedim(dim, 0)
+    sums = torch.zeros((k,) + moved.shape[1:], dtype=torch.float64)
+    sums.index_add_(0, labels, moved.double())
+    counts = torch.bincount(labels, minlength=k).double().reshape((k,) + (1,) * (moved.dim() - 1))
+    return (sums / counts).to(tensor.dtype).movedim(0, dim)
+
+
+def centroid_mlp(mlp: MLPWeights, k: int, options: MethodOptions) -> tuple[MLPWeights, torch.Tensor]:
+    """Cluster the sub-MLPs and return the averaged (k-wide) MLP and the cluster sizes P."""
+    result = kmeans(mlp.neuron_features(), k, seed=options.seed, backend=options.backend, device=options.device)
+    labels = result.labels
+    averaged = mlp.map_neurons(
+        lambda t: cluster_average(t, labels, k, dim=0),
+        lambda w: cluster_average(w, labels, k, dim=1),
+    )
+    averaged.stats = {
+        "inertia": result.inertia,
+        "kmeans_seconds": result.seconds,
+        "backend": result.backend,
+        "iterations": result.iterations,
+    }
+    sizes = torch.bincount(labels, minlength=k).to(torch.float32)
+    return averaged, sizes
+
+
+@register("fusion")
+def fusion(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
+    """MLP Fusion: centroids plus the standalone constant scale P."""
+    fused, sizes = centroid_mlp(mlp, k, options)
+    fused.scale = sizes
+    return fused
+
+
+@register("cluster")
+def cluster(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
+    """Clustering baseline: centroids with sqrt(P) folded into the input and output layers."""
+    fused, sizes = centroid_mlp(mlp, k, options)
+    root = sizes.sqrt()
+    fused.w_in = fused.w_in * root[:, None].to(fused.w_in.dtype)
+    if fused.b_in is not None:
+        fused.b_in = fused.b_in * root.to(fused.b_in.dtype)
+    fused.w_out = fused.w_out * root[None, :].to(fused.w_out.dtype)
+    return fused

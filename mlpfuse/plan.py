@@ -1,0 +1,93 @@
+"""What to fuse: parse ``--layers``, choose each layer's width, validate against the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .arch import MLPSite
+from .errors import InputError
+
+
+def parse_layers(spec: str | list | tuple | None, count: int) -> list[int]:
+    """Layer indices from ``"4-11"``, ``"0,2,4"``, ``"0-2,5"``, ``"all"`` or a list of ints."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+        return list(range(count))
+    parts = [str(p) for p in spec] if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    chosen: set[int] = set()
+    for part in (p.strip() for p in parts):
+        try:
+            if "-" in part[1:]:
+                start, end = (int(x) for x in part.split("-", 1))
+                if end < start:
+                    raise ValueError
+                chosen.update(range(start, end + 1))
+            else:
+                chosen.add(int(part))
+        except ValueError:
+            raise InputError(f"bad --layers value {spec!r}: use e.g. 4-11, 0,2,4 or all") from None
+    bad = sorted(i for i in chosen if not 0 <= i < count)
+    if bad:
+        raise InputError(f"layer(s) {bad} out of range: this model has {count} MLP layers (0-{count - 1})")
+    return sorted(chosen)
+
+
+def target_width(original: int, dim: int | None, ratio: float | None, where: str = "") -> int:
+    """The fused width from ``dim`` or ``ratio``; must lie in [1, original)."""
+    if (dim is None) == (ratio is None):
+        raise InputError(f"give exactly one of --dim or --ratio{where}")
+    if ratio is not None:
+        if not 0 < ratio <= 1:
+            raise InputError(f"--ratio must be in (0, 1], got {ratio}{where}")
+        dim = max(1, round(original * ratio))
+    if not 0 < dim <= original:
+        raise InputError(
+            f"--dim must be between 1 and the intermediate size {original}, got {dim}{where}"
+        )
+    return int(dim)
+
+
+@dataclass
+class LayerPlan:
+    site: MLPSite
+    original_width: int
+    width: int
+
+
+def plan_layers(
+    sites: list[MLPSite],
+    widths_of: dict[int, int],
+    layers,
+    dim: int | None,
+    ratio: float | None,
+    overrides: dict | None = None,
+    allow_full_width: bool = False,
+) -> list[LayerPlan]:
+    """One LayerPlan per chosen site; per-layer ``overrides`` ({index: {dim|ratio}}) beat the defaults.
+
+    ``--dim`` equal to the intermediate size is refused (nothing would be compressed) unless
+    ``allow_full_width`` (the exactness check in tests and ntk-check uses it).
+    """
+    chosen = parse_layers(layers, len(sites))
+    overrides = {int(k): v for k, v in (overrides or {}).items()}
+    unknown = sorted(set(overrides) - set(chosen))
+    if unknown:
+        raise InputError(f"per-layer overrides name layer(s) {unknown} that are not being fused")
+    plans = []
+    for index in chosen:
+        site = sites[index]
+        original = widths_of[index]
+        layer_dim, layer_ratio = dim, ratio
+        if index in overrides:
+            extra = set(overrides[index]) - {"dim", "ratio"}
+            if extra:
+                raise InputError(f"per-layer override for layer {index} has unknown key(s) {sorted(extra)}; use dim or ratio")
+            layer_dim, layer_ratio = overrides[index].get("dim"), overrides[index].get("ratio")
+        where = f" (layer {site.label})" if index in overrides or dim is not None else ""
+        width = target_width(original, layer_dim, layer_ratio, where)
+        if width == original and not allow_full_width:
+            raise InputError(
+                f"width {width} equals the intermediate size of layer {site.label}: nothing to compress; "
+                f"choose a smaller --dim or --ratio"
+            )
+        plans.append(LayerPlan(site, original, width))
+    return plans

@@ -1,0 +1,223 @@
+"""Fused-MLP modules and loading logic, shipped inside every mlpfuse checkpoint.
+
+This file imports only torch and transformers, so a checkpoint written by mlpfuse loads in a
+process that has never heard of mlpfuse:
+
+    AutoModel.from_pretrained(path, trust_remote_code=True)
+
+The same code is what ``mlpfuse.load`` uses. The model returned is the standard transformers
+class of the base architecture (e.g. ``BertForSequenceClassification``) with the fused MLP
+projections swapped for narrower ones; submodule names are unchanged, so PEFT/LoRA targets match.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+import transformers
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from .configuration_mlpfuse import MlpFuseConfig
+
+REMOTE_CODE_FILES = ("configuration_mlpfuse.py", "modeling_mlpfuse.py")
+FUSED_MODEL_TYPE = "mlpfuse"
+AUTO_CLASS_ENTRIES = {
+    "AutoModel": "MlpFuseModel",
+    "AutoModelForSequenceClassification": "MlpFuseForSequenceClassification",
+    "AutoModelForTokenClassification": "MlpFuseForTokenClassification",
+    "AutoModelForQuestionAnswering": "MlpFuseForQuestionAnswering",
+    "AutoModelForMaskedLM": "MlpFuseForMaskedLM",
+    "AutoModelForCausalLM": "MlpFuseForCausalLM",
+    "AutoModelForSeq2SeqLM": "MlpFuseForSeq2SeqLM",
+}
+
+
+class ScaledLinear(nn.Linear):
+    """``nn.Linear`` whose input columns carry a constant scale (the cluster sizes P).
+
+    Forward is ``x @ (W * P).T + b``: P multiplies the (out x k) weight, not the (tokens x k)
+    activations, and it stays out of the trainable weight so gradients carry P (MLP Fusion).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("fusion_scale", torch.ones(in_features, device=device, dtype=dtype), persistent=True)
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.fusion_scale.to(self.weight.dtype), self.bias)
+
+
+class ScaledConv1D(Conv1D):
+    """GPT-2 ``Conv1D`` (weight stored [in, out]) whose input rows carry the constant scale P."""
+
+    def __init__(self, nf, nx):
+        super().__init__(nf, nx)
+        self.register_buffer("fusion_scale", torch.ones(nx), persistent=True)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        weight = self.weight * self.fusion_scale.to(self.weight.dtype)[:, None]
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), weight)
+        return x.view(size_out)
+
+
+def _build_module(spec, like):
+    """Make the replacement module described by one ``modules`` entry of the mlpfuse section."""
+    device = like.weight.device if getattr(like, "weight", None) is not None else None
+    dtype = like.weight.dtype if getattr(like, "weight", None) is not None else None
+    kind, scaled = spec["type"], spec.get("scaled", False)
+    if kind == "linear":
+        cls = ScaledLinear if scaled else nn.Linear
+        return cls(spec["in_features"], spec["out_features"], bias=spec.get("bias", True), device=device, dtype=dtype)
+    if kind == "conv1d":
+        module = (ScaledConv1D if scaled else Conv1D)(spec["out_features"], spec["in_features"])
+        return module.to(device=device, dtype=dtype)
+    raise ValueError(f"mlpfuse: unknown module type {kind!r} in checkpoint config")
+
+
+def apply_fusion_layout(root, module_specs):
+    """Swap the modules named in ``module_specs`` (paths relative to ``root``) for fused ones.
+
+    A spec whose first path component is absent from ``root`` is skipped (an encoder-only class
+    loading an encoder-decoder checkpoint); any other missing path is an error.
+    """
+    for spec in module_specs:
+        parent_path, _, name = spec["path"].rpartition(".")
+        first = spec["path"].split(".")[0]
+        if not hasattr(root, first):
+            continue
+        parent = root.get_submodule(parent_path) if parent_path else root
+        old = getattr(parent, name)
+        setattr(parent, name, _build_module(spec, old))
+    return root
+
+
+def fused_config_dict(base_config, section):
+    """The config.json dict of a fused checkpoint, from the base config dict and the mlpfuse section."""
+    config = {k: v for k, v in base_config.items() if k not in ("auto_map", "mlpfuse", "base_model_type")}
+    config["base_model_type"] = base_config["model_type"]
+    config["model_type"] = FUSED_MODEL_TYPE
+    config["auto_map"] = {"AutoConfig": "configuration_mlpfuse.MlpFuseConfig"}
+    config["auto_map"].update({auto: f"modeling_mlpfuse.{entry}" for auto, entry in AUTO_CLASS_ENTRIES.items()})
+    config["mlpfuse"] = section
+    return config
+
+
+def write_remote_code(directory):
+    """Copy the files that let ``trust_remote_code=True`` load a fused checkpoint."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(os.path.join(here, name), os.path.join(directory, name))
+
+
+def base_config_from(config):
+    """The base architecture's config object (e.g. BertConfig) with the mlpfuse section attached."""
+    if isinstance(config, MlpFuseConfig) or getattr(config, "model_type", None) == FUSED_MODEL_TYPE:
+        data = config.to_dict()
+    elif isinstance(config, dict):
+        data = dict(config)
+    else:
+        return config
+    if data.get("model_type") == FUSED_MODEL_TYPE:
+        data["model_type"] = data.pop("base_model_type")
+    section = data.pop("mlpfuse", None)
+    for key in ("auto_map", "base_model_type", "transformers_version"):
+        data.pop(key, None)
+    base = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
+    base.mlpfuse = section
+    return base
+
+
+_FUSED_CLASSES = {}
+
+
+def fused_model_class(base_cls):
+    """A subclass of a transformers model class that swaps in the fused MLPs at construction.
+
+    It keeps the base class's name, so ``architectures`` and ``isinstance`` checks stay true, and
+    its ``save_pretrained`` writes the fused checkpoint format (config + shipped code).
+    """
+    if getattr(base_cls, "_mlpfuse_fused", False):
+        return base_cls
+    if base_cls in _FUSED_CLASSES:
+        return _FUSED_CLASSES[base_cls]
+
+    def __init__(self, config, *args, **kwargs):
+        base_cls.__init__(self, config, *args, **kwargs)
+        section = getattr(config, "mlpfuse", None) or {}
+        apply_fusion_layout(self.base_model, section.get("modules", []))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        base_cls.save_pretrained(self, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            path = os.path.join(save_directory, "config.json")
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            section = data.get("mlpfuse") or getattr(self.config, "mlpfuse", None)
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(fused_config_dict(data, section), handle, indent=2, sort_keys=True)
+                handle.write("\n")
+            write_remote_code(save_directory)
+
+    cls = type(
+        base_cls.__name__, (base_cls,), {"__init__": __init__, "save_pretrained": save_pretrained, "_mlpfuse_fused": True},
+    )
+    cls.__qualname__ = base_cls.__qualname__
+    _FUSED_CLASSES[base_cls] = cls
+    return cls
+
+
+def _split_config_overrides(base_config, kwargs):
+    """Move config overrides (num_labels, id2label, ...) from ``from_pretrained`` kwargs onto the config."""
+    overrides = ("num_labels", "id2label", "label2id", "problem_type", "output_hidden_states", "output_attentions")
+    for key in overrides:
+        if key in kwargs:
+            setattr(base_config, key, kwargs.pop(key))
+    return kwargs
+
+
+def load_fused(path, auto_class_name="AutoModel", config=None, *model_args, **kwargs):
+    """Load a fused checkpoint as the base architecture's transformers class for ``auto_class_name``."""
+    for key in ("trust_remote_code", "adapter_kwargs", "code_revision"):
+        kwargs.pop(key, None)
+    if config is None:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    base_config = base_config_from(config)
+    kwargs = _split_config_overrides(base_config, kwargs)
+    auto_cls = getattr(transformers, auto_class_name)
+    try:
+        base_cls = auto_cls._model_mapping[type(base_config)]
+    except KeyError:
+        raise ValueError(
+            f"mlpfuse: {auto_class_name} has no class for model type {base_config.model_type!r}"
+        ) from None
+    return fused_model_class(base_cls).from_pretrained(path, *model_args, config=base_config, **kwargs)
+
+
+class _MlpFuseAutoEntry(PreTrainedModel):
+    """Entry point named in ``auto_map``; ``from_pretrained`` returns the base architecture's class."""
+
+    config_class = MlpFuseConfig
+    auto_class_name = "AutoModel"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        return load_fused(pretrained_model_name_or_path, cls.auto_class_name, config, *model_args, **kwargs)
+
+
+def _entry(name, auto_class_name):
+    return type(name, (_MlpFuseAutoEntry,), {"auto_class_name": auto_class_name, "__module__": __name__})
+
+
+MlpFuseModel = _entry("MlpFuseModel", "AutoModel")
+MlpFuseForSequenceClassification = _entry("MlpFuseForSequenceClassification", "AutoModelForSequenceClassification")
+MlpFuseForTokenClassification = _entry("MlpFuseForTokenClassification", "AutoModelForTokenClassification")
+MlpFuseForQuestionAnswering = _entry("MlpFuseForQuestionAnswering", "AutoModelForQuestionAnswering")
+MlpFuseForMaskedLM = _entry("MlpFuseForMaskedLM", "AutoModelForMaskedLM")
+MlpFuseForCausalLM = _entry("MlpFuseForCausalLM", "AutoModelForCausalLM")
+MlpFuseForSeq2SeqLM = _entry("MlpFuseForSeq2SeqLM", "AutoModelForSeq2SeqLM")

@@ -1,0 +1,209 @@
+import importlib
+import sys
+
+import pytest
+import torch
+
+from mlpfuse import kmeans as km
+from mlpfuse.errors import EnvironmentProblem, InputError
+
+CPU_BACKENDS = [b for b in ("torch", "faiss") if b == "torch" or km.available_backends()["faiss-cpu"]]
+
+
+def planted(n_clusters=6, per=20, d=16, spread=10.0, noise=0.1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(n_clusters, d, generator=g) * spread
+    truth = torch.arange(n_clusters).repeat_interleave(per)
+    x = centers[truth] + noise * torch.randn(len(truth), d, generator=g)
+    perm = torch.randperm(len(truth), generator=g)
+    return x[perm], truth[perm]
+
+
+def duplicated(m, r, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(m, d, generator=g)
+    ids = torch.arange(m).repeat(r)[torch.randperm(m * r, generator=g)]
+    return rows[ids], ids
+
+
+def same_partition(a, b):
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def check_result(res, x, k):
+    assert res.labels.dtype == torch.int64 and res.labels.shape == (x.shape[0],)
+    assert torch.bincount(res.labels, minlength=k).min() >= 1 and res.labels.max() < k
+    assert res.centroids.dtype == torch.float32 and res.centroids.shape == (k, x.shape[1])
+    assert torch.isfinite(res.centroids).all()
+    x64 = x.double()
+    for j in range(k):
+        assert torch.allclose(res.centroids[j].double(), x64[res.labels == j].mean(0), atol=1e-5)
+    inertia = ((x64 - res.centroids.double()[res.labels]) ** 2).sum().item()
+    assert res.inertia == pytest.approx(inertia, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_planted_clusters_recovered(backend):
+    x, truth = planted()
+    res = km.kmeans(x, 6, backend=backend, device="cpu")
+    assert res.backend == f"{backend}-cpu"
+    assert same_partition(res.labels, truth)
+    check_result(res, x, 6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_duplicated_neurons_give_one_cluster_each(backend):
+    x, ids = duplicated(m=7, r=5)
+    res = km.kmeans(x, 7, backend=backend, device="cpu")
+    assert same_partition(res.labels, ids)
+    assert res.inertia == 0.0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fewer_distinct_points_than_k(backend):
+    x, _ = duplicated(m=4, r=5)
+    res = km.kmeans(x, 10, backend=backend, device="cpu")
+    check_result(res, x, 10)
+    assert res.inertia == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_deterministic(backend):
+    x = torch.randn(300, 12, generator=torch.Generator().manual_seed(1))
+    a = km.kmeans(x, 25, seed=3, backend=backend, device="cpu")
+    b = km.kmeans(x, 25, seed=3, backend=backend, device="cpu")
+    assert torch.equal(a.labels, b.labels) and a.inertia == b.inertia
+    c = km.kmeans(x, 25, seed=4, backend=backend, device="cpu")
+    assert not torch.equal(a.labels, c.labels)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_k_equals_n(backend):
+    x = torch.randn(30, 5, generator=torch.Generator().manual_seed(2))
+    res = km.kmeans(x, 30, backend=backend, device="cpu")
+    assert sorted(res.labels.tolist()) == list(range(30))
+    assert res.inertia == 0.0
+
+
+def test_k_one_and_low_precision_input():
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    res = km.kmeans(x, 1, backend="torch", device="cpu")
+    assert res.labels.eq(0).all()
+    assert torch.allclose(res.centroids[0], x.float().mean(0), atol=1e-6)
+
+
+def test_n_init_keeps_the_best():
+    x, _ = planted(n_clusters=12, per=10, spread=1.0, noise=0.5)
+    runs = [km.kmeans(x, 8, seed=s, backend="torch", device="cpu").inertia for s in range(3)]
+    best = km.kmeans(x, 8, seed=0, backend="torch", device="cpu", n_init=3)
+    assert best.inertia == min(runs)
+
+
+@pytest.mark.parametrize("k", [0, 31, -1, 2.5, True])
+def test_bad_k(k):
+    with pytest.raises(InputError):
+        km.kmeans(torch.randn(30, 4), k, backend="torch", device="cpu")
+
+
+def test_bad_input():
+    with pytest.raises(InputError):
+        km.kmeans(torch.randn(30), 2, backend="torch", device="cpu")
+    x = torch.randn(30, 4)
+    x[3, 1] = float("nan")
+    with pytest.raises(InputError):
+        km.kmeans(x, 2, backend="torch", device="cpu")
+    with pytest.raises(InputError):
+        km.kmeans(torch.randn(30, 4), 2, backend="torch", device="cpu", max_iter=0)
+
+
+def test_unknown_backend_or_device():
+    with pytest.raises(InputError):
+        km.kmeans(torch.randn(30, 4), 2, backend="sklearn")
+    with pytest.raises(InputError):
+        km.resolve_backend("torch", device="tpu")
+    with pytest.raises(InputError):
+        km.resolve_backend("torch", device="not a device")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_gpu():
+    assert km.available_backends()["torch-cuda"] is False
+    assert km.resolve_backend("torch") == "torch-cpu"
+    for backend in km.BACKENDS:
+        with pytest.raises(EnvironmentProblem):
+            km.kmeans(torch.randn(30, 4), 2, backend=backend, device="cuda")
+    with pytest.raises(EnvironmentProblem):
+        km.kmeans_batched(torch.randn(2, 30, 4), 2, device="cuda:0")
+
+
+def test_without_faiss(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
+    mod = importlib.reload(km)
+    try:
+        assert mod.available_backends()["faiss-cpu"] is False
+        assert mod.resolve_backend("auto", "cpu") == "torch-cpu"
+        with pytest.raises(EnvironmentProblem):
+            mod.kmeans(torch.randn(30, 4), 2, backend="faiss", device="cpu")
+    finally:
+        monkeypatch.undo()
+        importlib.reload(km)
+
+
+@pytest.mark.skipif(not km.available_backends()["faiss-cpu"], reason="faiss not installed")
+def test_auto_prefers_faiss_on_cpu():
+    assert km.resolve_backend("auto", "cpu") == "faiss-cpu"
+    assert km.resolve_backend("faiss", "cpu") == "faiss-cpu"
+
+
+def structured(n=600, d=24, blobs=40, seed=0):
+    """Blobs of very unequal size (a few big, many small), roughly like clustered neuron weights."""
+    g = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, blobs + 1).double() ** 1.2
+    ids = torch.multinomial(weights, n, replacement=True, generator=g)
+    centers = torch.randn(blobs, d, generator=g) * 3
+    scale = 0.2 + torch.rand(blobs, 1, generator=g)
+    return centers[ids] + scale[ids] * torch.randn(n, d, generator=g)
+
+
+def test_greedy_seeding_beats_random_rows():
+    x = structured()[None]
+    sq = (x * x).sum(2)
+    k = 30
+    pp, rnd, pp_final, rnd_final = [], [], [], []
+    tol = km._tolerance(x)
+    for s in range(3):
+        g = torch.Generator().manual_seed(s)
+        seeds = km._kmeanspp(x, sq, k, g)
+        rows = x[:, torch.randperm(x.shape[1], generator=g)[:k]]
+        pp.append(km._assign(x, sq, seeds)[1].sum().item())
+        rnd.append(km._assign(x, sq, rows)[1].sum().item())
+        pp_final.append(km._assign(x, sq, km._lloyd(x, sq, seeds, 100, tol)[0])[1].sum().item())
+        rnd_final.append(km._assign(x, sq, km._lloyd(x, sq, rows, 100, tol)[0])[1].sum().item())
+    assert sum(pp) < 0.8 * sum(rnd)
+    assert sum(pp_final) < sum(rnd_final)
+
+
+def test_batched_matches_single_problem_quality():
+    xs = torch.stack([structured(n=300, d=16, blobs=30, seed=s) for s in range(6)])
+    batched = km.kmeans_batched(xs, 20, seed=0, device="cpu")
+    assert len(batched) == 6
+    single = [km.kmeans(x, 20, seed=0, backend="torch", device="cpu") for x in xs]
+    for b, s, x in zip(batched, single, xs):
+        assert b.backend == "torch-cpu"
+        check_result(b, x, 20)
+        assert b.inertia < 1.05 * s.inertia
+    assert sum(b.inertia for b in batched) == pytest.approx(sum(s.inertia for s in single), rel=0.02)
+
+
+def test_batched_of_one_equals_torch_backend():
+    x, _ = planted(n_clusters=12, per=10, spread=1.0, noise=0.5)
+    (b,) = km.kmeans_batched(x[None], 8, seed=5, device="cpu")
+    s = km.kmeans(x, 8, seed=5, backend="torch", device="cpu")
+    assert torch.equal(b.labels, s.labels) and b.iterations == s.iterations
+
+
+def test_batched_fewer_distinct_points_than_k():
+    xs = torch.stack([duplicated(m=3, r=4, seed=s)[0] for s in range(3)])
+    for res, x in zip(km.kmeans_batched(xs, 6, device="cpu"), xs):
+        check_result(res, x, 6)
