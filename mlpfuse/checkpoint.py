@@ -91,7 +91,9 @@ class CheckpointReader:
 
     def get(self, name: str) -> torch.Tensor:
         handle = self._open(self._file_of[name])
-        return handle.get_tensor(name) if self.is_safetensors else handle[name]
+        if self.is_safetensors:
+            return handle.get_tensor(name)
+        return handle[name].clone()  # .bin files may tie tensors; safetensors refuses shared storage
 
     def shape(self, name: str) -> tuple[int, ...]:
         handle = self._open(self._file_of[name])

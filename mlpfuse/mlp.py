@@ -25,6 +25,9 @@ class MLPWeights:
     b_out: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
+    # Weight field -> (A [r, in], B [out, r]) with that weight == B @ A (the svd baseline). The
+    # dense weight is kept for the maths; writers emit the factors instead.
+    low_rank: dict = field(default_factory=dict)
 
     @property
     def width(self) -> int:
@@ -53,7 +56,8 @@ class MLPWeights:
     def num_parameters(self) -> int:
         """Trainable parameters (the scale P is a constant buffer and is not counted)."""
         tensors = (self.w_in, self.w_out, self.b_in, self.w_gate, self.b_gate, self.b_out)
-        return sum(t.numel() for t in tensors if t is not None)
+        dense = sum(t.numel() for t in tensors if t is not None)
+        return dense + sum(a.numel() + b.numel() - (b.shape[0] * a.shape[1]) for a, b in self.low_rank.values())
 
     def map_neurons(self, in_fn, out_fn) -> "MLPWeights":
         """Apply ``in_fn`` to the neuron-indexed rows of the input side and ``out_fn`` to ``w_out``."""
@@ -66,6 +70,7 @@ class MLPWeights:
             w_out=out_fn(self.w_out),
             scale=None,
             stats={},
+            low_rank={},
         )
 
     def forward(self, x: torch.Tensor, activation) -> torch.Tensor:

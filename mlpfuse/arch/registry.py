@@ -20,12 +20,14 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         sites=(SiteTemplate("h.{i}.mlp", "n_layer"),),
         projections=Projections(up="c_fc", down="c_proj"),
         layout=CONV1D,
+        causal_lm=True,
     ),
     ArchSpec(
         name="LLaMA / Mistral / Qwen2 / Qwen3 / Gemma",
         model_types=("llama", "mistral", "qwen2", "qwen3", "gemma"),
         sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers"),),
         projections=_LLAMA_LIKE,
+        causal_lm=True,
     ),
     ArchSpec(
         name="T5 (v1.0 ReLU, v1.1 gated)",

@@ -25,12 +25,39 @@ class Projections:
 
 
 @dataclass(frozen=True)
+class ExpertTemplate:
+    """The experts of a Mixture-of-Experts layer (see ``arch/moe.py`` and docs/moe.md).
+
+    ``path``: one expert's module as checkpoints name it, with ``{i}`` (layer) and ``{e}`` (expert);
+    ``count``: config attribute with the number of experts; ``stacked``: the module that holds all
+    experts as 3D tensors (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) in transformers v5,
+    or None when experts are real modules (Switch); ``shared``: a shared expert fused like a dense MLP
+    (with the spec's projections); ``router``: left untouched; ``sparse``: which layers are sparse
+    (``all``, ``qwen``: ``mlp_only_layers`` + ``decoder_sparse_step``, ``switch``: every ``step``-th).
+    """
+
+    path: str
+    count: str
+    projections: Projections
+    router: str
+    stacked: str | None = None
+    shared: str | None = None
+    sparse: str = "all"
+    step: str | None = None
+    sparse_count: str | None = None
+
+
+@dataclass(frozen=True)
 class SiteTemplate:
-    """A stack of MLPs: ``path`` with ``{i}`` for the layer, ``count`` the config attribute of its depth."""
+    """A stack of MLPs: ``path`` with ``{i}`` for the layer, ``count`` the config attribute of its depth.
+
+    ``experts``: set for MoE families; sparse layers then become expert groups, the others stay dense.
+    """
 
     path: str
     count: str
     label: str = "layer"
+    experts: ExpertTemplate | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +71,7 @@ class ArchSpec:
     layout: str = LINEAR
     gated_projections: Projections | None = None
     gated_flag: str | None = None
+    causal_lm: bool = False  # a decoder-only language model: validation loss is perplexity (merge-layers)
 
     def projections_for(self, config: dict) -> Projections:
         """The projections this config uses (T5 v1.1 is gated, T5 v1.0 is not)."""
@@ -68,9 +96,19 @@ class MLPSite:
     path: str
     projections: Projections
     layout: str
+    experts: tuple["MLPSite", ...] = ()  # MoE layer: one dense-like site per expert (checkpoint naming)
+    stacked: str | None = None  # MoE layer: module holding the stacked expert tensors in memory
+    shared: "MLPSite | None" = None  # MoE layer: shared expert
 
     def module_path(self, role: str) -> str:
         return f"{self.path}.{getattr(self.projections, role)}"
+
+    def probe_names(self) -> list[str]:
+        """Tensor names (base-model relative) whose presence in a checkpoint locates this site."""
+        if not self.experts:
+            return [f"{self.module_path('up')}.weight"]
+        names = [f"{self.experts[0].module_path('up')}.weight"]
+        return names + ([f"{self.stacked}.gate_up_proj"] if self.stacked else [])
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -87,14 +125,19 @@ def resolve_sites(spec: ArchSpec, config: dict) -> list[MLPSite]:
             depth = config.get("num_layers")
         for i in range(int(depth or 0)):
             label = f"{template.label}.{i}" if len(spec.sites) > 1 else str(i)
-            sites.append(MLPSite(len(sites), label, template.path.format(i=i), projections, spec.layout))
+            site = MLPSite(len(sites), label, template.path.format(i=i), projections, spec.layout)
+            if template.experts is not None:
+                from .moe import moe_site  # noqa: PLC0415  (moe builds on this module)
+
+                site = moe_site(site, template.experts, config, i, int(depth), projections)
+            sites.append(site)
     return sites
 
 
 def find_prefix(keys, site: MLPSite) -> str:
     """The prefix a checkpoint puts before base-model paths (``""``, ``"bert."``, ``"model."``...)."""
-    suffix = f"{site.module_path('up')}.weight"
-    candidates = sorted(k[: -len(suffix)] for k in keys if k.endswith(suffix) and (k == suffix or k[-len(suffix) - 1] == "."))
-    if not candidates:
-        return None
-    return min(candidates, key=len)
+    for suffix in site.probe_names():
+        candidates = sorted(k[: -len(suffix)] for k in keys if k.endswith(suffix) and (k == suffix or k[-len(suffix) - 1] == "."))
+        if candidates:
+            return min(candidates, key=len)
+    return None

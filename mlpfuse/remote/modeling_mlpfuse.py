@@ -65,6 +65,51 @@ class ScaledConv1D(Conv1D):
         return x.view(size_out)
 
 
+ZERO_MODULE = "zero"
+
+
+class ZeroProjection(nn.Module):
+    """A projection removed by ``merge-layers --drop``: no parameters, outputs zeros of width ``out_features``.
+
+    The up/gate projections of a dropped FF sublayer output width 0 and its down projection zeros,
+    so the sublayer adds nothing to the residual stream. ``weight`` is None so code that inspects
+    ``proj.weight.dtype`` (T5) skips it.
+    """
+
+    weight = None
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x):
+        return x.new_zeros(x.shape[:-1] + (self.out_features,))
+
+
+def tie_shared_modules(model, tied):
+    """Make the modules of each ``{"source": path, "targets": [paths]}`` entry ONE module object.
+
+    Paths are relative to ``model.base_model``. The targets' parameters are registered as tied
+    weights so ``save_pretrained`` stores them once and ``from_pretrained`` neither expects nor
+    re-initialises them.
+    """
+    if not tied:
+        return model
+    base = model.base_model
+    prefix = "" if base is model else model.base_model_prefix + "."
+    mapping = {}
+    for entry in tied:
+        source = base.get_submodule(entry["source"])
+        names = list(source.state_dict())  # parameters and persistent buffers (fusion_scale)
+        for target in entry["targets"]:
+            parent_path, _, name = target.rpartition(".")
+            setattr(base.get_submodule(parent_path) if parent_path else base, name, source)
+            mapping.update({f"{prefix}{target}.{n}": f"{prefix}{entry['source']}.{n}" for n in names})
+    model._tied_weights_keys = {**(type(model)._tied_weights_keys or {}), **mapping}
+    model.all_tied_weights_keys = {**(getattr(model, "all_tied_weights_keys", None) or {}), **mapping}
+    return model
+
+
 def _build_module(spec, like):
     """Make the replacement module described by one ``modules`` entry of the mlpfuse section."""
     device = like.weight.device if getattr(like, "weight", None) is not None else None
@@ -76,6 +121,8 @@ def _build_module(spec, like):
     if kind == "conv1d":
         module = (ScaledConv1D if scaled else Conv1D)(spec["out_features"], spec["in_features"])
         return module.to(device=device, dtype=dtype)
+    if kind == ZERO_MODULE:
+        return ZeroProjection(spec["in_features"], spec["out_features"])
     raise ValueError(f"mlpfuse: unknown module type {kind!r} in checkpoint config")
 
 
@@ -150,6 +197,7 @@ def fused_model_class(base_cls):
         base_cls.__init__(self, config, *args, **kwargs)
         section = getattr(config, "mlpfuse", None) or {}
         apply_fusion_layout(self.base_model, section.get("modules", []))
+        tie_shared_modules(self, section.get("tied", []))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         base_cls.save_pretrained(self, save_directory, *args, **kwargs)

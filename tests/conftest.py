@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny random models of every registered dense architecture, saved as checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+VOCAB = 99
+
+
+def _common(**extra):
+    return dict(vocab_size=VOCAB, **extra)
+
+
+# model_type -> (config factory, task used to build and load it, intermediate size)
+TINY = {
+    "bert": (lambda: transformers.BertConfig(**_common(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                       intermediate_size=37, max_position_embeddings=64)), "masked-lm", 37),
+    "roberta": (lambda: transformers.RobertaConfig(**_common(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                             intermediate_size=40, max_position_embeddings=70,
+                                                             pad_token_id=1)), "sequence-classification", 40),
+    "gpt2": (lambda: transformers.GPT2Config(**_common(n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                       bos_token_id=0, eos_token_id=0)), "causal-lm", 128),
+    "llama": (lambda: transformers.LlamaConfig(**_common(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                                                         num_attention_heads=4, num_key_value_heads=2)), "causal-lm", 44),
+    "mistral": (lambda: transformers.MistralConfig(**_common(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                                                             num_attention_heads=4, num_key_value_heads=2)), "causal-lm", 44),
+    "qwen2": (lambda: transformers.Qwen2Config(**_common(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                                                         num_attention_heads=4, num_key_value_heads=2)), "causal-lm", 44),
+    "qwen3": (lambda: transformers.Qwen3Config(**_common(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)),
+              "causal-lm", 44),
+    "gemma": (lambda: transformers.GemmaConfig(**_common(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)),
+              "causal-lm", 44),
+    "t5": (lambda: transformers.T5Config(**_common(d_model=32, d_kv=8, d_ff=36, num_layers=2, num_decoder_layers=2,
+                                                   num_heads=4, feed_forward_proj="relu")), "seq2seq-lm", 36),
+    "t5-gated": (lambda: transformers.T5Config(**_common(d_model=32, d_kv=8, d_ff=36, num_layers=2, num_decoder_layers=2,
+                                                         num_heads=4, feed_forward_proj="gated-gelu")), "seq2seq-lm", 36),
+}
+
+
+def build_tiny(name: str, seed: int = 0):
+    """A tiny random model (eval mode) of registry family ``name`` and its task."""
+    factory, task, _ = TINY[name]
+    torch.manual_seed(seed)
+    auto = getattr(transformers, {"masked-lm": "AutoModelForMaskedLM", "sequence-classification":
+                                  "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM",
+                                  "seq2seq-lm": "AutoModelForSeq2SeqLM"}[task])
+    return auto.from_config(factory()).eval(), task
+
+
+def model_inputs(name: str, batch: int = 2, length: int = 7, seed: int = 1) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # some padding
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if TINY[name][1] == "seq2seq-lm":
+        inputs["decoder_input_ids"] = ids[:, :5]
+    return inputs
+
+
+def outputs_of(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """Factory: save a tiny model of family ``name`` and return (directory, model, task)."""
+
+    def make(name: str, seed: int = 0):
+        model, task = build_tiny(name, seed)
+        directory = tmp_path / f"{name}-src"
+        model.save_pretrained(directory)
+        return directory, model, task
+
+    return make
+
+
+def tree_digest(directory: Path) -> str:
+    """Hash of every file's name and bytes under ``directory`` (to prove an input is untouched)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(directory)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()

@@ -1,0 +1,58 @@
+"""Exactness facts of MLP Fusion on every registered architecture (tiny random configs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mlpfuse
+from mlpfuse import FuseSettings, fuse_checkpoint
+from mlpfuse.arch import ARCHITECTURES
+
+from .conftest import TINY, model_inputs, outputs_of
+
+ALL_FAMILIES = list(TINY)
+
+
+def test_every_registered_model_type_has_a_tiny_config():
+    registered = {t for spec in ARCHITECTURES for t in spec.model_types}
+    covered = {TINY[name][0]().model_type for name in TINY}
+    assert registered <= covered
+
+
+@pytest.mark.parametrize("name", ALL_FAMILIES)
+def test_full_width_fusion_reproduces_the_original_through_a_checkpoint(name, tiny_checkpoint, tmp_path):
+    source, model, task = tiny_checkpoint(name)
+    width = TINY[name][2]
+    report = fuse_checkpoint(str(source), tmp_path / "out", FuseSettings(layers="all", dim=width, allow_full_width=True))
+    assert all(layer.width == width for layer in report.layers)
+    fused = mlpfuse.load(tmp_path / "out", task=task).eval()
+    inputs = model_inputs(name)
+    assert torch.allclose(outputs_of(fused, inputs), outputs_of(model, inputs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ALL_FAMILIES)
+@pytest.mark.parametrize("method", ["fusion", "cluster"])
+def test_narrow_fusion_loads_and_shrinks(name, method, tiny_checkpoint, tmp_path):
+    source, model, task = tiny_checkpoint(name)
+    report = fuse_checkpoint(str(source), tmp_path / "out", FuseSettings(layers="0", dim=8, method=method))
+    fused = mlpfuse.load(tmp_path / "out", task=task).eval()
+    expected_drop = report.layers[0].params_before - report.layers[0].params_after
+    assert expected_drop > 0
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert params(model) - params(fused) == expected_drop
+    assert torch.isfinite(outputs_of(fused, model_inputs(name))).all()
+    scales = [b for n, b in fused.named_buffers() if n.endswith("fusion_scale")]
+    assert len(scales) == (1 if method == "fusion" else 0)
+    if scales:
+        assert scales[0].sum().item() == TINY[name][2]  # cluster sizes add up to the original width
+
+
+def test_in_memory_fusion_matches_the_checkpoint_path(tiny_checkpoint, tmp_path):
+    source, model, task = tiny_checkpoint("llama")
+    settings = FuseSettings(layers="0-1", dim=10, seed=3)
+    fuse_checkpoint(str(source), tmp_path / "out", settings)
+    from_disk = mlpfuse.load(tmp_path / "out", task=task).eval()
+    mlpfuse.fuse_model(model, settings)
+    inputs = model_inputs("llama")
+    assert torch.equal(outputs_of(model, inputs), outputs_of(from_disk, inputs))
