@@ -8,7 +8,7 @@ def model_card(report: dict) -> str:
     before, after = report["parameters"]["before"], report["parameters"]["after"]
     saved = 100.0 * (before - after) / before if before else 0.0
     rows = "\n".join(
-        f"| {layer['label']} | {layer['original_width']} | {layer['width']} | {layer['inertia']:.4g} |"
+        f"| {layer['label']} | {layer['original_width']} | {layer['width']} | {'-' if layer['inertia'] is None else format(layer['inertia'], '.4g')} |"
         for layer in report["layers"]
     )
     return f"""---

@@ -19,15 +19,17 @@ import yaml
 from . import __version__
 from .arch import MLPSite, find_prefix, lookup, resolve_sites
 from .arch.io import module_specs, read_mlp, tensor_names, write_mlp
+from .arch.moe import expert_width
 from .arch.spec import CONV1D
 from .card import model_card
 from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, staging_directory, write_json
 from .errors import InputError
+from .fuse_moe import expert_parameter_count, fuse_moe_layer, layer_report_fields
 from .kmeans import resolve_backend
 from .methods import MethodOptions, get_method
 from .mlp import MLPWeights
 from .modeling import verify_checkpoint
-from .plan import LayerPlan, plan_layers
+from .plan import LayerPlan, parse_layers, plan_layers
 from .remote.modeling_mlpfuse import (
     FUSED_MODEL_TYPE,
     apply_fusion_layout,
@@ -36,6 +38,7 @@ from .remote.modeling_mlpfuse import (
     write_remote_code,
 )
 from .source import resolve_model
+from .tied import absent_paths, carry_merge_layout, fusable_input, sites_touching
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_PATTERNS = (
@@ -60,6 +63,7 @@ class FuseSettings:
     per_layer: dict = field(default_factory=dict)
     max_shard_size: str = "5GB"
     allow_full_width: bool = False
+    experts: str | list | None = None  # MoE: experts to fuse in each chosen sparse layer (None = all)
 
 
 @dataclass
@@ -74,6 +78,7 @@ class LayerReport:
     kmeans_seconds: float | None
     seconds: float
     backend: str | None
+    experts: list = field(default_factory=list)  # MoE layers: one entry per fused expert
 
 
 @dataclass
@@ -108,9 +113,12 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _site_widths(sites: list[MLPSite], shape_of: Callable[[str], tuple], names_of) -> dict[int, int]:
+def _site_widths(sites: list[MLPSite], shape_of: Callable[[str], tuple], names_of, prefix: str = "", keys=()) -> dict[int, int]:
     widths = {}
     for site in sites:
+        if site.experts:
+            widths[site.index] = expert_width(site, prefix, keys, shape_of)
+            continue
         shape = shape_of(names_of(site)["w_in"])
         widths[site.index] = shape[1] if site.layout == CONV1D else shape[0]
     return widths
@@ -191,8 +199,7 @@ def fuse_checkpoint(
     start = time.perf_counter()
     source_dir = resolve_model(model)
     config = read_config(source_dir)
-    if config.get("model_type") == FUSED_MODEL_TYPE:
-        raise InputError(f"{model} is already an mlpfuse checkpoint; fuse the original model instead")
+    config, merged_layout = fusable_input(config, model)  # a merged checkpoint: tied/dropped MLPs are skipped
     spec = lookup(config.get("model_type"))
     target = Path(output).expanduser().resolve()
     if target == source_dir.resolve() or source_dir.resolve() in target.parents and target.exists():
@@ -207,13 +214,15 @@ def fuse_checkpoint(
     reader = CheckpointReader(source_dir)
     keys = set(reader.keys())
     sites = resolve_sites(spec, config)
-    prefix = find_prefix(keys, sites[0]) if sites else None
+    absent = sites_touching(sites, absent_paths(merged_layout))
+    prefix = next((p for p in (find_prefix(keys, s) for s in sites if s.index not in absent) if p is not None), None)
     if prefix is None:
         raise InputError(f"{model}: no MLP tensors where a {config.get('model_type')} checkpoint keeps them "
                          f"(e.g. {sites[0].module_path('up') if sites else '?'}.weight)")
     names_of = lambda site: tensor_names(site, prefix, keys)  # noqa: E731
-    widths = _site_widths(sites, reader.shape, names_of)
-    plans = plan_layers(sites, widths, settings.layers, settings.dim, settings.ratio,
+    widths = _site_widths([s for s in sites if s.index not in absent], reader.shape, names_of, prefix, keys)
+    chosen = [i for i in parse_layers(settings.layers, len(sites)) if i not in absent] if absent else settings.layers
+    plans = plan_layers(sites, widths, chosen, settings.dim, settings.ratio,
                         settings.per_layer, settings.allow_full_width)
     if on_start:
         on_start(plans)
@@ -226,6 +235,17 @@ def fuse_checkpoint(
         writer = ShardedWriter(staging, max_shard)
         fused_keys: set[str] = set()
         for plan in plans:
+            if plan.site.experts:
+                result = fuse_moe_layer(plan, settings.experts, settings.ratio, settings.method, options,
+                                        prefix, keys, reader.get, dtype)
+                for name, tensor in result.tensors.items():
+                    writer.add(name, tensor)
+                fused_keys.update(result.consumed)
+                modules.extend(result.specs)
+                layers.append(LayerReport(**layer_report_fields(plan, result)))
+                if on_layer:
+                    on_layer(layers[-1])
+                continue
             names = names_of(plan.site)
             fused_keys.update(names.values())
             mlp = read_mlp(plan.site, names, reader.get)
@@ -249,11 +269,15 @@ def fuse_checkpoint(
             backend=layers[0].backend if layers and layers[0].backend else backend,
             layers=layers, parameters={"before": params_before, "after": params_before - saved}, files=files,
         )
+        if any(site.experts for site in sites):
+            in_experts = expert_parameter_count(sites, prefix, keys, reader.shape)
+            report.parameters.update(_expert_share(in_experts, saved, params_before))
         out_config = dict(config)
         if dtype is not None:
             out_config["dtype"] = settings.dtype
             out_config.pop("torch_dtype", None)
-        write_json(staging / "config.json", fused_config_dict(out_config, _section(report, settings, modules, reader, settings.dtype)))
+        section = carry_merge_layout(_section(report, settings, modules, reader, settings.dtype), merged_layout)
+        write_json(staging / "config.json", fused_config_dict(out_config, section))
         write_remote_code(staging)
         _copy_side_files(source_dir, staging)
         recipe = {"model": model, **{k: v for k, v in asdict(settings).items() if k != "allow_full_width"}}
@@ -276,6 +300,13 @@ def _is_float_param(reader: CheckpointReader, key: str) -> bool:
     return key.rsplit(".", 1)[-1] != "fusion_scale" and reader.is_floating(key)
 
 
+def _expert_share(in_experts: int, saved: int, params_before: int) -> dict:
+    """Parameters in (routed + shared) experts before/after, and their share of the model."""
+    after = in_experts - saved
+    return {"experts_before": in_experts, "experts_after": after,
+            "expert_share_before": in_experts / params_before, "expert_share_after": after / (params_before - saved)}
+
+
 def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
     """Fuse the chosen MLPs of an in-memory transformers model in place; returns the report.
 
@@ -289,7 +320,7 @@ def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
     keys = set(state)
     sites = resolve_sites(spec, config)
     names_of = lambda site: tensor_names(site, "", keys)  # noqa: E731
-    widths = _site_widths(sites, lambda k: tuple(state[k].shape), names_of)
+    widths = _site_widths(sites, lambda k: tuple(state[k].shape), names_of, "", keys)
     plans = plan_layers(sites, widths, settings.layers, settings.dim, settings.ratio,
                         settings.per_layer, settings.allow_full_width)
     backend = resolve_backend(settings.backend, settings.device)
@@ -297,6 +328,16 @@ def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
     params_before = sum(p.numel() for p in model.parameters())
     layers, modules = [], []
     for plan in plans:
+        if plan.site.experts:
+            result = fuse_moe_layer(plan, settings.experts, settings.ratio, settings.method, options,
+                                    "", keys, lambda k: state[k].detach(), None)
+            apply_fusion_layout(base, result.specs)
+            loaded = base.load_state_dict(result.tensors, strict=False)
+            if loaded.unexpected_keys:
+                raise RuntimeError(f"fused tensors did not match the new modules: {loaded.unexpected_keys}")
+            modules.extend(result.specs)
+            layers.append(LayerReport(**layer_report_fields(plan, result)))
+            continue
         mlp = read_mlp(plan.site, names_of(plan.site), lambda k: state[k].detach())
         compressed, layer = compress_layer(plan, mlp, settings.method, options)
         specs = module_specs(plan.site, compressed)
@@ -312,6 +353,10 @@ def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
         model_type=config["model_type"], method=settings.method, seed=settings.seed, backend=backend,
         layers=layers, parameters={"before": params_before, "after": sum(p.numel() for p in model.parameters())},
     )
+    if any(site.experts for site in sites):
+        in_experts = expert_parameter_count(sites, "", keys, lambda k: tuple(state[k].shape))
+        saved = params_before - report.parameters["after"]
+        report.parameters.update(_expert_share(in_experts, saved, params_before))
     previous = getattr(model.config, "mlpfuse", None) or {}
     model.config.mlpfuse = {
         "version": __version__, "method": settings.method, "seed": settings.seed, "backend": backend,
@@ -320,5 +365,11 @@ def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
         "modules": previous.get("modules", []) + modules,
     }
     model.__class__ = fused_model_class(type(model))
+    try:  # transformers v5 finds what to record (output_hidden_states...) by class, registered in __init__
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+        _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
+    except (ImportError, AttributeError):
+        pass
     return report
 

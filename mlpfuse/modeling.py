@@ -103,7 +103,10 @@ def verify_checkpoint(directory: str | Path) -> int:
             )
         checked += 1
     for spec in (config.get("mlpfuse") or {}).get("modules", []):
-        if spec["type"] != "zero" and not any(k.endswith(spec["path"] + ".weight") for k in reader.keys()):
+        weight = spec["path"] + (".lowrank_a.weight" if spec["type"] == "lowrank" else ".weight")
+        if "tensors" in spec:  # MoE experts modules name their own tensors
+            weight = f"{spec['path']}.{spec['tensors'][0]}"
+        if spec["type"] != "zero" and not any(k.endswith(weight) for k in reader.keys()):
             raise MlpfuseError(f"written checkpoint lacks the fused module {spec['path']}")
     return checked
 

@@ -15,7 +15,8 @@ ALL_FAMILIES = list(TINY)
 
 
 def test_every_registered_model_type_has_a_tiny_config():
-    registered = {t for spec in ARCHITECTURES for t in spec.model_types}
+    moe = {t for spec in ARCHITECTURES if any(s.experts for s in spec.sites) for t in spec.model_types}  # tests/test_moe.py
+    registered = {t for spec in ARCHITECTURES for t in spec.model_types} - moe
     covered = {TINY[name][0]().model_type for name in TINY}
     assert registered <= covered
 

@@ -204,6 +204,26 @@ def test_empty_clusters_move_to_farthest_points():
     assert moved.flatten().tolist() == [0.5, 20.0, 15.0, 10.0]
 
 
+def test_lloyd_refills_empty_clusters():
+    x, _ = planted(n_clusters=3, per=10, d=4)
+    x = (x + 100.0)[None]  # far from the origin, where an unfilled empty cluster's zero mean would sit
+    sq = (x * x).sum(2)
+    init = torch.cat([x[:, :3], torch.full((1, 1, 4), 1000.0)], 1)  # the 4th centroid wins no point
+    c, _ = km._lloyd(x, sq, init, 20, km._tolerance(x))
+    labels, _ = km._assign(x, sq, c)
+    assert torch.bincount(labels[0], minlength=4).min() >= 1
+
+
+def test_batched_lloyd_equals_independent_problems():
+    xs = torch.stack([structured(n=200, d=8, blobs=20, seed=s) for s in range(3)])
+    sq = (xs * xs).sum(2)
+    init = xs[:, :12].clone()
+    c, iters = km._lloyd(xs, sq, init, 100, km._tolerance(xs))
+    for b in range(3):
+        cb, ib = km._lloyd(xs[b:b + 1], sq[b:b + 1], init[b:b + 1], 100, km._tolerance(xs[b:b + 1]))
+        assert torch.allclose(c[b], cb[0], atol=1e-5) and iters[b] == ib[0]
+
+
 def test_batched_matches_single_problem_quality():
     xs = torch.stack([structured(n=300, d=16, blobs=30, seed=s) for s in range(6)])
     batched_total = single_total = 0.0

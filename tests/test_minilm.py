@@ -70,3 +70,22 @@ def test_cluster_baseline_similarity_floor(original, tokenizer, sentences):
         mean_pooled(model, tokenizer, sentences), mean_pooled(original, tokenizer, sentences)).mean().item()
     print(f"cluster cosine similarity: {cosine:.4f}")
     assert cosine > COSINE_FLOOR["cluster"]
+
+
+def test_terminated_run_leaves_no_output(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlpfuse", "fuse", "minilm", "--layers", "all", "--dim", "96", "-o", str(target)],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    first_line = process.stderr.readline()  # printed after the first fused layer
+    assert "fusing" in first_line, first_line
+    process.send_signal(signal.SIGTERM)
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == 130, rest
+    assert "interrupted" in rest
+    assert not target.exists() and not [p for p in tmp_path.iterdir() if "mlpfuse-tmp" in p.name]

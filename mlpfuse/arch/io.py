@@ -10,6 +10,7 @@ from ..mlp import MLPWeights
 from .spec import CONV1D, MLPSite
 
 SCALE_BUFFER = "fusion_scale"
+LOW_RANK = "lowrank"  # module type of a projection stored as two factors (remote LowRankLinear)
 # MLPWeights fields (weight, bias) held by each projection role.
 ROLE_FIELDS = {"up": ("w_in", "b_in"), "gate": ("w_gate", "b_gate"), "down": ("w_out", "b_out")}
 
@@ -45,10 +46,17 @@ def write_mlp(site: MLPSite, mlp: MLPWeights, prefix: str, dtype: torch.dtype) -
     for role in site.roles:
         weight_field, bias_field = ROLE_FIELDS[role]
         base = f"{prefix}{site.module_path(role)}"
+        bias = getattr(mlp, bias_field)
+        if weight_field in mlp.low_rank:  # LowRankLinear (svd): factors as nn.Linear weights, any layout
+            first, second = mlp.low_rank[weight_field]
+            out[f"{base}.lowrank_a.weight"] = first.to(dtype).contiguous()
+            out[f"{base}.lowrank_b.weight"] = second.to(dtype).contiguous()
+            if bias is not None:
+                out[f"{base}.lowrank_b.bias"] = bias.to(dtype).contiguous()
+            continue
         weight = getattr(mlp, weight_field)
         weight = weight.T if site.layout == CONV1D else weight
         out[f"{base}.weight"] = weight.to(dtype).contiguous()
-        bias = getattr(mlp, bias_field)
         if bias is not None:
             out[f"{base}.bias"] = bias.to(dtype).contiguous()
     if mlp.scale is not None:
@@ -71,4 +79,6 @@ def module_specs(site: MLPSite, mlp: MLPWeights) -> list[dict]:
             "bias": getattr(mlp, bias_field) is not None,
             "scaled": bool(is_down and mlp.scale is not None),
         })
+        if weight_field in mlp.low_rank:
+            specs[-1].update(type=LOW_RANK, rank=int(mlp.low_rank[weight_field][0].shape[0]))
     return specs

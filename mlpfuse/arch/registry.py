@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from .spec import CONV1D, ArchSpec, Projections, SiteTemplate
+from .spec import CONV1D, ArchSpec, ExpertTemplate, Projections, SiteTemplate
 
 _LLAMA_LIKE = Projections(up="up_proj", down="down_proj", gate="gate_proj")
+
+
+def _switch_stack(stack: str, ff: int, count: str) -> SiteTemplate:
+    """Switch Transformers encoder or decoder: every ``{stack}_sparse_step``-th block is sparse."""
+    mlp = f"{stack}.block.{{i}}.layer.{ff}.mlp"
+    return SiteTemplate(mlp, count, stack, experts=ExpertTemplate(
+        path=f"{mlp}.experts.expert_{{e}}", count="num_experts", projections=Projections(up="wi", down="wo"),
+        router=f"{mlp}.router.classifier", sparse="switch", step=f"{stack}_sparse_step",
+        sparse_count=f"num_sparse_{stack}_layers"))
+
+
+def _qwen_like_experts(sparse: str, shared: str | None = None) -> ExpertTemplate:
+    return ExpertTemplate(path="layers.{i}.mlp.experts.{e}", count=("num_experts", "num_local_experts"), projections=_LLAMA_LIKE,
+                          router="layers.{i}.mlp.gate", stacked="layers.{i}.mlp.experts", shared=shared,
+                          sparse=sparse, step="decoder_sparse_step")
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec(
@@ -39,6 +54,41 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         projections=Projections(up="wi", down="wo"),
         gated_projections=Projections(up="wi_1", down="wo", gate="wi_0"),
         gated_flag="feed_forward_proj",
+    ),
+    # Mixture-of-Experts families (docs/moe.md): experts fused one by one, routers untouched.
+    ArchSpec(
+        name="Switch Transformers (MoE)",
+        model_types=("switch_transformers",),
+        sites=(_switch_stack("encoder", 1, "num_layers"), _switch_stack("decoder", 2, "num_decoder_layers")),
+        projections=Projections(up="wi", down="wo"),
+    ),
+    ArchSpec(
+        name="Mixtral (MoE)",
+        model_types=("mixtral",),
+        sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers", experts=ExpertTemplate(
+            path="layers.{i}.block_sparse_moe.experts.{e}", count="num_local_experts",
+            projections=Projections(up="w3", down="w2", gate="w1"), router="layers.{i}.mlp.gate",
+            stacked="layers.{i}.mlp.experts")),),
+        projections=_LLAMA_LIKE,
+    ),
+    ArchSpec(
+        name="Qwen2-MoE (MoE + shared expert)",
+        model_types=("qwen2_moe",),
+        sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers",
+                            experts=_qwen_like_experts("qwen", shared="layers.{i}.mlp.shared_expert")),),
+        projections=_LLAMA_LIKE,
+    ),
+    ArchSpec(
+        name="Qwen3-MoE (MoE)",
+        model_types=("qwen3_moe",),
+        sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers", experts=_qwen_like_experts("qwen")),),
+        projections=_LLAMA_LIKE,
+    ),
+    ArchSpec(
+        name="OLMoE (MoE)",
+        model_types=("olmoe",),
+        sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers", experts=_qwen_like_experts("all")),),
+        projections=_LLAMA_LIKE,
     ),
 )
 

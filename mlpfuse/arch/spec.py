@@ -37,7 +37,7 @@ class ExpertTemplate:
     """
 
     path: str
-    count: str
+    count: str | tuple[str, ...]
     projections: Projections
     router: str
     stacked: str | None = None

@@ -1,9 +1,16 @@
 """The ``mlpfuse`` command line: a thin typer app over the library API."""
 
+import signal
+
 import typer
 
+from .bench_cmd import bench
+from .finetune_cmd import finetune
 from .fuse_cmd import fuse
 from .info_cmd import architectures, inspect
+from .merge_cmd import merge_layers
+from .ntk_cmd import ntk_check_command
+from .tune_cmd import tune
 
 app = typer.Typer(
     name="mlpfuse",
@@ -15,7 +22,17 @@ app = typer.Typer(
 app.command()(fuse)
 app.command()(inspect)
 app.command()(architectures)
+app.command("merge-layers")(merge_layers)
+app.command()(bench)
+app.command()(tune)
+app.command()(finetune)
+app.command(name="ntk-check")(ntk_check_command)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # so a terminated run cleans up its staging directory like Ctrl-C
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     app()

@@ -26,6 +26,7 @@ def fuse(
     backend: str = typer.Option(None, "--backend", help="k-means backend: auto, faiss or torch. [default: auto]"),
     device: str = typer.Option(None, "--device", help="Device for k-means: cpu, cuda, cuda:N. [default: auto]"),
     seed: int = typer.Option(None, "--seed", help="Random seed (same inputs and seed, same output). [default: 0]"),
+    experts: str = typer.Option(None, "--experts", help="MoE models: experts to fuse in each chosen sparse layer, e.g. 0,3 or 0-7,shared. [default: all]"),
     dtype: str = typer.Option(None, "--dtype", help="Output dtype: auto (keep), float32, bfloat16, float16."),
     max_shard_size: str = typer.Option(None, "--max-shard-size", help="Largest safetensors shard. [default: 5GB]"),
     overwrite: bool = typer.Option(None, "--overwrite/--no-overwrite", help="Replace an existing output directory."),
@@ -52,6 +53,7 @@ def fuse(
         backend=merge(backend, recipe, "backend", "auto"),
         device=merge(device, recipe, "device"),
         seed=int(merge(seed, recipe, "seed", 0)),
+        experts=merge(experts, recipe, "experts"),
         dtype=merge(dtype, recipe, "dtype", "auto"),
         per_layer=recipe.get("per_layer") or {},
         max_shard_size=merge(max_shard_size, recipe, "max_shard_size", "5GB"),
@@ -73,6 +75,10 @@ def fuse(
     before, after = report.parameters["before"], report.parameters["after"]
     out.print(f"parameters: {before:,} -> {after:,} ({100 * (before - after) / before:.1f}% fewer); "
               f"wrote {report.output} in {report.seconds:.1f}s", highlight=False)
+    if "experts_before" in report.parameters:
+        p = report.parameters
+        out.print(f"in experts: {p['experts_before']:,} -> {p['experts_after']:,} "
+                  f"({100 * p['expert_share_before']:.1f}% -> {100 * p['expert_share_after']:.1f}% of the model)", highlight=False)
     write_json_report(json_path, report.to_dict())
 
 
@@ -86,4 +92,11 @@ def _summary_table(report) -> Table:
             "-" if layer.inertia is None else f"{layer.inertia:.4g}",
             "-" if layer.kmeans_seconds is None else f"{layer.kmeans_seconds:.2f}", layer.backend or "-",
         )
+        for expert in getattr(layer, "experts", None) or []:  # MoE: one row per fused expert
+            table.add_row(
+                f"  {expert['expert']}", f"{expert['original_width']} -> {expert['width']}",
+                f"{expert['params_before']:,} -> {expert['params_after']:,}",
+                "-" if expert["inertia"] is None else f"{expert['inertia']:.4g}",
+                "-" if expert["kmeans_seconds"] is None else f"{expert['kmeans_seconds']:.2f}", expert["backend"] or "-",
+            )
     return table

@@ -51,3 +51,4 @@ def method_names() -> list[str]:
 
 def _load_builtin() -> None:
     from . import fusion  # noqa: F401  (registers fusion and cluster)
+    from . import mmd, prune, sketch, svd  # noqa: F401  (baselines of ntk-check, docs/ntk-check.md)

@@ -100,18 +100,143 @@ def tie_shared_modules(model, tied):
     mapping = {}
     for entry in tied:
         source = base.get_submodule(entry["source"])
-        names = list(source.state_dict())  # parameters and persistent buffers (fusion_scale)
+        params = {n for n, _ in source.named_parameters()}
         for target in entry["targets"]:
             parent_path, _, name = target.rpartition(".")
             setattr(base.get_submodule(parent_path) if parent_path else base, name, source)
-            mapping.update({f"{prefix}{target}.{n}": f"{prefix}{entry['source']}.{n}" for n in names})
-    model._tied_weights_keys = {**(type(model)._tied_weights_keys or {}), **mapping}
-    model.all_tied_weights_keys = {**(getattr(model, "all_tied_weights_keys", None) or {}), **mapping}
+            for n in source.state_dict():  # parameters and persistent buffers (fusion_scale)
+                mapping[f"{prefix}{target}.{n}"] = (f"{prefix}{entry['source']}.{n}", n in params)
+    # saving drops every shared name; loading ties parameters only (transformers looks buffers up as parameters)
+    model._tied_weights_keys = {**(type(model)._tied_weights_keys or {}), **{t: s for t, (s, _) in mapping.items()}}
+    model.all_tied_weights_keys = {**(getattr(model, "all_tied_weights_keys", None) or {}),
+                                   **{t: s for t, (s, is_param) in mapping.items() if is_param}}
     return model
+
+
+LOW_RANK_MODULE = "lowrank"
+
+
+class LowRankLinear(nn.Module):
+    """A projection stored as two factors (the svd baseline): ``lowrank_b(lowrank_a(x))``.
+
+    ``lowrank_a`` maps in -> rank (no bias), ``lowrank_b`` rank -> out (with the bias); the dense
+    weight is their product. ``weight`` gives that product (read-only) for code that inspects it,
+    e.g. T5 reads ``wo.weight.dtype``.
+    """
+
+    def __init__(self, in_features, out_features, rank, bias=True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.lowrank_a = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lowrank_b = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def weight(self):
+        return self.lowrank_b.weight @ self.lowrank_a.weight
+
+    @property
+    def bias(self):
+        return self.lowrank_b.bias
+
+    def forward(self, x):
+        return self.lowrank_b(self.lowrank_a(x))
+
+
+class _ScaledExpertsMixin:
+    """Stacked experts (``gate_up_proj`` [E, 2k, H], ``down_proj`` [E, H, k]) with per-expert P.
+
+    Mixed into the family's own experts class, so routing, top-k, aux losses and every experts
+    implementation (eager, grouped_mm...) of transformers still run; the forward only substitutes
+    ``down_proj * P`` for ``down_proj`` (P stays a constant buffer, so gradients carry it).
+    """
+
+    _mlpfuse_inside = False
+
+    def _family_forward(self, *args, **kwargs):
+        dispatch = super().forward
+        eager = getattr(dispatch, "__wrapped__", None)
+        if eager is not None and self.down_proj.shape[-1] * self.down_proj.element_size() % 16:
+            # transformers' grouped_mm kernels need 16-byte strides, which a narrowed width may lack
+            return eager(self, *args, **kwargs)
+        return dispatch(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        if self._mlpfuse_inside or getattr(self, "fusion_scale", None) is None:
+            return self._family_forward(*args, **kwargs)
+        scaled = self.down_proj * self.fusion_scale.to(self.down_proj.dtype)[:, None, :]
+        self._mlpfuse_inside = True
+        try:
+            return torch.func.functional_call(self, {"down_proj": scaled}, args, kwargs)
+        finally:
+            self._mlpfuse_inside = False
+
+
+_SCALED_EXPERT_CLASSES = {}
+
+
+def _narrow_stacked_experts(spec, module):
+    """Narrow a stacked experts module in place to width ``spec['width']`` (+ the P buffer if scaled)."""
+    weight = module.down_proj
+    experts, hidden, k = spec["experts"], weight.shape[1], spec["width"]
+    base = type(module)
+    if not isinstance(module, _ScaledExpertsMixin):
+        if base not in _SCALED_EXPERT_CLASSES:
+            _SCALED_EXPERT_CLASSES[base] = type(f"Scaled{base.__name__}", (_ScaledExpertsMixin, base), {})
+        module.__class__ = _SCALED_EXPERT_CLASSES[base]
+    if spec.get("scaled", False):
+        module.register_buffer("fusion_scale", torch.ones(experts, k, device=weight.device, dtype=weight.dtype), persistent=True)
+    module.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * k, hidden, device=weight.device, dtype=weight.dtype))
+    module.down_proj = nn.Parameter(torch.empty(experts, hidden, k, device=weight.device, dtype=weight.dtype))
+    module.intermediate_dim = k
+    return module
+
+
+class FusedExpert(nn.Module):
+    """One gated expert ``down(act(gate(x)) * up(x))`` of its own width (``down`` scaled when fused)."""
+
+    def __init__(self, hidden, width, act_fn, scaled, device=None, dtype=None):
+        super().__init__()
+        self.gate = nn.Linear(hidden, width, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(hidden, width, bias=False, device=device, dtype=dtype)
+        self.down = (ScaledLinear if scaled else nn.Linear)(width, hidden, bias=False, device=device, dtype=dtype)
+        self.act_fn = act_fn
+
+    def forward(self, x):
+        return self.down(self.act_fn(self.gate(x)) * self.up(x))
+
+
+class FusedExpertList(nn.ModuleList):
+    """Experts of differing widths, with the stacked experts' call signature and routing maths.
+
+    ``forward(hidden_states, top_k_index, top_k_weights)`` sums each token's chosen experts
+    weighted by the router, as the families' eager experts forward does.
+    """
+
+    def __init__(self, spec, like):
+        weight = like.down_proj
+        super().__init__(
+            FusedExpert(spec["hidden"], width, like.act_fn, scaled, device=weight.device, dtype=weight.dtype)
+            for width, scaled in zip(spec["widths"], spec["scaled"])
+        )
+        self.num_experts = len(self)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self):
+            token_idx, slot = torch.where(top_k_index == e)
+            if token_idx.numel() == 0:
+                continue
+            contribution = expert(hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, contribution.to(out.dtype))
+        return out
 
 
 def _build_module(spec, like):
     """Make the replacement module described by one ``modules`` entry of the mlpfuse section."""
+    if spec["type"] == "stacked_experts":
+        return _narrow_stacked_experts(spec, like)
+    if spec["type"] == "expert_list":
+        return FusedExpertList(spec, like)
     device = like.weight.device if getattr(like, "weight", None) is not None else None
     dtype = like.weight.dtype if getattr(like, "weight", None) is not None else None
     kind, scaled = spec["type"], spec.get("scaled", False)
@@ -123,6 +248,9 @@ def _build_module(spec, like):
         return module.to(device=device, dtype=dtype)
     if kind == ZERO_MODULE:
         return ZeroProjection(spec["in_features"], spec["out_features"])
+    if kind == LOW_RANK_MODULE:
+        return LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec.get("bias", True),
+                             device=device, dtype=dtype)
     raise ValueError(f"mlpfuse: unknown module type {kind!r} in checkpoint config")
 
 

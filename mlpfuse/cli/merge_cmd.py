@@ -1,0 +1,87 @@
+"""``mlpfuse merge-layers``: adjacent FF sublayers aligned, averaged and tied into one shared MLP."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from ..errors import InputError
+from ..merge import MergeSettings, merge_checkpoint, plot_similarity
+from .common import DebugOption, JsonOption, handle_errors, log, results_console, write_json_report
+
+
+@handle_errors
+def merge_layers(
+    model: str = typer.Argument(..., help="Checkpoint directory (plain or mlpfuse), hub id, or 'minilm'."),
+    output: str = typer.Option(..., "-o", "--output", help="Directory to write (must not exist unless --overwrite)."),
+    layers: str = typer.Option(None, "--layers", help="Adjacent MLP layers to merge, e.g. 2-3 (first = anchor)."),
+    count: int = typer.Option(None, "--count", help="Instead of --layers: try every window of this many adjacent layers, keep the best on --eval."),
+    calibration: str = typer.Option(None, "--calibration", help="Text file (.tsv/.csv/.jsonl) whose activations align the neurons."),
+    eval_path: str = typer.Option(None, "--eval", help="Text file for the validation loss (perplexity for decoders, hidden-state MSE for encoders)."),
+    column: str = typer.Option("sentence", "--column", help="Text column of --calibration and --eval."),
+    calibration_limit: int = typer.Option(300, "--calibration-limit", help="Rows read from --calibration."),
+    eval_limit: int = typer.Option(200, "--eval-limit", help="Rows read from --eval."),
+    max_tokens: int = typer.Option(10_000, "--max-tokens", help="Calibration tokens kept per layer."),
+    max_length: int = typer.Option(128, "--max-length", help="Tokens per text (longer ones are truncated)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Texts per forward pass."),
+    permute: bool = typer.Option(True, "--permute/--no-permute", help="Align neurons before averaging (--no-permute: plain average baseline)."),
+    drop: bool = typer.Option(False, "--drop", help="Baseline: drop all but the first FF sublayer of the window instead of merging."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    plot: str = typer.Option(None, "--plot", help="Write a layer-by-layer activation similarity heat map (PNG) here."),
+    json_path: str = JsonOption,
+    debug: bool = DebugOption,
+):
+    """Merge adjacent feed-forward sublayers into one shared (tied) MLP and write a loadable checkpoint."""
+    if count is not None and layers is not None:
+        raise InputError("give either --layers or --count, not both")
+    if plot is not None and calibration is None:
+        raise InputError("--plot needs activations: pass --calibration FILE")
+    settings = MergeSettings(
+        layers=layers, count=count, mode="drop" if drop else "permute" if permute else "average",
+        calibration=calibration, eval=eval_path, column=column, calibration_limit=calibration_limit,
+        eval_limit=eval_limit, max_length=max_length, max_tokens=max_tokens, batch_size=batch_size,
+        seed=seed, max_shard_size=max_shard_size,
+    )
+
+    def on_candidate(candidate):
+        loss = "-" if candidate.loss is None else f"{candidate.loss:.6g}"
+        log.print(f"window {'-'.join(candidate.labels)}: loss {loss}", highlight=False)
+
+    report = merge_checkpoint(model, output, settings, overwrite=overwrite, on_candidate=on_candidate)
+    if plot is not None:
+        plot_similarity(report, plot)
+    out = results_console(json_path)
+    out.print(_candidate_table(report))
+    if report.alignment:
+        out.print(_alignment_table(report))
+    before, after = report.parameters["before"], report.parameters["after"]
+    out.print(f"{report.mode}: layers {', '.join(report.window_labels)} -> one shared MLP"
+              if report.mode != "drop" else f"drop: FF sublayers {', '.join(report.window_labels[1:])} removed",
+              highlight=False)
+    out.print(f"parameters: {before:,} -> {after:,} ({100 * (before - after) / before:.1f}% fewer); "
+              f"wrote {report.output} in {report.seconds:.1f}s" + (f"; plot {plot}" if plot else ""), highlight=False)
+    write_json_report(json_path, report.to_dict())
+
+
+def _candidate_table(report) -> Table:
+    original = "" if report.original_loss is None else f" (original model: {report.original_loss:.6g})"
+    table = Table(title=f"candidate windows, {report.objective}{original}")
+    table.add_column("window")
+    table.add_column("loss", justify="right")
+    table.add_column("chosen", justify="center")
+    for candidate in report.candidates:
+        table.add_row("-".join(candidate.labels), "-" if candidate.loss is None else f"{candidate.loss:.6g}",
+                      "*" if candidate.layers == report.window else "")
+    return table
+
+
+def _alignment_table(report) -> Table:
+    table = Table(title="neuron correlation with the anchor layer (calibration pre-activations)")
+    for column in ("layer", "before alignment", "after alignment"):
+        table.add_column(column, justify="right")
+    for row in report.alignment:
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        table.add_row(row.label, fmt(row.correlation_before), fmt(row.correlation_after))
+    return table

@@ -1,0 +1,99 @@
+"""``mlpfuse tune``: layer-wise task-specific tuning of a fused checkpoint against its original."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..tune import TuneSettings, state_directory, tune_checkpoint
+from .common import DebugOption, JsonOption, handle_errors, log, results_console, write_json_report
+
+
+@contextmanager
+def step_progress(description: str, every: int):
+    """A bar with the running loss on a terminal; one line per ``every`` steps otherwise.
+
+    Yields ``advance(step, total, loss)``.
+    """
+    running: list[float] = []
+
+    def smoothed(loss: float) -> float:
+        running.append(loss)
+        tail = running[-20:]
+        return sum(tail) / len(tail)
+
+    if log.is_terminal:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=log, transient=True) as progress:
+            task = progress.add_task(description, total=None)
+
+            def advance(step: int, total: int, loss: float) -> None:
+                progress.update(task, completed=step, total=total, description=f"{description} loss {smoothed(loss):.4f}")
+
+            yield advance
+    else:
+        def advance(step: int, total: int, loss: float) -> None:
+            value = smoothed(loss)
+            if step % max(every, 1) == 0 or step == total:
+                log.print(f"{description}: step {step}/{total} loss {value:.4f}", highlight=False)
+
+        yield advance
+
+
+def quiet_transformers() -> None:
+    """No per-tensor loading bars or head-initialisation reports: progress is ours, errors stay."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@handle_errors
+def tune(
+    fused: str = typer.Argument(..., help="Fused checkpoint directory (output of `mlpfuse fuse`)."),
+    teacher: str = typer.Option(..., "--teacher", help="The original checkpoint the fused one came from ('minilm' for the bundled model)."),
+    data: str = typer.Option(..., "--data", help="Task text: .tsv/.csv/.jsonl file (labels not needed), or hub:NAME."),
+    output: str = typer.Option(..., "-o", "--output", help="Directory to write the tuned fused checkpoint to."),
+    text_column: str = typer.Option("sentence", "--text-column", help="Column with the text."),
+    pair_column: str = typer.Option(None, "--text-pair-column", help="Second text column for sentence pairs."),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Sentences per step."),
+    max_length: int = typer.Option(128, "--max-length", help="Tokens per sentence (longer ones are truncated)."),
+    epochs: int = typer.Option(1, "--epochs", help="Passes over the data."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many steps (default: all epochs)."),
+    limit: int = typer.Option(None, "--limit", help="Use only the first N rows of --data."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data order."),
+    save_every: int = typer.Option(100, "--save-every", help="Save resumable state every N steps (0: only on Ctrl-C)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUTPUT.tune-state/."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N. [default: cuda if available]"),
+    log_every: int = typer.Option(10, "--log-every", help="Without a terminal: one progress line per N steps."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    json_path: str = JsonOption,
+    debug: bool = DebugOption,
+):
+    """Tune the fused MLPs so each layer's hidden states match the original model's (paper Sec. 4.4)."""
+    quiet_transformers()
+    settings = TuneSettings(text_column=text_column, pair_column=pair_column, lr=lr, batch_size=batch_size,
+                            max_length=max_length, epochs=epochs, max_steps=max_steps, seed=seed, limit=limit,
+                            save_every=save_every, device=device)
+    try:
+        with step_progress("tuning", log_every) as advance:
+            report = tune_checkpoint(fused, teacher, data, output, settings, overwrite=overwrite, resume=resume,
+                                     on_step=advance)
+    except KeyboardInterrupt:
+        state = state_directory(output)
+        kept = (f"state kept in {state} - rerun the same command with --resume to continue"
+                if (state / "state.json").is_file() else "no state to resume from yet")
+        log.print(f"[bold red]interrupted[/]: no output written; {kept}")
+        raise typer.Exit(130) from None
+    out = results_console(json_path)
+    resumed = f" (resumed at step {report.resumed_from})" if report.resumed_from else ""
+    out.print(f"tuned {report.trainable_parameters:,} MLP parameters for {report.steps} steps{resumed}: "
+              f"layer-wise loss {report.initial_loss:.4f} -> {report.final_loss:.4f}; wrote {report.output} "
+              f"in {report.seconds:.1f}s", highlight=False)
+    data_out = report.to_dict()
+    data_out.pop("losses")
+    write_json_report(json_path, data_out)

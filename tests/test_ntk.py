@@ -1,0 +1,148 @@
+"""ntk-check: exact cases, the sign kernel against plain autograd, the command and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+from mlpfuse import FuseSettings, fuse_checkpoint, fuse_model
+from mlpfuse.cli import app
+from mlpfuse.ntk import ScalarOutput, _forward, chosen_site, ntk_check_model, probe
+
+from .conftest import build_tiny
+
+DISTINCT, REPEAT, HIDDEN = 5, 3, 16
+SST2_DEV = "/work/shared/data/sst2/dev.tsv"
+
+
+def tokens(batch=6, length=7, vocab=50, seed=1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    mask[2, -1:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def bert(intermediate: int, repeated: bool = False) -> transformers.BertModel:
+    config = transformers.BertConfig(vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=intermediate, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).double().eval()
+    if repeated:  # layer 0: DISTINCT neurons, each REPEAT times
+        layer = model.encoder.layer[0]
+        with torch.no_grad():
+            for module, dim in ((layer.intermediate.dense, 0), (layer.output.dense, 1)):
+                distinct = module.weight.narrow(dim, 0, DISTINCT).clone() * 4
+                module.weight.copy_(distinct.repeat_interleave(REPEAT, dim))
+            bias = layer.intermediate.dense.bias
+            bias.copy_(bias[:DISTINCT].clone().repeat_interleave(REPEAT))
+    return model
+
+
+def by_label(report) -> dict:
+    return {summary.label: summary.mean for summary in report.methods}
+
+
+def test_duplicated_neurons_fusion_keeps_the_adam_ntk_clustering_does_not():
+    model = bert(DISTINCT * REPEAT, repeated=True)
+    report = ntk_check_model(model, tokens(), layer=0, dim=DISTINCT, methods=["fusion", "cluster"], seeds=1,
+                             backend="torch")
+    fusion, cluster = by_label(report)["fusion"], by_label(report)["cluster"]
+    assert fusion["ntk_error_rel"] < 1e-9 and fusion["output_error_rel"] < 1e-9 and fusion["hidden_error_rel"] < 1e-9
+    assert cluster["ntk_error_rel"] > 1e-3 and cluster["output_error_rel"] > 1e-3
+    assert fusion["sgd_ntk_error_rel"] > 1e-3  # P enters the SGD kernel squared: not preserved
+
+
+def test_full_width_gives_zero_errors_for_fusion_and_cluster():
+    report = ntk_check_model(bert(12), tokens(), layer=1, dim=12, methods=["fusion", "cluster"], seeds=2,
+                             backend="torch")
+    assert report.original_width == 12 and report.samples == 6
+    for label, mean in by_label(report).items():
+        for metric, value in mean.items():
+            assert value < 1e-10, (label, metric, value)
+
+
+def slow_kernels(model, site, inputs, scalar):
+    """Adam and SGD NTK by one plain autograd pass per sample."""
+    base = model.base_model
+    params = [p for role in site.roles for p in base.get_submodule(site.module_path(role)).parameters()]
+    rows = []
+    for i in range(inputs["input_ids"].shape[0]):
+        sample = {k: v[i:i + 1] for k, v in inputs.items()}
+        outputs, hidden = _forward(model, sample)
+        value = scalar(outputs, hidden, sample["attention_mask"])[0]
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)]))
+    g = torch.stack(rows).double()
+    return g @ g.sign().T, g @ g.T
+
+
+@pytest.mark.parametrize("case", ["bert-fusion", "bert-svd", "gpt2", "llama"])
+def test_sign_kernel_matches_plain_autograd(case):
+    family, _, method = case.partition("-")
+    model, _ = build_tiny(family)
+    model = model.double()
+    if method:
+        fuse_model(model, FuseSettings(layers=[0], dim=8, method=method, backend="torch"))
+    inputs = tokens(batch=5, vocab=99)
+    site = chosen_site(model, 0)
+    scalar = ScalarOutput(model, seed=3)
+    fast = probe(model, site, [{k: v[:3] for k, v in inputs.items()}, {k: v[3:] for k, v in inputs.items()}], scalar)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    adam, sgd = slow_kernels(model, site, inputs, scalar)
+    assert fast.adam.abs().max() > 0
+    assert torch.allclose(fast.adam, adam, rtol=1e-8, atol=1e-12 * adam.abs().max())
+    assert torch.allclose(fast.sgd, sgd, rtol=1e-8, atol=1e-12 * sgd.abs().max())
+    assert not torch.allclose(fast.adam, fast.adam.T)  # the Adam kernel is not symmetric
+
+
+def test_model_with_its_own_head_uses_it():
+    config = transformers.BertConfig(vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=12, max_position_embeddings=32, num_labels=3)
+    model = transformers.BertForSequenceClassification(config).eval()
+    report = ntk_check_model(model, tokens(), layer=0, dim=6, methods=["prune"], seeds=1)
+    assert "own head" in report.scalar and report.methods[0].mean["ntk_error"] > 0
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_command_on_minilm_with_json_plot_and_a_fused_checkpoint(tmp_path):
+    fused = tmp_path / "svd"
+    fuse_checkpoint("minilm", fused, FuseSettings(layers="2", dim=384, method="svd"))
+    out = tmp_path / "report.json"
+    code, text = run_cli("ntk-check", "minilm", "--data", SST2_DEV, "--samples", "6", "--max-length", "16",
+                         "--layer", "2", "--dim", "384", "--methods", "svd,sketch", "--seeds", "2",
+                         "--compare", str(fused), "--json", str(out), "--plot", str(tmp_path / "errors.png"))
+    assert code == 0, text
+    report = json.loads(out.read_text())
+    labels = [m["label"] for m in report["methods"]]
+    assert labels == ["svd", "sketch", "svd"] and report["samples"] == 6 and report["layer"] == 2
+    in_memory, checkpoint = report["methods"][0], report["methods"][2]
+    assert in_memory["std"]["ntk_error"] == 0  # deterministic method
+    for metric in ("output_error", "ntk_error", "hidden_error"):  # the written checkpoint = the in-memory svd
+        assert checkpoint["mean"][metric] == pytest.approx(in_memory["mean"][metric], rel=1e-3)
+    assert report["methods"][1]["std"]["ntk_error"] > 0
+    assert (tmp_path / "errors.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent.tsv"], "not found"),
+    (["--data", SST2_DEV, "--text-column", "text"], "no column 'text'"),
+    (["--data", SST2_DEV, "--layer", "6"], "out of range"),
+    (["--data", SST2_DEV, "--methods", "magic"], "unknown method"),
+    (["--data", SST2_DEV, "--dim", "5000"], "--dim must be between"),
+])
+def test_bad_input_is_one_line(args, message):
+    code, text = run_cli("ntk-check", "minilm", "--samples", "2", "--dim", "384", *args)
+    if "--dim" in args:
+        code, text = run_cli("ntk-check", "minilm", "--samples", "2", *args)
+    assert code == 2, text
+    assert message in text and "Traceback" not in text and len(text.strip().splitlines()) == 1
