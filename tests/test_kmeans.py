@@ -106,6 +106,11 @@ def test_bad_k(k):
         km.kmeans(torch.randn(30, 4), k, backend="torch", device="cpu")
 
 
+def test_numpy_integer_k():
+    np = pytest.importorskip("numpy")
+    assert km.kmeans(torch.randn(30, 4), np.int64(3), backend="torch", device="cpu").centroids.shape == (3, 4)
+
+
 def test_bad_input():
     with pytest.raises(InputError):
         km.kmeans(torch.randn(30), 2, backend="torch", device="cpu")
