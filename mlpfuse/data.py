@@ -39,6 +39,15 @@ class Table:
         return list(zip(first, (str(v) for v in self.column(pair_column))))
 
 
+def encode_texts(tokenizer, texts: list, max_length: int) -> dict:
+    """Tokenise strings (or (text, pair) tuples) into padded, truncated PyTorch tensors."""
+    if texts and isinstance(texts[0], tuple):
+        first, second = zip(*texts)
+        return dict(tokenizer(list(first), list(second), padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt"))
+    return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+
+
 def read_table(source: str, limit: int | None = None, split: str = "train") -> Table:
     """Read a local .tsv/.csv/.jsonl file (first ``limit`` rows), or ``hub:NAME[:CONFIG]`` via datasets."""
     if source.startswith("hub:"):

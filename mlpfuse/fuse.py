@@ -79,6 +79,7 @@ class LayerReport:
     seconds: float
     backend: str | None
     experts: list = field(default_factory=list)  # MoE layers: one entry per fused expert
+    rank: int | None = None  # low-rank methods (svd): the rank; the width stays the original
 
 
 @dataclass
@@ -134,13 +135,14 @@ def compress_layer(plan: LayerPlan, mlp: MLPWeights, method: str, options: Metho
         index=plan.site.index,
         label=plan.site.label,
         original_width=plan.original_width,
-        width=plan.width,
+        width=compressed.width,
         params_before=mlp.num_parameters(),
         params_after=compressed.num_parameters(),
         inertia=stats.get("inertia"),
         kmeans_seconds=stats.get("kmeans_seconds"),
         seconds=seconds,
         backend=stats.get("backend"),
+        rank=stats.get("rank"),
     )
     return compressed, report
 

@@ -35,7 +35,7 @@ import torch
 from .arch import lookup, resolve_sites
 from .arch.spec import CONV1D, MLPSite
 from .checkpoint import read_config
-from .data import read_table
+from .data import encode_texts, read_table
 from .errors import InputError
 from .fuse import FuseSettings, fuse_model
 from .methods import get_method
@@ -361,13 +361,7 @@ def tokenise(directory: Path, texts: list, max_length: int) -> dict:
         raise InputError(f"{directory} has no usable tokenizer ({str(exc).splitlines()[0]})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if texts and isinstance(texts[0], tuple):
-        first, second = zip(*texts)
-        encoded = tokenizer(list(first), list(second), padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt")
-    else:
-        encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return dict(encoded)
+    return encode_texts(tokenizer, texts, max_length)
 
 
 def ntk_check(

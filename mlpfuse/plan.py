@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .arch import MLPSite
 from .errors import InputError
 
+if TYPE_CHECKING:
+    from .arch import MLPSite
 
-def parse_layers(spec: str | list | tuple | None, count: int) -> list[int]:
-    """Layer indices from ``"4-11"``, ``"0,2,4"``, ``"0-2,5"``, ``"all"`` or a list of ints."""
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
-        return list(range(count))
-    parts = [str(p) for p in spec] if isinstance(spec, (list, tuple)) else str(spec).split(",")
+
+def parse_ranges(parts, what: str, example: str) -> set[int]:
+    """Integers from items like ``"4-11"`` and ``"3"``; an InputError naming ``what`` otherwise."""
     chosen: set[int] = set()
-    for part in (p.strip() for p in parts):
+    for part in (str(p).strip() for p in parts):
         try:
             if "-" in part[1:]:
                 start, end = (int(x) for x in part.split("-", 1))
@@ -24,7 +24,16 @@ def parse_layers(spec: str | list | tuple | None, count: int) -> list[int]:
             else:
                 chosen.add(int(part))
         except ValueError:
-            raise InputError(f"bad --layers value {spec!r}: use e.g. 4-11, 0,2,4 or all") from None
+            raise InputError(f"bad {what} value {part!r}: use e.g. {example}") from None
+    return chosen
+
+
+def parse_layers(spec: str | list | tuple | None, count: int) -> list[int]:
+    """Layer indices from ``"4-11"``, ``"0,2,4"``, ``"0-2,5"``, ``"all"`` or a list of ints."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+        return list(range(count))
+    parts = list(spec) if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    chosen = parse_ranges(parts, "--layers", "4-11, 0,2,4 or all")
     bad = sorted(i for i in chosen if not 0 <= i < count)
     if bad:
         raise InputError(f"layer(s) {bad} out of range: this model has {count} MLP layers (0-{count - 1})")

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import CheckpointReader, read_config, staging_directory
-from .data import read_table
+from .data import encode_texts, read_table
 from .errors import InputError
 from .modeling import TASKS, is_fused, load
 from .source import resolve_model
@@ -200,12 +200,7 @@ def tune_model(
 
 
 def _encode(tokenizer, texts: list, max_length: int, device) -> dict:
-    if texts and isinstance(texts[0], tuple):
-        first, second = zip(*texts)
-        encoded = tokenizer(list(first), list(second), padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt")
-    else:
-        encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    encoded = encode_texts(tokenizer, texts, max_length)
     return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import InputError
 from ..mlp import MLPWeights
+from ..plan import parse_ranges
 from .io import SCALE_BUFFER, module_specs, read_mlp, tensor_names, write_mlp
 from .spec import ExpertTemplate, MLPSite, Projections
 
@@ -77,23 +78,12 @@ def parse_experts(spec, site: MLPSite) -> list:
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
         return every
     parts = [str(p) for p in spec] if isinstance(spec, (list, tuple)) else str(spec).split(",")
-    chosen: set = set()
-    for part in (p.strip().lower() for p in parts):
-        if part == SHARED:
-            if not site.shared:
-                raise InputError("--experts names 'shared' but this model has no shared expert")
-            chosen.add(SHARED)
-            continue
-        try:
-            if "-" in part[1:]:
-                start, end = (int(x) for x in part.split("-", 1))
-                if end < start:
-                    raise ValueError
-                chosen.update(range(start, end + 1))
-            else:
-                chosen.add(int(part))
-        except ValueError:
-            raise InputError(f"bad --experts value {spec!r}: use e.g. 0,3 or 0-7 or 0-7,shared or all") from None
+    lowered = [str(p).strip().lower() for p in parts]
+    if SHARED in lowered and not site.shared:
+        raise InputError("--experts names 'shared' but this model has no shared expert")
+    chosen: set = parse_ranges([p for p in lowered if p != SHARED], "--experts", "0,3 or 0-7 or 0-7,shared or all")
+    if SHARED in lowered:
+        chosen.add(SHARED)
     bad = sorted(e for e in chosen if e != SHARED and not 0 <= e < count)
     if bad:
         raise InputError(f"expert(s) {bad} out of range: layer {site.label} has {count} experts (0-{count - 1})")

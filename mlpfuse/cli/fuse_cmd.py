@@ -88,7 +88,8 @@ def _summary_table(report) -> Table:
         table.add_column(column, justify="left" if column == "backend" else "right", no_wrap=True)
     for layer in report.layers:
         table.add_row(
-            layer.label, f"{layer.original_width} -> {layer.width}", f"{layer.params_before:,} -> {layer.params_after:,}",
+            layer.label, f"{layer.original_width} -> {layer.width}" + (f" rank {layer.rank}" if layer.rank else ""),
+            f"{layer.params_before:,} -> {layer.params_after:,}",
             "-" if layer.inertia is None else f"{layer.inertia:.4g}",
             "-" if layer.kmeans_seconds is None else f"{layer.kmeans_seconds:.2f}", layer.backend or "-",
         )
