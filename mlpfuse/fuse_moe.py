@@ -7,12 +7,13 @@ one k-means per expert; the router is left alone. See docs/moe.md.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from .arch.io import module_specs, read_mlp, tensor_names, write_mlp
 from .arch.moe import SHARED, expert_keys, parse_experts, read_experts, shared_keys, unit_label, write_experts
+from .kmeans import kmeans_batched
 from .methods import MethodOptions, get_method
 from .mlp import MLPWeights
 from .plan import LayerPlan, target_width
@@ -57,6 +58,31 @@ def shared_width(plan: LayerPlan, original: int, ratio: float | None) -> int:
     return min(plan.width, original)
 
 
+BATCH_BYTES = 2 << 30  # features per kmeans_batched call; larger layers are split into chunks of experts
+
+
+def batched_clusterings(mlps: list[MLPWeights], k: int, method: str, options: MethodOptions) -> list:
+    """One k-means per expert, run together by ``kmeans_batched`` (torch) in chunks of experts.
+
+    Measured faster than a loop on CPU and on GPU (docs/moe.md). Used when the method clusters
+    neurons and the experts share one width, unless ``--backend faiss`` was asked for explicitly;
+    otherwise a list of None, and each expert runs its own k-means.
+    """
+    fallback = [None] * len(mlps)
+    same_width = len({m.width for m in mlps}) == 1
+    if (len(mlps) < 2 or not same_width or options.backend == "faiss"
+            or not getattr(get_method(method), "clusters_neurons", False)):
+        return fallback
+    features = [m.neuron_features() for m in mlps]
+    per_expert = features[0].numel() * 4
+    chunk = max(1, BATCH_BYTES // per_expert)
+    results = []
+    for first in range(0, len(features), chunk):
+        batch = torch.stack(features[first:first + chunk])
+        results.extend(kmeans_batched(batch, k, seed=options.seed, device=options.device))
+    return results
+
+
 def fuse_moe_layer(plan: LayerPlan, experts_spec, ratio: float | None, method: str, options: MethodOptions,
                    prefix: str, keys, get, dtype: torch.dtype | None) -> MoELayerResult:
     """Fuse the chosen experts of sparse layer ``plan.site`` to ``plan.width``; everything else untouched."""
@@ -67,8 +93,11 @@ def fuse_moe_layer(plan: LayerPlan, experts_spec, ratio: float | None, method: s
     out_dtype = dtype or routed[0].w_out.dtype
     result = MoELayerResult(tensors={}, specs=[], consumed=set())
     fused_idx = set()
-    for e in (u for u in chosen if u != SHARED):
-        routed[e], report = _compress(routed[e], plan.width, unit_label(site, e), method, options)
+    routed_ids = [u for u in chosen if u != SHARED]
+    clusterings = batched_clusterings([routed[e] for e in routed_ids], plan.width, method, options)
+    for e, clustering in zip(routed_ids, clusterings):
+        expert_options = replace(options, clustering=clustering) if clustering is not None else options
+        routed[e], report = _compress(routed[e], plan.width, unit_label(site, e), method, expert_options)
         fused_idx.add(e)
         result.experts.append(asdict(report))
     if fused_idx:

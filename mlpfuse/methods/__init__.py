@@ -20,6 +20,13 @@ class MethodOptions:
     seed: int = 0
     backend: str = "auto"
     device: str | None = None
+    clustering: object | None = None  # a precomputed KMeansResult (batched MoE k-means) to use instead of k-means
+
+
+def clusters_neurons(fn: Method) -> Method:
+    """Mark a method that starts from a k-means clustering of the sub-MLPs (it honours ``clustering``)."""
+    fn.clusters_neurons = True
+    return fn
 
 
 Method = Callable[[MLPWeights, int, MethodOptions], MLPWeights]

@@ -12,7 +12,7 @@ import torch
 
 from ..kmeans import kmeans
 from ..mlp import MLPWeights
-from . import MethodOptions, register
+from . import MethodOptions, clusters_neurons, register
 
 
 def cluster_average(tensor: torch.Tensor, labels: torch.Tensor, k: int, dim: int = 0) -> torch.Tensor:
@@ -26,7 +26,8 @@ def cluster_average(tensor: torch.Tensor, labels: torch.Tensor, k: int, dim: int
 
 def centroid_mlp(mlp: MLPWeights, k: int, options: MethodOptions) -> tuple[MLPWeights, torch.Tensor]:
     """Cluster the sub-MLPs and return the averaged (k-wide) MLP and the cluster sizes P."""
-    result = kmeans(mlp.neuron_features(), k, seed=options.seed, backend=options.backend, device=options.device)
+    result = options.clustering or kmeans(mlp.neuron_features(), k, seed=options.seed, backend=options.backend,
+                                          device=options.device)
     labels = result.labels
     averaged = mlp.map_neurons(
         lambda t: cluster_average(t, labels, k, dim=0),
@@ -43,6 +44,7 @@ def centroid_mlp(mlp: MLPWeights, k: int, options: MethodOptions) -> tuple[MLPWe
 
 
 @register("fusion")
+@clusters_neurons
 def fusion(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
     """MLP Fusion: centroids plus the standalone constant scale P."""
     fused, sizes = centroid_mlp(mlp, k, options)
@@ -51,6 +53,7 @@ def fusion(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
 
 
 @register("cluster")
+@clusters_neurons
 def cluster(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
     """Clustering baseline: centroids with sqrt(P) folded into the input and output layers."""
     fused, sizes = centroid_mlp(mlp, k, options)
