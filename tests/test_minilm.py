@@ -80,10 +80,13 @@ def test_terminated_run_leaves_no_output(tmp_path):
 
     target = tmp_path / "out"
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlpfuse", "fuse", "minilm", "--layers", "all", "--dim", "96", "-o", str(target)],
+        # mmd (100 optimiser steps a layer) keeps the run busy long after its first layer
+        [sys.executable, "-m", "mlpfuse", "fuse", "minilm", "--layers", "all", "--dim", "96", "--method", "mmd",
+         "-o", str(target)],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     first_line = process.stderr.readline()  # printed after the first fused layer
     assert "fusing" in first_line, first_line
+    assert process.poll() is None, "the run finished before it could be interrupted"
     process.send_signal(signal.SIGTERM)
     rest = process.stderr.read()
     assert process.wait(timeout=60) == 130, rest

@@ -5,6 +5,7 @@ import signal
 import typer
 
 from .bench_cmd import bench
+from .common import terminate
 from .finetune_cmd import finetune
 from .fuse_cmd import fuse
 from .info_cmd import architectures, inspect
@@ -29,10 +30,6 @@ app.command()(finetune)
 app.command(name="ntk-check")(ntk_check_command)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # so a terminated run cleans up its staging directory like Ctrl-C
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, terminate)
     app()

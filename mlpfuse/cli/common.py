@@ -25,6 +25,20 @@ DebugOption = typer.Option(False, "--debug", help="Show full tracebacks on error
 JsonOption = typer.Option(None, "--json", help="Write a machine-readable report to this path ('-' for stdout).")
 
 
+TERMINATION = {"signalled": False}  # set by the SIGTERM handler of the console script
+
+
+def terminate(signum, frame):
+    """SIGTERM handler: stop like Ctrl-C, so staging directories are cleaned up."""
+    TERMINATION["signalled"] = True
+    raise KeyboardInterrupt
+
+
+def _report_interrupted():
+    log.print("[bold red]interrupted[/]: nothing was written (partial output removed)")
+    raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
 def handle_errors(fn):
     """Run a command body: a known error becomes one line on stderr and its exit code."""
 
@@ -43,11 +57,12 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             if debug:
                 raise
-            log.print("[bold red]interrupted[/]: nothing was written (partial output removed)")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            _report_interrupted()
         except Exception as exc:  # an internal error: one line unless --debug
             if debug:
                 raise
+            if TERMINATION["signalled"]:  # torch's C++ code may turn the KeyboardInterrupt into another error
+                _report_interrupted()
             log.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
                       highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_INTERNAL) from None
