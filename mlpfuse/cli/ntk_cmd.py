@@ -14,7 +14,7 @@ def ntk_check_command(
     model: str = typer.Argument(..., help="Checkpoint directory, hub id, or 'minilm' for the bundled all-MiniLM-L6-v2."),
     data: str = typer.Option(..., "--data", help="Samples: a .tsv/.csv/.jsonl file (first --samples rows)."),
     text_column: str = typer.Option("sentence", "--text-column", help="Column holding the text."),
-    pair_column: str = typer.Option(None, "--pair-column", help="Second text column for sentence pairs."),
+    pair_column: str = typer.Option(None, "--text-pair-column", "--pair-column", help="Second text column for sentence pairs."),
     samples: int = typer.Option(64, "--samples", help="Number of rows used (the NTK is samples x samples)."),
     max_length: int = typer.Option(64, "--max-length", help="Truncate each sample to this many tokens."),
     layer: int = typer.Option(0, "--layer", help="The MLP layer compressed and measured."),
