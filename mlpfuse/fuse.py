@@ -31,7 +31,6 @@ from .mlp import MLPWeights
 from .modeling import verify_checkpoint
 from .plan import LayerPlan, parse_layers, plan_layers
 from .remote.modeling_mlpfuse import (
-    FUSED_MODEL_TYPE,
     apply_fusion_layout,
     fused_config_dict,
     fused_model_class,
@@ -147,6 +146,31 @@ def compress_layer(plan: LayerPlan, mlp: MLPWeights, method: str, options: Metho
     return compressed, report
 
 
+@dataclass
+class FusedLayer:
+    """One compressed site: its new tensors (checkpoint names), the source names they replace,
+    the module specs that rebuild it, and its report."""
+
+    tensors: dict
+    consumed: set
+    specs: list
+    report: LayerReport
+
+
+def fuse_layer(plan: LayerPlan, settings: FuseSettings, options: MethodOptions, prefix: str, keys,
+               get: Callable[[str], torch.Tensor], dtype: torch.dtype | None) -> FusedLayer:
+    """Compress one planned site, a dense MLP or a MoE layer's experts; ``dtype`` None keeps the source's."""
+    if plan.site.experts:
+        result = fuse_moe_layer(plan, settings.experts, settings.ratio, settings.method, options,
+                                prefix, keys, get, dtype)
+        return FusedLayer(result.tensors, result.consumed, result.specs, LayerReport(**layer_report_fields(plan, result)))
+    names = tensor_names(plan.site, prefix, keys)
+    mlp = read_mlp(plan.site, names, get)
+    compressed, report = compress_layer(plan, mlp, settings.method, options)
+    tensors = write_mlp(plan.site, compressed, prefix, dtype or mlp.w_in.dtype)
+    return FusedLayer(tensors, set(names.values()), module_specs(plan.site, compressed), report)
+
+
 def _resolve_dtype(name: str) -> torch.dtype | None:
     if name == "auto":
         return None
@@ -206,7 +230,7 @@ def fuse_checkpoint(
     target = Path(output).expanduser().resolve()
     if target == source_dir.resolve() or source_dir.resolve() in target.parents and target.exists():
         raise InputError("the output directory must not be the input checkpoint; choose another -o")
-    method = get_method(settings.method)
+    get_method(settings.method)  # an unknown method fails before any work
     backend = resolve_backend(settings.backend, settings.device)
     dtype = _resolve_dtype(settings.dtype)
     max_shard = parse_size(settings.max_shard_size)
@@ -237,28 +261,14 @@ def fuse_checkpoint(
         writer = ShardedWriter(staging, max_shard)
         fused_keys: set[str] = set()
         for plan in plans:
-            if plan.site.experts:
-                result = fuse_moe_layer(plan, settings.experts, settings.ratio, settings.method, options,
-                                        prefix, keys, reader.get, dtype)
-                for name, tensor in result.tensors.items():
-                    writer.add(name, tensor)
-                fused_keys.update(result.consumed)
-                modules.extend(result.specs)
-                layers.append(LayerReport(**layer_report_fields(plan, result)))
-                if on_layer:
-                    on_layer(layers[-1])
-                continue
-            names = names_of(plan.site)
-            fused_keys.update(names.values())
-            mlp = read_mlp(plan.site, names, reader.get)
-            compressed, layer = compress_layer(plan, mlp, settings.method, options)
-            out_dtype = dtype or reader.get(names["w_in"]).dtype
-            for name, tensor in write_mlp(plan.site, compressed, prefix, out_dtype).items():
+            layer = fuse_layer(plan, settings, options, prefix, keys, reader.get, dtype)
+            for name, tensor in layer.tensors.items():
                 writer.add(name, tensor)
-            modules.extend(module_specs(plan.site, compressed))
-            layers.append(layer)
+            fused_keys |= layer.consumed
+            modules.extend(layer.specs)
+            layers.append(layer.report)
             if on_layer:
-                on_layer(layer)
+                on_layer(layer.report)
         for key in reader.keys():
             if key not in fused_keys:
                 writer.add(key, _cast(reader.get(key), dtype))
@@ -330,26 +340,13 @@ def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
     params_before = sum(p.numel() for p in model.parameters())
     layers, modules = [], []
     for plan in plans:
-        if plan.site.experts:
-            result = fuse_moe_layer(plan, settings.experts, settings.ratio, settings.method, options,
-                                    "", keys, lambda k: state[k].detach(), None)
-            apply_fusion_layout(base, result.specs)
-            loaded = base.load_state_dict(result.tensors, strict=False)
-            if loaded.unexpected_keys:
-                raise RuntimeError(f"fused tensors did not match the new modules: {loaded.unexpected_keys}")
-            modules.extend(result.specs)
-            layers.append(LayerReport(**layer_report_fields(plan, result)))
-            continue
-        mlp = read_mlp(plan.site, names_of(plan.site), lambda k: state[k].detach())
-        compressed, layer = compress_layer(plan, mlp, settings.method, options)
-        specs = module_specs(plan.site, compressed)
-        apply_fusion_layout(base, specs)
-        tensors = write_mlp(plan.site, compressed, "", mlp.w_in.dtype)
-        result = base.load_state_dict(tensors, strict=False)
-        if result.unexpected_keys:
-            raise RuntimeError(f"fused tensors did not match the new modules: {result.unexpected_keys}")
-        modules.extend(specs)
-        layers.append(layer)
+        layer = fuse_layer(plan, settings, options, "", keys, lambda k: state[k].detach(), None)
+        apply_fusion_layout(base, layer.specs)
+        loaded = base.load_state_dict(layer.tensors, strict=False)
+        if loaded.unexpected_keys:
+            raise RuntimeError(f"fused tensors did not match the new modules: {loaded.unexpected_keys}")
+        modules.extend(layer.specs)
+        layers.append(layer.report)
     report = FuseReport(
         source=getattr(model.config, "_name_or_path", "") or "<in-memory>", source_path="", output=None,
         model_type=config["model_type"], method=settings.method, seed=settings.seed, backend=backend,
