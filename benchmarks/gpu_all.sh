@@ -33,7 +33,7 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$res/machine.txt" 2>&1
 step() {  # step NAME SECONDS COMMAND...; STEPS="kmeans bench" runs only those
   local name=$1 limit=$2; shift 2
-  case " ${STEPS:-kmeans bench sst2 moe} " in *" $name "*) ;; *) return 0 ;; esac
+  case " ${STEPS:-kmeans bench sst2 ntk moe} " in *" $name "*) ;; *) return 0 ;; esac
   local t0=$(date +%s)
   timeout "$limit" "$@" > "$res/$name.log" 2>&1
   echo "$name: exit $? in $(( $(date +%s) - t0 ))s" | tee -a "$res/steps.txt"
@@ -41,6 +41,9 @@ step() {  # step NAME SECONDS COMMAND...; STEPS="kmeans bench" runs only those
 step kmeans 60 python3 benchmarks/gpu_kmeans_check.py --features "${L3_FEATURES:-.gpu/l3.pt}" --json "$res/kmeans.json"
 step bench 180 python3 benchmarks/gpu_bench.py "$res/bench" --budget 150
 step sst2 240 python3 benchmarks/gpu_sst2_table.py --train-rows "${SST2_ROWS:-6000}" --json "$res/sst2.json" --train "$sst2/train.tsv" --dev "$sst2/dev.tsv"
+step ntk 100 python3 -m mlpfuse ntk-check minilm --data "$sst2/dev.tsv" --text-column sentence --samples 32 \
+  --max-length 32 --layer 0 --dim 384 --methods fusion,cluster,svd,sketch,mmd,prune --seeds 3 --device cuda \
+  --json "$res/ntk.json"
 step moe 40 python3 benchmarks/gpu_moe_kmeans.py --preset olmoe --preset qwen3 --json "$res/moe_kmeans.json"
 tar czf "$out/gpu_results.tgz" -C "$res" .
 cat "$res/steps.txt"

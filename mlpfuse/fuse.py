@@ -363,12 +363,6 @@ def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
         "widths": {**previous.get("widths", {}), **{str(layer.index): layer.width for layer in layers}},
         "modules": previous.get("modules", []) + modules,
     }
-    model.__class__ = fused_model_class(type(model))
-    try:  # transformers v5 finds what to record (output_hidden_states...) by class, registered in __init__
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-
-        _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
-    except (ImportError, AttributeError):
-        pass
+    model.__class__ = fused_model_class(type(model))  # also registers what the class can record
     return report
 

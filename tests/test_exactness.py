@@ -57,3 +57,12 @@ def test_in_memory_fusion_matches_the_checkpoint_path(tiny_checkpoint, tmp_path)
     mlpfuse.fuse_model(model, settings)
     inputs = model_inputs("llama")
     assert torch.equal(outputs_of(model, inputs), outputs_of(from_disk, inputs))
+
+
+def test_in_memory_fused_model_still_returns_hidden_states():
+    from .conftest import build_tiny
+
+    model, _ = build_tiny("bert")
+    mlpfuse.fuse_model(model, FuseSettings(layers="0", dim=8))
+    outputs = model(**model_inputs("bert"), output_hidden_states=True)
+    assert outputs.hidden_states is not None and len(outputs.hidden_states) == 3

@@ -18,7 +18,8 @@ from . import MethodOptions, clusters_neurons, register
 def cluster_average(tensor: torch.Tensor, labels: torch.Tensor, k: int, dim: int = 0) -> torch.Tensor:
     """Mean of ``tensor``'s slices along ``dim`` within each cluster (``C_bar`` applied)."""
     moved = tensor.float().movedim(dim, 0)
-    sums = torch.zeros((k,) + moved.shape[1:], dtype=torch.float64)
+    labels = labels.to(moved.device)
+    sums = torch.zeros((k,) + moved.shape[1:], dtype=torch.float64, device=moved.device)
     sums.index_add_(0, labels, moved.double())
     counts = torch.bincount(labels, minlength=k).double().reshape((k,) + (1,) * (moved.dim() - 1))
     return (sums / counts).to(tensor.dtype).movedim(0, dim)

@@ -310,6 +310,25 @@ def base_config_from(config):
 _FUSED_CLASSES = {}
 
 
+def _register_output_recording(cls):
+    """Tell transformers what ``cls`` can record (hidden states, attentions).
+
+    transformers keys that registry by ``str(model.__class__)`` and fills it in ``__init__``; a model
+    whose class is swapped afterwards (``mlpfuse.fuse_model``) would otherwise return no hidden
+    states. The registry moved between versions, hence the two places.
+    """
+    import importlib
+
+    for module_name in ("transformers.utils.output_capturing", "transformers.modeling_utils"):
+        try:
+            registry = getattr(importlib.import_module(module_name), "_CAN_RECORD_REGISTRY", None)
+        except ImportError:
+            continue
+        if isinstance(registry, dict):
+            dict.__setitem__(registry, str(cls), getattr(cls, "_can_record_outputs", None))
+            return
+
+
 def fused_model_class(base_cls):
     """A subclass of a transformers model class that swaps in the fused MLPs at construction.
 
@@ -343,6 +362,7 @@ def fused_model_class(base_cls):
         base_cls.__name__, (base_cls,), {"__init__": __init__, "save_pretrained": save_pretrained, "_mlpfuse_fused": True},
     )
     cls.__qualname__ = base_cls.__qualname__
+    _register_output_recording(cls)
     _FUSED_CLASSES[base_cls] = cls
     return cls
 
