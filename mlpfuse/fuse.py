@@ -171,6 +171,11 @@ def fuse_layer(plan: LayerPlan, settings: FuseSettings, options: MethodOptions, 
     return FusedLayer(tensors, set(names.values()), module_specs(plan.site, compressed), report)
 
 
+def _check_experts_flag(settings: FuseSettings, plans: list[LayerPlan]) -> None:
+    if settings.experts is not None and not any(plan.site.experts for plan in plans):
+        raise InputError("--experts applies to Mixture-of-Experts layers, and none of the chosen layers has experts")
+
+
 def _resolve_dtype(name: str) -> torch.dtype | None:
     if name == "auto":
         return None
@@ -250,6 +255,7 @@ def fuse_checkpoint(
     chosen = [i for i in parse_layers(settings.layers, len(sites)) if i not in absent] if absent else settings.layers
     plans = plan_layers(sites, widths, chosen, settings.dim, settings.ratio,
                         settings.per_layer, settings.allow_full_width)
+    _check_experts_flag(settings, plans)
     if on_start:
         on_start(plans)
     options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device)
@@ -335,6 +341,7 @@ def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
     widths = _site_widths(sites, lambda k: tuple(state[k].shape), names_of, "", keys)
     plans = plan_layers(sites, widths, settings.layers, settings.dim, settings.ratio,
                         settings.per_layer, settings.allow_full_width)
+    _check_experts_flag(settings, plans)
     backend = resolve_backend(settings.backend, settings.device)
     options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device)
     params_before = sum(p.numel() for p in model.parameters())

@@ -70,6 +70,7 @@ def test_json_to_stdout_is_parseable(bert_dir, tmp_path):
     (["--dim", "8", "--backend", "magic"], "backend"),
     (["--dim", "8", "--device", "cuda"], "CUDA"),
     (["--dim", "8", "--dtype", "int8"], "unknown --dtype"),
+    (["--dim", "8", "--experts", "0"], "--experts applies to Mixture-of-Experts"),
 ])
 def test_bad_values_give_one_line_errors_and_touch_nothing(bert_dir, tmp_path, args, fragment):
     before = tree_digest(bert_dir)

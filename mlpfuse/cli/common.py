@@ -39,12 +39,22 @@ def _report_interrupted():
     raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
+def quiet_transformers() -> None:
+    """No per-tensor loading bars or head-initialisation reports: progress is ours, errors stay."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def handle_errors(fn):
     """Run a command body: a known error becomes one line on stderr and its exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = kwargs.get("debug", False) or os.environ.get("MLPFUSE_DEBUG") == "1"
+        if not debug:
+            quiet_transformers()
         try:
             return fn(*args, **kwargs)
         except typer.Exit:

@@ -7,7 +7,6 @@ from rich.table import Table
 
 from ..errors import InputError
 from ..finetune import TASK_CHOICES, FinetuneSettings, finetune as run_finetune
-from .tune_cmd import quiet_transformers
 from .common import DebugOption, JsonOption, handle_errors, log, results_console, write_json_report
 
 METRIC_NAMES = ("accuracy", "f1", "pearson", "spearman", "perplexity", "eval_loss")
@@ -55,7 +54,6 @@ def finetune(
     debug: bool = DebugOption,
 ):
     """Fine-tune (classification, regression, causal LM) and evaluate an original or fused checkpoint."""
-    quiet_transformers()
     if eval_only:
         if eval_file is None:
             raise InputError("--eval-only needs --eval FILE")

@@ -43,14 +43,6 @@ def step_progress(description: str, every: int):
         yield advance
 
 
-def quiet_transformers() -> None:
-    """No per-tensor loading bars or head-initialisation reports: progress is ours, errors stay."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 @handle_errors
 def tune(
     fused: str = typer.Argument(..., help="Fused checkpoint directory (output of `mlpfuse fuse`)."),
@@ -75,7 +67,6 @@ def tune(
     debug: bool = DebugOption,
 ):
     """Tune the fused MLPs so each layer's hidden states match the original model's (paper Sec. 4.4)."""
-    quiet_transformers()
     settings = TuneSettings(text_column=text_column, pair_column=pair_column, lr=lr, batch_size=batch_size,
                             max_length=max_length, epochs=epochs, max_steps=max_steps, seed=seed, limit=limit,
                             save_every=save_every, device=device)
