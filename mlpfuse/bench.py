@@ -42,9 +42,10 @@ import torch
 from . import __version__
 from .errors import InputError, MlpfuseError
 from .flops import count_model
+from .runtime import dtype_name, resolve_device
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # runtime.dtype_name -> DTYPES key
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_SCOPES = ("model", "layers")
 ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
@@ -210,9 +211,7 @@ class BenchSettings:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise InputError(f"--warmup must be 0 or more, got {self.warmup}")
-        self.dtype = DTYPE_ALIASES.get(str(self.dtype).lower(), str(self.dtype).lower())
-        if self.dtype not in DTYPES:
-            raise InputError(f"unknown --dtype {self.dtype!r}; choose fp32, bf16 or fp16")
+        self.dtype = DTYPE_SHORT[dtype_name(self.dtype)]
         if self.compile_mode not in COMPILE_MODES:
             raise InputError(f"unknown --compile-mode {self.compile_mode!r}; choose one of: {', '.join(COMPILE_MODES)}")
         if self.compile_scope not in COMPILE_SCOPES:
@@ -224,24 +223,6 @@ class BenchSettings:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads <= 0):
             raise InputError(f"--threads must be a positive integer, got {self.threads}")
         return resolve_device(self.device)
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``None``/``auto``: CUDA if available, else CPU. CUDA asked for without a GPU is an InputError."""
-    if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise InputError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {name} asked for, but no CUDA GPU is available here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type != "cpu":
-        raise InputError(f"--device {name}: bench supports cpu and cuda devices")
-    return device
 
 
 # ---------------------------------------------------------------------------------------------

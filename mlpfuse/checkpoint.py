@@ -9,7 +9,6 @@ gives a temporary directory beside the target that only becomes the target on su
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import InputError
+from .runtime import file_sha256
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -29,14 +29,18 @@ BIN_SINGLE = "pytorch_model.bin"
 
 
 def read_config(directory: Path) -> dict:
-    """The checkpoint's config.json as a dict; InputError if missing or unreadable."""
+    """The checkpoint's config.json as a dict; InputError if missing, unreadable or not a JSON object."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise InputError(f"{directory} is not a Hugging Face checkpoint: no config.json in it")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path} holds a JSON {type(config).__name__}, not an object of field: value; "
+                         f"restore the checkpoint's config.json")
+    return config
 
 
 def _weight_files(directory: Path) -> tuple[list[Path], dict[str, Path] | None]:
@@ -44,7 +48,7 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict[str, Path] | None]:
     for index_name in (SAFE_INDEX, BIN_INDEX):
         index = directory / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = _read_weight_map(index)
             files = sorted({directory / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -54,6 +58,23 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict[str, Path] | None]:
         if (directory / single).is_file():
             return [directory / single], None
     raise InputError(f"{directory} holds no model weights (model.safetensors or pytorch_model.bin)")
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of a sharded checkpoint's index file."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the shard index {index}: {exc}; restore it from the original checkpoint") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise InputError(f"the shard index {index} has no weight_map of tensor name: shard file; "
+                         f"restore it from the original checkpoint")
+    bad = sorted({v for v in weight_map.values() if Path(v).name != v})
+    if bad:
+        raise InputError(f"the shard index {index} names shard files outside its directory: {', '.join(bad[:3])}")
+    return weight_map
 
 
 class CheckpointReader:
@@ -108,19 +129,26 @@ class CheckpointReader:
             return handle.get_slice(name).get_dtype().startswith(("F", "BF"))
         return handle[name].is_floating_point()
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype of a tensor as the file names it (``F32``, ``BF16``, ``I64``; torch's for .bin)."""
+        handle = self._open(self._file_of[name])
+        if self.is_safetensors:
+            return handle.get_slice(name).get_dtype()
+        return str(handle[name].dtype).replace("torch.", "")
+
     def sha256(self) -> str:
         """Hash of the weight files' bytes, in file-name order: identifies the source checkpoint."""
-        digest = hashlib.sha256()
-        for file in self.files:
-            with open(file, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 22), b""):
-                    digest.update(block)
-        return digest.hexdigest()
+        return file_sha256(*self.files)
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes from ``"5GB"``, ``"500MB"``, ``"2GiB"`` or an int."""
+    """Bytes (> 0) from ``"5GB"``, ``"500MB"``, ``"2GiB"`` or a positive int; InputError otherwise."""
+    hint = "use a positive number with a unit, e.g. 5GB or 500MB"
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise InputError(f"bad size {text!r}: {hint}")
     if isinstance(text, int):
+        if text <= 0:
+            raise InputError(f"bad size {text!r}: {hint}")
         return text
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     clean = text.strip().upper()
@@ -128,10 +156,13 @@ def parse_size(text: str | int) -> int:
         if clean.endswith(unit):
             number = clean[: -len(unit)].strip()
             try:
-                return int(float(number) * units[unit])
-            except ValueError:
+                size = int(float(number) * units[unit])
+            except (ValueError, OverflowError):
                 break
-    raise InputError(f"bad size {text!r}: use a number with a unit, e.g. 5GB or 500MB")
+            if size <= 0:
+                break
+            return size
+    raise InputError(f"bad size {text!r}: {hint}")
 
 
 class ShardedWriter:

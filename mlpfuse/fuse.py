@@ -36,10 +36,11 @@ from .remote.modeling_mlpfuse import (
     fused_model_class,
     write_remote_code,
 )
+from .runtime import dtype_name, torch_dtype
 from .source import resolve_model
+from .validate import check_checkpoint
 from .tied import absent_paths, carry_merge_layout, fusable_input, sites_touching
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_PATTERNS = (
     "tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model",
     "*.tiktoken", "generation_config.json", "chat_template*", "preprocessor_config.json",
@@ -176,14 +177,6 @@ def _check_experts_flag(settings: FuseSettings, plans: list[LayerPlan]) -> None:
         raise InputError("--experts applies to Mixture-of-Experts layers, and none of the chosen layers has experts")
 
 
-def _resolve_dtype(name: str) -> torch.dtype | None:
-    if name == "auto":
-        return None
-    if name not in DTYPES:
-        raise InputError(f"unknown --dtype {name!r}; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
@@ -237,7 +230,8 @@ def fuse_checkpoint(
         raise InputError("the output directory must not be the input checkpoint; choose another -o")
     get_method(settings.method)  # an unknown method fails before any work
     backend = resolve_backend(settings.backend, settings.device)
-    dtype = _resolve_dtype(settings.dtype)
+    settings.dtype = dtype_name(settings.dtype, allow_auto=True)  # one vocabulary: bf16 is bfloat16
+    dtype = torch_dtype(settings.dtype, allow_auto=True)
     max_shard = parse_size(settings.max_shard_size)
     if target.exists() and not overwrite:
         raise InputError(f"output {target} already exists; pass --overwrite to replace it or choose another -o")
@@ -250,6 +244,7 @@ def fuse_checkpoint(
     if prefix is None:
         raise InputError(f"{model}: no MLP tensors where a {config.get('model_type')} checkpoint keeps them "
                          f"(e.g. {sites[0].module_path('up') if sites else '?'}.weight)")
+    check_checkpoint(config, reader, spec, sites, prefix, absent_paths(merged_layout))  # before any work
     names_of = lambda site: tensor_names(site, prefix, keys)  # noqa: E731
     widths = _site_widths([s for s in sites if s.index not in absent], reader.shape, names_of, prefix, keys)
     chosen = [i for i in parse_layers(settings.layers, len(sites)) if i not in absent] if absent else settings.layers

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import EnvironmentProblem, InputError
+from .runtime import resolve_device
 
 BACKENDS = ("auto", "faiss", "torch")
 
@@ -65,23 +66,9 @@ def available_backends() -> dict[str, bool]:
 
 
 def _device(device) -> torch.device:
-    """None/"auto" -> cuda if available else cpu; an explicit cuda without a GPU is an error."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise InputError(f"unsupported k-means device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if not torch.cuda.is_available():
-        raise EnvironmentProblem(f"k-means device {device!r} asked for, but there is no CUDA GPU: use 'cpu'")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise EnvironmentProblem(f"device {device!r} asked for, but only {count} GPU(s) exist: use 'cuda:0'")
-    if dev.index is None:
+    """None/"auto" -> cuda if available else cpu; an explicit cuda without a GPU is an EnvironmentProblem."""
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 

@@ -41,6 +41,7 @@ from .fuse import FuseSettings, fuse_model
 from .methods import get_method
 from .modeling import load
 from .plan import parse_layers, target_width
+from .runtime import encoder_decoder_inputs, load_tokenizer, resolve_device
 from .source import resolve_model
 
 DEFAULT_METHODS = ("fusion", "cluster", "svd", "sketch", "mmd", "prune")
@@ -159,10 +160,7 @@ def site_width(model, site: MLPSite) -> int:
 
 
 def _forward(model, batch: dict) -> tuple[object, torch.Tensor]:
-    extra = {}
-    if getattr(model.config, "is_encoder_decoder", False):
-        extra = {"decoder_input_ids": batch["input_ids"], "decoder_attention_mask": batch["attention_mask"]}
-    outputs = model(**batch, **extra, output_hidden_states=True)
+    outputs = model(**batch, **encoder_decoder_inputs(model, batch), output_hidden_states=True)
     states = getattr(outputs, "decoder_hidden_states", None) or outputs.hidden_states
     return outputs, states[-1]
 
@@ -252,15 +250,6 @@ def _batches(inputs: dict, batch_size: int, device) -> list[dict]:
     count = inputs["input_ids"].shape[0]
     return [{k: v[start:start + batch_size].to(device) for k, v in inputs.items()}
             for start in range(0, count, batch_size)]
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise InputError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
 
 
 def ntk_check_model(
@@ -353,15 +342,7 @@ def load_for_check(path: str) -> torch.nn.Module:
 
 def tokenise(directory: Path, texts: list, max_length: int) -> dict:
     """Tokenise ``texts`` (strings or (text, pair) tuples) with the checkpoint's tokenizer, padded."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{directory} has no usable tokenizer ({str(exc).splitlines()[0]})") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return encode_texts(tokenizer, texts, max_length)
+    return encode_texts(load_tokenizer(directory), texts, max_length)
 
 
 def ntk_check(
@@ -392,6 +373,7 @@ def ntk_check(
         raise InputError(f"--samples must be at least 1, got {samples}")
     if max_length < 2:
         raise InputError(f"--max-length must be at least 2, got {max_length}")
+    resolve_device(device)  # a device that cannot be used fails before any loading
     directory = resolve_model(model)
     texts = read_table(data, limit=samples).texts(text_column, pair_column)
     inputs = tokenise(directory, texts, max_length)

@@ -1,0 +1,151 @@
+"""Check a raw checkpoint against the model its config.json builds, before any work.
+
+The model is built from the config on the meta device (no memory, no weights) and every checkpoint
+tensor it knows is compared with it: shape, and floating point vs integer. Strict where a wrong
+tensor would give a crash or a silently wrong model: the number of layers, the shape of every known
+tensor, the presence of every weight matrix inside a layer block (attention and MLP) and of every
+MLP tensor that fuse reads, and that those are floating-point. Lenient where real checkpoints differ
+from the built model: extra tensors (``pooler`` or task heads, buffers), a name prefix (``bert.``,
+``model.``), tensors outside the layer blocks, and Mixture-of-Experts experts (transformers stacks
+them in memory while checkpoints name them one by one; they are checked by name and dtype here).
+
+Each problem is an InputError (one line: what is wrong and what to do).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .arch.io import tensor_names
+from .arch.spec import ArchSpec, MLPSite
+from .errors import InputError
+
+_FIX = "the checkpoint and its config.json disagree: fix config.json or use the weights it belongs to"
+
+
+def build_skeleton(config: dict):
+    """The transformers base model (e.g. ``BertModel``) of ``config`` on the meta device.
+
+    Raises InputError when transformers cannot build a model from the config.
+    """
+    import torch
+    import transformers
+
+    data = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "auto_map", "mlpfuse")}
+    try:
+        base = transformers.AutoConfig.for_model(config["model_type"], **data)
+        with torch.device("meta"):
+            return transformers.AutoModel.from_config(base)
+    except Exception as exc:  # a config transformers rejects fails in many ways (ValueError, TypeError, ...)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"config.json does not describe a valid {config.get('model_type')} model: {message}; "
+                         f"fix config.json") from None
+
+
+def check_checkpoint(config: dict, reader, spec: ArchSpec, sites: list[MLPSite], prefix: str,
+                     skip_paths: set[str] | frozenset = frozenset(), skeleton=None) -> int:
+    """Refuse a checkpoint whose tensors do not fit the model ``config`` builds; returns tensors checked.
+
+    ``reader``: a :class:`~mlpfuse.checkpoint.CheckpointReader`; ``sites``: the MLP sites the config
+    resolves to; ``prefix``: what the checkpoint puts before base-model names; ``skip_paths``: module
+    paths (base-model relative) that legitimately have no tensors (tied or dropped by merge-layers).
+    Raises InputError for a layer count the tensors contradict, a known tensor of another shape, an
+    MLP or attention weight that is missing, or an MLP/known floating tensor stored as integers.
+    """
+    model = skeleton if skeleton is not None else build_skeleton(config)
+    expected = {name: (tuple(t.shape), t.is_floating_point()) for name, t in model.state_dict().items()}
+    keys = set(reader.keys())
+    _check_layer_counts(config, spec, sites, prefix, keys)
+
+    checked = 0
+    for key in sorted(keys):
+        if not key.startswith(prefix) or key[len(prefix):] not in expected:
+            continue
+        shape, floating = expected[key[len(prefix):]]
+        actual = tuple(reader.shape(key))
+        if actual != shape:
+            raise InputError(f"{key} has shape {list(actual)} but config.json implies {list(shape)}"
+                             f"{_shape_hint(actual, shape, config)}; {_FIX}")
+        if floating and not reader.is_floating(key):
+            raise InputError(_integer_message(key, reader))
+        checked += 1
+
+    moe_paths = tuple(site.path + "." for site in sites if site.experts)
+    skipped = tuple(path + "." for path in skip_paths)
+    blocks = _block_prefixes(spec, sites)
+    for name, parameter in model.named_parameters():
+        if parameter.dim() < 2 or not name.startswith(blocks) or name.startswith(moe_paths + skipped):
+            continue
+        if prefix + name not in keys:
+            raise InputError(f"the checkpoint has no tensor {prefix + name} (a weight of a layer block that "
+                             f"config.json describes); it is incomplete or from another model")
+    for site in sites:
+        checked += _check_mlp_tensors(site, prefix, keys, reader, skipped)
+    return checked
+
+
+def _check_mlp_tensors(site: MLPSite, prefix: str, keys: set, reader, skipped: tuple) -> int:
+    """Every tensor fuse reads for ``site`` exists and is floating point."""
+    units = [site]
+    if site.experts:
+        stacked = [f"{prefix}{site.stacked}.gate_up_proj", f"{prefix}{site.stacked}.down_proj"] if site.stacked else []
+        units = ([] if stacked and all(k in keys for k in stacked) else list(site.experts))
+        units += [site.shared] if site.shared else []
+        for key in stacked:
+            if key in keys and not reader.is_floating(key):
+                raise InputError(_integer_message(key, reader))
+    count = 0
+    for unit in units:
+        for role in unit.roles:
+            path = unit.module_path(role)
+            if (path + ".").startswith(skipped):
+                continue
+            key = f"{prefix}{path}.weight"
+            if key not in keys:
+                raise InputError(f"the checkpoint has no MLP tensor {key}; it is incomplete or from another model")
+        for key in tensor_names(unit, prefix, keys).values():
+            if key in keys:
+                if not reader.is_floating(key):
+                    raise InputError(_integer_message(key, reader))
+                count += 1
+    return count
+
+
+def _block_prefixes(spec: ArchSpec, sites: list[MLPSite]) -> tuple[str, ...]:
+    """Base-model name prefixes of every layer block the config has (``encoder.layer.3.``...)."""
+    prefixes = []
+    for template in spec.sites:
+        stack = template.path.split("{i}")[0]
+        prefixes += [f"{stack}{i}." for i in range(_depth(stack, sites))]
+    return tuple(prefixes)
+
+
+def _depth(stack: str, sites: list[MLPSite]) -> int:
+    return sum(1 for site in sites if site.path.startswith(stack) and site.path[len(stack):].split(".")[0].isdigit())
+
+
+def _check_layer_counts(config: dict, spec: ArchSpec, sites: list[MLPSite], prefix: str, keys: set) -> None:
+    """The number of layers in each stack of the checkpoint equals the one config.json gives."""
+    for template in spec.sites:
+        stack = template.path.split("{i}")[0]
+        pattern = re.compile(re.escape(prefix + stack) + r"(\d+)\.")
+        found = {int(m.group(1)) for m in map(pattern.match, keys) if m}
+        depth = _depth(stack, sites)
+        if found and max(found) + 1 != depth:
+            field = template.count if template.count in config else "the layer count"
+            raise InputError(f"config.json says {field}={config.get(template.count, depth)} but the checkpoint "
+                             f"has tensors for {max(found) + 1} layers in {prefix + stack}N; {_FIX}")
+
+
+def _shape_hint(actual: tuple, shape: tuple, config: dict) -> str:
+    if len(actual) == 2 and actual == shape[::-1]:
+        return " (it looks transposed)"
+    sizes = [s for a, s in zip(actual, shape) if a != s] if len(actual) == len(shape) else list(shape)
+    fields = [f"{k}={v}" for k, v in config.items()
+              if isinstance(v, int) and not isinstance(v, bool) and v in sizes and v > 1]
+    return f" (config.json: {', '.join(fields)})" if fields else ""
+
+
+def _integer_message(key: str, reader) -> str:
+    return (f"{key} is stored as {reader.dtype(key)}, not floating point: mlpfuse needs float weights "
+            f"(a quantized checkpoint must be dequantized first)")
