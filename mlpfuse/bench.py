@@ -42,6 +42,7 @@ import torch
 from . import __version__
 from .errors import InputError, MlpfuseError
 from .flops import count_model
+from .options import check_seed
 from .runtime import dtype_name, resolve_device
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -218,6 +219,7 @@ class BenchSettings:
             raise InputError(f"unknown --compile-scope {self.compile_scope!r}; choose model or layers")
         if self.adamw not in ADAMW_IMPLS:
             raise InputError(f"unknown --adamw {self.adamw!r}; choose one of: {', '.join(ADAMW_IMPLS)}")
+        check_seed(self.seed)
         if not self.lr > 0:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads <= 0):

@@ -22,11 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import staging_directory
+from .checkpoint import read_config, staging_directory
 from .data import Table, read_table
 from .errors import InputError
 from .modeling import load
+from .options import check_optional_positive, check_positive, check_seed
+from .runtime import load_tokenizer
 from .source import resolve_model
+from .validate import check_causal_lm
 
 TASK_CHOICES = ("classification", "regression", "causal-lm")
 REPORT_FILE = "mlpfuse_finetune.json"
@@ -52,6 +55,24 @@ class FinetuneSettings:
     limit_train: int | None = None
     limit_eval: int | None = None
     bf16: bool = False
+
+
+def check_settings(settings: FinetuneSettings) -> None:
+    """One-line InputErrors for values no run can use (unknown task, NaN --lr, --epochs <= 0, ...)."""
+    if settings.task not in TASK_CHOICES:
+        raise InputError(f"unknown --task {settings.task!r}; choose one of: {', '.join(TASK_CHOICES)}")
+    check_positive(settings.lr, "--lr")
+    check_positive(settings.epochs, "--epochs")
+    check_positive(settings.warmup, "--warmup", allow_zero=True)
+    check_positive(settings.weight_decay, "--weight-decay", allow_zero=True)
+    check_positive(settings.batch_size, "--batch-size", integer=True)
+    check_positive(settings.eval_batch_size, "--eval-batch-size", integer=True)
+    if check_positive(settings.max_length, "--max-length", integer=True) < 2:
+        raise InputError(f"--max-length must be at least 2, got {settings.max_length}")
+    for value, flag in ((settings.max_steps, "--max-steps"), (settings.limit_train, "--limit-train"),
+                        (settings.limit_eval, "--limit-eval")):
+        check_optional_positive(value, flag)
+    check_seed(settings.seed)
 
 
 class _Encoded(torch.utils.data.Dataset):
@@ -193,8 +214,7 @@ def finetune_model(model, tokenizer, train: Table | None, evaluation: Table | No
     """
     import transformers
 
-    if settings.task not in TASK_CHOICES:
-        raise InputError(f"unknown --task {settings.task!r}; choose one of: {', '.join(TASK_CHOICES)}")
+    check_settings(settings)
     train_set = encode_table(train, tokenizer, settings, label2id) if train is not None else None
     eval_set = encode_table(evaluation, tokenizer, settings, label2id) if evaluation is not None else None
     with tempfile.TemporaryDirectory(prefix="mlpfuse-trainer-", dir=work_dir) as scratch:
@@ -250,12 +270,13 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
 
     if train is None and evaluation is None:
         raise InputError("nothing to do: give a training file, an eval file, or both")
+    check_settings(settings)
     target = Path(output).expanduser().resolve() if output is not None else None
     if target is not None and target.exists() and not overwrite:
         raise InputError(f"output {target} already exists; pass --overwrite to replace it or choose another -o")
     directory = resolve_model(model)
-    if settings.task not in TASK_CHOICES:
-        raise InputError(f"unknown --task {settings.task!r}; choose one of: {', '.join(TASK_CHOICES)}")
+    if settings.task == "causal-lm":
+        check_causal_lm(read_config(directory), model)
     train_table = read_table(train, limit=settings.limit_train) if train is not None else None
     eval_table = read_table(evaluation, limit=settings.limit_eval) if evaluation is not None else None
     for table in (train_table, eval_table):
@@ -264,9 +285,7 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
             if settings.task != "causal-lm":
                 table.column(settings.label_column)
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(directory)
     label2id = None
     if settings.task == "classification":
         configured = None

@@ -29,6 +29,7 @@ from .kmeans import resolve_backend
 from .methods import MethodOptions, get_method
 from .mlp import MLPWeights
 from .modeling import verify_checkpoint
+from .options import check_seed
 from .plan import LayerPlan, parse_layers, plan_layers
 from .remote.modeling_mlpfuse import (
     apply_fusion_layout,
@@ -221,6 +222,7 @@ def fuse_checkpoint(
     they fill; the output appears only when complete (temporary directory + rename).
     """
     start = time.perf_counter()
+    check_seed(settings.seed)
     source_dir = resolve_model(model)
     config = read_config(source_dir)
     config, merged_layout = fusable_input(config, model)  # a merged checkpoint: tied/dropped MLPs are skipped

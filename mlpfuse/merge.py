@@ -31,8 +31,10 @@ from .data import read_table
 from .errors import InputError
 from .fuse import _copy_side_files, package_versions
 from .mlp import MLPWeights
+from .options import check_seed
 from .plan import parse_layers
 from .remote.modeling_mlpfuse import ZERO_MODULE, fused_config_dict, write_remote_code
+from .runtime import encoder_decoder_inputs, load_tokenizer
 from .source import resolve_model
 from .tied import base_config_dict, busy_paths
 
@@ -207,20 +209,13 @@ class ModelSession:
     """The original model in memory: read/set one site's MLP, collect activations, compute the loss."""
 
     def __init__(self, directory: Path, sites: list[MLPSite], causal: bool, max_length: int, batch_size: int):
-        from transformers import AutoTokenizer
-
         from .modeling import load
 
         self.model = load(str(directory), task="causal-lm" if causal else "base").eval()
         self.base = self.model.base_model
         self.sites, self.causal = sites, causal
         self.encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        except Exception as exc:  # missing or broken tokenizer files come in many forms
-            raise InputError(f"{directory} has no usable tokenizer ({type(exc).__name__}); merge-layers needs one to read text") from None
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.tokenizer = load_tokenizer(directory)
         self.max_length, self.batch_size = max_length, batch_size
         state = self.base.state_dict()
         self.keys = set(state)
@@ -235,10 +230,7 @@ class ModelSession:
 
     def _forward(self, batch: dict, model=None):
         model = model or self.model
-        kwargs = dict(batch)
-        if self.encoder_decoder:  # a deterministic decoder input: the text itself
-            kwargs.update(decoder_input_ids=batch["input_ids"], decoder_attention_mask=batch["attention_mask"])
-        return model(**kwargs)
+        return model(**batch, **encoder_decoder_inputs(model, batch))  # decoder input: the text itself
 
     def read(self, site: MLPSite) -> MLPWeights:
         state = self.base.state_dict()
@@ -366,6 +358,7 @@ def _texts(path: str | None, column: str, limit: int, what: str) -> list[str] | 
 
 
 def _check_settings(settings: MergeSettings, sites: list[MLPSite]) -> None:
+    check_seed(settings.seed)
     if settings.mode not in MODES:
         raise InputError(f"unknown merge mode {settings.mode!r}; choose {', '.join(MODES)}")
     if (settings.layers is None) == (settings.count is None):

@@ -14,7 +14,12 @@ if TYPE_CHECKING:
 def parse_ranges(parts, what: str, example: str) -> set[int]:
     """Integers from items like ``"4-11"`` and ``"3"``; an InputError naming ``what`` otherwise."""
     chosen: set[int] = set()
-    for part in (str(p).strip() for p in parts):
+    for raw in parts:
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            raise InputError(f"bad {what} value {raw!r}: use e.g. {example}")
+        part = str(raw).strip()
+        if not part:
+            raise InputError(f"bad {what} value: an empty item (a stray comma?); use e.g. {example}")
         try:
             if "-" in part[1:]:
                 start, end = (int(x) for x in part.split("-", 1))
@@ -44,6 +49,10 @@ def target_width(original: int, dim: int | None, ratio: float | None, where: str
     """The fused width from ``dim`` or ``ratio``; must lie in [1, original)."""
     if (dim is None) == (ratio is None):
         raise InputError(f"give exactly one of --dim or --ratio{where}")
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+        raise InputError(f"--dim must be an integer, got {dim!r}{where}")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
+        raise InputError(f"--ratio must be a number in (0, 1], got {ratio!r}{where}")
     if ratio is not None:
         if not 0 < ratio <= 1:
             raise InputError(f"--ratio must be in (0, 1], got {ratio}{where}")
@@ -77,7 +86,7 @@ def plan_layers(
     ``allow_full_width`` (the exactness check in tests and ntk-check uses it).
     """
     chosen = parse_layers(layers, len(sites))
-    overrides = {int(k): v for k, v in (overrides or {}).items()}
+    overrides = _override_map(overrides)
     unknown = sorted(set(overrides) - set(chosen))
     if unknown:
         raise InputError(f"per-layer overrides name layer(s) {unknown} that are not being fused")
@@ -100,3 +109,24 @@ def plan_layers(
             )
         plans.append(LayerPlan(site, original, width))
     return plans
+
+
+def _override_map(overrides) -> dict[int, dict]:
+    """Per-layer overrides ``{layer: {dim: k} | {ratio: r}}`` with integer layer keys; InputError otherwise."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise InputError(f"per_layer must be a mapping of layer: {{dim: k}} or {{ratio: r}}, got {overrides!r}")
+    result = {}
+    for key, value in overrides.items():
+        try:
+            if isinstance(key, bool) or isinstance(key, float):
+                raise ValueError
+            index = int(key)
+        except (TypeError, ValueError):
+            raise InputError(f"per_layer key {key!r} is not a layer number; use e.g. 5: {{dim: 256}}") from None
+        if not isinstance(value, dict):
+            raise InputError(f"per_layer value for layer {key} must be a mapping such as {{dim: 256}} or "
+                             f"{{ratio: 0.5}}, got {value!r}")
+        result[index] = value
+    return result

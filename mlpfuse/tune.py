@@ -13,7 +13,6 @@ the tuning. Interrupted runs keep their state (see :data:`STATE_SUFFIX`) and con
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -29,6 +28,8 @@ from .checkpoint import CheckpointReader, read_config, staging_directory
 from .data import encode_texts, read_table
 from .errors import InputError
 from .modeling import TASKS, is_fused, load
+from .options import check_optional_positive, check_positive, check_seed
+from .runtime import file_sha256, load_tokenizer, resolve_device
 from .source import resolve_model
 
 STATE_SUFFIX = ".tune-state"  # OUTPUT.tune-state/ beside the output holds an interrupted run's state
@@ -74,12 +75,18 @@ class TuneReport:
         return asdict(self)
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def check_settings(settings: TuneSettings) -> None:
+    """One-line InputErrors for values no run can use (a NaN or non-positive --lr, --epochs < 1, ...)."""
+    check_positive(settings.lr, "--lr")
+    check_positive(settings.weight_decay, "--weight-decay", allow_zero=True)
+    check_positive(settings.epochs, "--epochs", integer=True)
+    check_positive(settings.batch_size, "--batch-size", integer=True)
+    if check_positive(settings.max_length, "--max-length", integer=True) < 2:
+        raise InputError(f"--max-length must be at least 2, got {settings.max_length}")
+    check_optional_positive(settings.max_steps, "--max-steps")
+    check_optional_positive(settings.limit, "--limit")
+    check_positive(settings.save_every, "--save-every", integer=True, allow_zero=True)
+    check_seed(settings.seed)
 
 
 def fused_module_paths(model: torch.nn.Module) -> list[str]:
@@ -147,9 +154,8 @@ def tune_model(
     """
     if not texts:
         raise InputError("no text to tune on")
-    if settings.batch_size < 1 or settings.lr <= 0 or settings.epochs < 1 or settings.max_length < 2:
-        raise InputError("--batch-size and --epochs must be >= 1, --lr > 0 and --max-length >= 2")
-    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_settings(settings)
+    device = resolve_device(settings.device)
     student.to(device).eval()  # eval: no dropout, so the target and the run are deterministic
     teacher.to(device).eval()
     for parameter in teacher.parameters():
@@ -220,7 +226,8 @@ def _save_state(state_dir: Path, identity: dict, named: dict, optimizer, step: i
 def _restore(state_dir: Path, identity: dict, named: dict, optimizer) -> tuple[int, list]:
     state_file = Path(state_dir) / "state.json"
     if not state_file.is_file():
-        return 0, []
+        raise InputError(f"--resume: there is no saved state in {state_dir} (no earlier run of this command was "
+                         f"interrupted); run without --resume to start from the beginning")
     state = json.loads(state_file.read_text(encoding="utf-8"))
     if state.get("identity") != identity:
         raise InputError(f"the saved state in {state_dir} is from a run with other inputs or settings; "
@@ -237,6 +244,30 @@ def state_directory(output: str | Path) -> Path:
     """Where an interrupted run writing ``output`` keeps its state: ``OUTPUT.tune-state`` beside it."""
     target = Path(output).expanduser().resolve()
     return target.with_name(target.name + STATE_SUFFIX)
+
+
+# Config fields that differ between a fused checkpoint and its original without changing the model's shape.
+_NOT_SHAPE = {"mlpfuse", "model_type", "base_model_type", "auto_map", "architectures", "transformers_version",
+              "_name_or_path", "dtype", "torch_dtype", "id2label", "label2id", "problem_type", "num_labels"}
+
+
+def check_teacher(fused_config: dict, teacher_config: dict, fused: str, teacher: str) -> None:
+    """The teacher must be the model ``fused`` was made from: same architecture and the same sizes.
+
+    Compares the model type and every integer field the two config.json files share (hidden size,
+    layer and head counts, intermediate size...); raises InputError naming the fields that differ.
+    """
+    if teacher_config.get("model_type") == "mlpfuse":
+        raise InputError(f"--teacher {teacher} is a fused checkpoint; the teacher must be the original model")
+    if fused_config.get("base_model_type") != teacher_config.get("model_type"):
+        raise InputError(f"--teacher {teacher} is a {teacher_config.get('model_type')} model but {fused} was fused "
+                         f"from a {fused_config.get('base_model_type')} model; give the original model")
+    differ = [f"{key} {teacher_config[key]} vs {value}" for key, value in sorted(fused_config.items())
+              if key not in _NOT_SHAPE and key in teacher_config and isinstance(value, int)
+              and not isinstance(value, bool) and teacher_config[key] != value]
+    if differ:
+        raise InputError(f"--teacher {teacher} has other sizes than the model {fused} was fused from "
+                         f"({'; '.join(differ[:4])}); give the original model")
 
 
 def _task_of(config: dict) -> str:
@@ -265,11 +296,12 @@ def tune_checkpoint(
 
     The output is a fused checkpoint (same format) whose ``mlpfuse.tuning`` records the data file
     and its sha256, steps, losses and settings. It appears only when complete. If interrupted, the
-    state is kept in ``OUTPUT.tune-state/`` and ``resume=True`` continues from it.
+    state is kept in ``OUTPUT.tune-state/`` and ``resume=True`` continues from it (an InputError
+    when there is no saved state). Settings, device and teacher are checked before any loading.
     """
-    import transformers
-
     start = time.perf_counter()
+    check_settings(settings)
+    resolve_device(settings.device)  # a device that cannot be used fails before any loading
     fused_dir, teacher_dir = resolve_model(fused), resolve_model(teacher)
     if not is_fused(fused_dir):
         raise InputError(f"{fused} is not an mlpfuse checkpoint; tune the output of `mlpfuse fuse`")
@@ -281,22 +313,20 @@ def tune_checkpoint(
     if target.exists() and not overwrite:
         raise InputError(f"output {target} already exists; pass --overwrite to replace it or choose another -o")
     config = read_config(fused_dir)
-    if config.get("base_model_type") != read_config(teacher_dir).get("model_type"):
-        raise InputError(f"--teacher is a {read_config(teacher_dir).get('model_type')} model but {fused} was fused "
-                         f"from a {config.get('base_model_type')} model")
+    check_teacher(config, read_config(teacher_dir), fused, teacher)
+    state_dir = state_directory(target)
+    if resume and not (state_dir / "state.json").is_file():
+        raise InputError(f"--resume: there is no saved state in {state_dir} (no earlier run of this command was "
+                         f"interrupted); run without --resume to start from the beginning")
     table = read_table(data, limit=settings.limit)
     texts = table.texts(settings.text_column, settings.pair_column)
     data_sha = file_sha256(data) if Path(data).expanduser().is_file() else ""
 
-    tokenizer_dir = fused_dir if any(fused_dir.glob("tokenizer*")) or (fused_dir / "vocab.txt").exists() else teacher_dir
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(fused_dir, fallback=teacher_dir)
     student = load(fused_dir, task=_task_of(config))
     dtype = next(student.parameters()).dtype
     student.float()
     teacher_model = load(teacher_dir, task="base").float()
-    state_dir = state_directory(target)
     if state_dir.exists() and not resume:
         shutil.rmtree(state_dir)
     identity = {"fused": CheckpointReader(fused_dir).sha256(), "data_sha256": data_sha}

@@ -149,3 +149,19 @@ def _shape_hint(actual: tuple, shape: tuple, config: dict) -> str:
 def _integer_message(key: str, reader) -> str:
     return (f"{key} is stored as {reader.dtype(key)}, not floating point: mlpfuse needs float weights "
             f"(a quantized checkpoint must be dequantized first)")
+
+
+def check_causal_lm(config: dict, model: str) -> None:
+    """Refuse a causal-LM task on a model that is not a decoder language model (BERT, T5...).
+
+    Uses transformers' own task mappings: the model type must have a causal-LM class, and an
+    encoder with a masked-LM class (BERT, RoBERTa) counts only when its config sets ``is_decoder``.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = config.get("base_model_type") or config.get("model_type")
+    encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.get("is_decoder")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder:
+        kind = "an encoder" if encoder or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "not a decoder-only model"
+        raise InputError(f"--task causal-lm needs a decoder language model, but {model} is a {model_type} model "
+                         f"({kind}); use --task classification or regression, or a decoder checkpoint")

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import InputError, MlpfuseError
+from ..options import check_types
 
 console = Console()  # results (tables) go to stdout
 log = Console(stderr=True)  # progress and messages go to stderr
@@ -97,8 +98,12 @@ def results_console(json_path: str | None) -> Console:
     return log if json_path == "-" else console
 
 
-def load_recipe(path: str | None, allowed: set[str]) -> dict:
-    """A YAML recipe as a dict with only ``allowed`` keys ('-' in keys is read as '_')."""
+def load_recipe(path: str | None, allowed: set[str], types: dict[str, tuple] | None = None) -> dict:
+    """A YAML recipe as a dict with only ``allowed`` keys ('-' in keys is read as '_').
+
+    ``types`` (field -> allowed Python types, see :func:`mlpfuse.options.check_types`) refuses a
+    value of the wrong type (``dim: "384"``, ``seed: "0"``, ``model: [a]``) with a one-line InputError.
+    """
     if path is None:
         return {}
     file = Path(path).expanduser()
@@ -114,6 +119,7 @@ def load_recipe(path: str | None, allowed: set[str]) -> dict:
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise InputError(f"recipe {path} has unknown field(s) {unknown}; allowed: {', '.join(sorted(allowed))}")
+    check_types(data, types or {}, f"recipe {path}")
     return data
 
 

@@ -13,6 +13,12 @@ from ..fuse import FuseSettings, fuse_checkpoint
 from .common import DebugOption, JsonOption, handle_errors, layer_progress, load_recipe, merge, results_console, write_json_report
 
 RECIPE_FIELDS = {f.name for f in fields(FuseSettings)} - {"allow_full_width"} | {"model", "output", "overwrite"}
+_NONE = type(None)
+RECIPE_TYPES = {  # what each recipe field may hold (YAML types)
+    "model": (str,), "output": (str,), "overwrite": (bool,), "layers": (str, int, list), "dim": (int, _NONE),
+    "ratio": (float, _NONE), "method": (str,), "backend": (str,), "device": (str, _NONE), "seed": (int,),
+    "dtype": (str,), "per_layer": (dict, _NONE), "max_shard_size": (str, int), "experts": (str, int, list, _NONE),
+}
 
 
 @handle_errors
@@ -35,7 +41,7 @@ def fuse(
     debug: bool = DebugOption,
 ):
     """Fuse the MLPs of a Hugging Face checkpoint (MLP Fusion) and write a loadable checkpoint."""
-    recipe = load_recipe(config, RECIPE_FIELDS)
+    recipe = load_recipe(config, RECIPE_FIELDS, RECIPE_TYPES)
     model = merge(model, recipe, "model")
     output = merge(output, recipe, "output")
     if model is None:
@@ -52,7 +58,7 @@ def fuse(
         method=merge(method, recipe, "method", "fusion"),
         backend=merge(backend, recipe, "backend", "auto"),
         device=merge(device, recipe, "device"),
-        seed=int(merge(seed, recipe, "seed", 0)),
+        seed=merge(seed, recipe, "seed", 0),
         experts=merge(experts, recipe, "experts"),
         dtype=merge(dtype, recipe, "dtype", "auto"),
         per_layer=recipe.get("per_layer") or {},
