@@ -223,11 +223,15 @@ def _save_state(state_dir: Path, identity: dict, named: dict, optimizer, step: i
     temp.rename(state_dir)
 
 
+def _no_saved_state(state_dir: Path) -> InputError:
+    return InputError(f"--resume: there is no saved state in {state_dir} (no earlier run of this command was "
+                      f"interrupted); run without --resume to start from the beginning")
+
+
 def _restore(state_dir: Path, identity: dict, named: dict, optimizer) -> tuple[int, list]:
     state_file = Path(state_dir) / "state.json"
     if not state_file.is_file():
-        raise InputError(f"--resume: there is no saved state in {state_dir} (no earlier run of this command was "
-                         f"interrupted); run without --resume to start from the beginning")
+        raise _no_saved_state(state_dir)
     state = json.loads(state_file.read_text(encoding="utf-8"))
     if state.get("identity") != identity:
         raise InputError(f"the saved state in {state_dir} is from a run with other inputs or settings; "
@@ -316,8 +320,7 @@ def tune_checkpoint(
     check_teacher(config, read_config(teacher_dir), fused, teacher)
     state_dir = state_directory(target)
     if resume and not (state_dir / "state.json").is_file():
-        raise InputError(f"--resume: there is no saved state in {state_dir} (no earlier run of this command was "
-                         f"interrupted); run without --resume to start from the beginning")
+        raise _no_saved_state(state_dir)
     table = read_table(data, limit=settings.limit)
     texts = table.texts(settings.text_column, settings.pair_column)
     data_sha = file_sha256(data) if Path(data).expanduser().is_file() else ""
