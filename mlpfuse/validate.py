@@ -80,12 +80,28 @@ def check_checkpoint(config: dict, reader, spec: ArchSpec, sites: list[MLPSite],
             raise InputError(f"the checkpoint has no tensor {prefix + name} (a weight of a layer block that "
                              f"config.json describes); it is incomplete or from another model")
     for site in sites:
-        checked += _check_mlp_tensors(site, prefix, keys, reader, skipped)
+        checked += _check_mlp_tensors(site, prefix, keys, reader, skipped, _expert_shapes(site, expected), config)
     return checked
 
 
-def _check_mlp_tensors(site: MLPSite, prefix: str, keys: set, reader, skipped: tuple) -> int:
-    """Every tensor fuse reads for ``site`` exists and is floating point."""
+def _expert_shapes(site: MLPSite, expected: dict) -> dict[str, tuple] | None:
+    """Per-expert weight shapes (nn.Linear [out, in]) of a layer whose experts the model stacks.
+
+    transformers keeps them as ``gate_up_proj`` [E, 2I, H] ([gate; up] along dim 1) and
+    ``down_proj`` [E, H, I]; checkpoints name each expert's ``[I, H]``, ``[I, H]`` and ``[H, I]``.
+    """
+    if not site.experts or not site.stacked:
+        return None
+    gate_up, down = expected.get(f"{site.stacked}.gate_up_proj"), expected.get(f"{site.stacked}.down_proj")
+    if gate_up is None or down is None or len(gate_up[0]) != 3:
+        return None
+    width, hidden = gate_up[0][1] // 2, gate_up[0][2]
+    return {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)}
+
+
+def _check_mlp_tensors(site: MLPSite, prefix: str, keys: set, reader, skipped: tuple,
+                       expert_shapes: dict | None = None, config: dict | None = None) -> int:
+    """Every tensor fuse reads for ``site`` exists, is floating point and (experts) has the expected shape."""
     units = [site]
     if site.experts:
         stacked = [f"{prefix}{site.stacked}.gate_up_proj", f"{prefix}{site.stacked}.down_proj"] if site.stacked else []
@@ -103,6 +119,11 @@ def _check_mlp_tensors(site: MLPSite, prefix: str, keys: set, reader, skipped: t
             key = f"{prefix}{path}.weight"
             if key not in keys:
                 raise InputError(f"the checkpoint has no MLP tensor {key}; it is incomplete or from another model")
+            shape = (expert_shapes or {}).get(role) if unit is not site.shared else None
+            if shape is not None and tuple(reader.shape(key)) != shape:
+                actual = tuple(reader.shape(key))
+                raise InputError(f"{key} has shape {list(actual)} but config.json implies {list(shape)}"
+                                 f"{_shape_hint(actual, shape, config or {})}; {_FIX}")
         for key in tensor_names(unit, prefix, keys).values():
             if key in keys:
                 if not reader.is_floating(key):

@@ -139,8 +139,8 @@ def test_the_bundled_model_passes_the_check():
     assert _check(bundled_model_path()) > 6 * 4  # 6 layers, every MLP and attention tensor compared
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "switch_transformers"])
-def test_moe_checkpoints_pass_the_check_and_an_integer_expert_is_refused(family, tmp_path):
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "switch_transformers"])
+def test_moe_checkpoints_pass_the_check_and_a_bad_expert_is_refused(family, tmp_path):
     from .test_moe import _model
 
     _model(family).save_pretrained(tmp_path / family)
@@ -148,9 +148,14 @@ def test_moe_checkpoints_pass_the_check_and_an_integer_expert_is_refused(family,
     path = tmp_path / family / "model.safetensors"
     tensors = load_file(str(path))
     expert = next(k for k in sorted(tensors) if ".experts." in k and k.endswith(".weight"))
-    tensors[expert] = tensors[expert].to(torch.int8)
+    original = tensors[expert]
+    tensors[expert] = original.to(torch.int8)
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(InputError, match="not floating point"):
+        _check(tmp_path / family)
+    tensors[expert] = torch.zeros(original.shape[0] + 1, original.shape[1])  # one neuron too many
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(InputError, match="config.json implies"):
         _check(tmp_path / family)
 
 
