@@ -37,6 +37,7 @@ from .remote.modeling_mlpfuse import ZERO_MODULE, fused_config_dict, write_remot
 from .runtime import encoder_decoder_inputs, load_tokenizer
 from .source import resolve_model
 from .tied import base_config_dict, busy_paths
+from .validate import check_plain_checkpoint
 
 MODES = ("permute", "average", "drop")
 RECIPE_FILE = "mlpfuse_merge_recipe.yaml"
@@ -393,6 +394,7 @@ def merge_checkpoint(
     spec = lookup(base_config.get("model_type"))
     sites = resolve_sites(spec, base_config)
     _check_settings(settings, sites)
+    check_plain_checkpoint(source_dir, config)  # tensors that fit the config, before any loading
     target = Path(output).expanduser().resolve()
     if target == source_dir.resolve():
         raise InputError("the output directory must not be the input checkpoint; choose another -o")

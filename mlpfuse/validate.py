@@ -84,6 +84,27 @@ def check_checkpoint(config: dict, reader, spec: ArchSpec, sites: list[MLPSite],
     return checked
 
 
+def check_plain_checkpoint(directory, config: dict) -> None:
+    """:func:`check_checkpoint` for a command that loads a whole original checkpoint (merge-layers).
+
+    Checkpoints written by mlpfuse are left to the loader (their widths are recorded in their own
+    section, not in the base config). Raises InputError as :func:`check_checkpoint` does.
+    """
+    from .arch import find_prefix, lookup, resolve_sites
+    from .checkpoint import CheckpointReader
+
+    if config.get("model_type") == "mlpfuse":
+        return
+    spec = lookup(config.get("model_type"))
+    sites = resolve_sites(spec, config)
+    reader = CheckpointReader(directory)
+    keys = set(reader.keys())
+    prefix = next((p for p in (find_prefix(keys, site) for site in sites) if p is not None), None)
+    if prefix is None:
+        raise InputError(f"{directory}: no MLP tensors where a {config.get('model_type')} checkpoint keeps them")
+    check_checkpoint(config, reader, spec, sites, prefix)
+
+
 def _expert_shapes(site: MLPSite, expected: dict) -> dict[str, tuple] | None:
     """Per-expert weight shapes (nn.Linear [out, in]) of a layer whose experts the model stacks.
 

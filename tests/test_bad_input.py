@@ -111,6 +111,18 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_refused(case, tiny_checkpo
     assert tree_digest(directory) == before
 
 
+@pytest.mark.parametrize("case", ["MLP tensor of the wrong shape", "attention tensor missing",
+                                  "config intermediate_size disagrees"])
+def test_merge_layers_checks_the_checkpoint_too(case, tiny_checkpoint, tmp_path):
+    directory = tiny_checkpoint("bert")[0]
+    transformers.AutoTokenizer.from_pretrained(str(bundled_model_path())).save_pretrained(directory)
+    damage, fragment = CHECKPOINT_CASES[case]
+    damage(directory)
+    output = tmp_path / "out"
+    result = run("merge-layers", directory, "--layers", "0-1", "--no-permute", "-o", output)
+    assert_one_line_error(result, 2, fragment, output)
+
+
 def _check(directory: Path) -> int:
     config = read_config(directory)
     spec = lookup(config["model_type"])
