@@ -40,6 +40,7 @@ from .errors import InputError
 from .fuse import FuseSettings, fuse_model
 from .methods import get_method
 from .modeling import load
+from .options import check_seed
 from .plan import parse_layers, target_width
 from .runtime import encoder_decoder_inputs, load_tokenizer, resolve_device
 from .source import resolve_model
@@ -374,6 +375,7 @@ def ntk_check(
     if max_length < 2:
         raise InputError(f"--max-length must be at least 2, got {max_length}")
     resolve_device(device)  # a device that cannot be used fails before any loading
+    check_seed(head_seed, "--head-seed")
     directory = resolve_model(model)
     texts = read_table(data, limit=samples).texts(text_column, pair_column)
     inputs = tokenise(directory, texts, max_length)

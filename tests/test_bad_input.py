@@ -328,6 +328,12 @@ def test_cuda_without_a_gpu_exits_3_in_every_command(trained, tiny_checkpoint, t
     assert not (tmp_path / "fused").exists() and not (tmp_path / "tuned").exists()
 
 
+def test_ntk_check_head_seed_out_of_range(trained):
+    result = run("ntk-check", trained["original"], "--data", trained["text"], "--samples", "4", "--dim", "8",
+                 "--head-seed", str(2**64))
+    assert_one_line_error(result, 2, "--head-seed must be an integer from 0")
+
+
 def test_device_resolution():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(None).type in ("cpu", "cuda")
