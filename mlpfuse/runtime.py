@@ -88,7 +88,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 def has_tokenizer_files(directory: str | Path) -> bool:
     """Whether ``directory`` holds any file a tokenizer is built from."""
     directory = Path(directory)
-    return any((directory / name).is_file() for name in TOKENIZER_FILES) or any(directory.glob("*.tiktoken"))
+    return any((directory / name).is_file() for name in TOKENIZER_FILES) or \
+        any(path.is_file() for pattern in ("*.model", "*.tiktoken") for path in directory.glob(pattern))
 
 
 def load_tokenizer(directory: str | Path, fallback: str | Path | None = None):
