@@ -25,7 +25,7 @@ import torch
 from .checkpoint import staging_directory
 from .data import Table, read_table
 from .errors import InputError
-from .modeling import load
+from .modeling import load, register_with_transformers
 from .source import resolve_model
 
 TASK_CHOICES = ("classification", "regression", "causal-lm")
@@ -264,6 +264,7 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
             if settings.task != "causal-lm":
                 table.column(settings.label_column)
 
+    register_with_transformers()  # the Auto classes then read a fused config.json without a remote-code prompt
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -288,6 +289,9 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
         with staging_directory(target, overwrite) as staging:
             net.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+            from .modeling import verify_checkpoint
+
+            verify_checkpoint(staging, reference=net)
             (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n",
                                                encoding="utf-8")
     return report

@@ -355,6 +355,9 @@ def tokenise(directory: Path, texts: list, max_length: int) -> dict:
     """Tokenise ``texts`` (strings or (text, pair) tuples) with the checkpoint's tokenizer, padded."""
     from transformers import AutoTokenizer
 
+    from .modeling import register_with_transformers
+
+    register_with_transformers()  # a fused config.json then opens without a remote-code prompt
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as exc:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import CheckpointReader, read_config, staging_directory
 from .data import encode_texts, read_table
 from .errors import InputError
-from .modeling import TASKS, is_fused, load
+from .modeling import TASKS, is_fused, load, register_with_transformers
 from .source import resolve_model
 
 STATE_SUFFIX = ".tune-state"  # OUTPUT.tune-state/ beside the output holds an interrupted run's state
@@ -289,6 +289,7 @@ def tune_checkpoint(
     data_sha = file_sha256(data) if Path(data).expanduser().is_file() else ""
 
     tokenizer_dir = fused_dir if any(fused_dir.glob("tokenizer*")) or (fused_dir / "vocab.txt").exists() else teacher_dir
+    register_with_transformers()  # the Auto classes then read a fused config.json without a remote-code prompt
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -315,6 +316,9 @@ def tune_checkpoint(
     with staging_directory(target, overwrite) as staging:
         student.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        from .modeling import verify_checkpoint
+
+        verify_checkpoint(staging, reference=student)
     shutil.rmtree(state_dir, ignore_errors=True)
     return TuneReport(
         fused=str(fused), teacher=str(teacher), data=str(data), data_sha256=data_sha, output=str(target),
