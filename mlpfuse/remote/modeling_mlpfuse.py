@@ -60,10 +60,11 @@ class _ExactScale:
     """
 
     def _apply(self, fn, *args, **kwargs):
+        before = self._buffers.get(SCALE_BUFFER)
         result = super()._apply(fn, *args, **kwargs)
-        scale = self._buffers.get(SCALE_BUFFER)
-        if scale is not None and scale.is_floating_point() and scale.dtype != SCALE_DTYPE:
-            self._buffers[SCALE_BUFFER] = scale.to(SCALE_DTYPE)
+        after = self._buffers.get(SCALE_BUFFER)
+        if before is not None and after is not None and before.dtype == SCALE_DTYPE and after.dtype != SCALE_DTYPE:
+            self._buffers[SCALE_BUFFER] = before.to(after.device)  # the exact values, moved only
         return result
 
 
