@@ -48,8 +48,9 @@ AUTO_CLASS_ENTRIES = {
 
 
 def _times_scale(weight, scale):
-    """``weight * scale`` computed in float32 and rounded once to the weight's dtype (P stays exact)."""
-    return (weight.to(SCALE_DTYPE) * scale).to(weight.dtype)
+    """``weight * scale`` computed in float32 (float64 for float64 weights), rounded once to the weight's dtype."""
+    wide = torch.promote_types(weight.dtype, SCALE_DTYPE)
+    return (weight.to(wide) * scale.to(wide)).to(weight.dtype)
 
 
 class _ExactScale:
