@@ -241,14 +241,10 @@ def state_directory(output: str | Path) -> Path:
 
 def _task_of(config: dict) -> str:
     """The loader task matching the checkpoint's saved class, so the head is kept on save."""
-    suffixes = {"ForSequenceClassification": "sequence-classification", "ForTokenClassification": "token-classification",
-                "ForQuestionAnswering": "question-answering", "ForMaskedLM": "masked-lm", "ForCausalLM": "causal-lm",
-                "LMHeadModel": "causal-lm", "ForConditionalGeneration": "seq2seq-lm"}
-    for name in config.get("architectures") or []:
-        for suffix, task in suffixes.items():
-            if name.endswith(suffix) and task in TASKS:
-                return task
-    return "base"
+    from .format import checkpoint_task
+
+    task = checkpoint_task(config)
+    return task if task in TASKS else "base"
 
 
 def tune_checkpoint(

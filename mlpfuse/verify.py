@@ -138,6 +138,7 @@ def _compare_with_reference(loaded, reference: torch.nn.Module) -> None:
         expected = _output(reference, {k: v.to(reference.device) for k, v in _probe_inputs(loaded).items()})
     finally:
         reference.train(was_training)
+    loaded.to(reference.device)  # same device, same kernels: equal outputs up to rounding
     got = _output(loaded.eval(), _probe_inputs(loaded))
     dtype = next(loaded.parameters()).dtype
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
