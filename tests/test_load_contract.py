@@ -255,3 +255,15 @@ def test_import_registers_nothing_and_load_registers_once(bert, tmp_path):
     """)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["False", "True"]
+
+
+def test_the_fuse_check_runs_each_loaded_fused_mlp_against_its_tensors(bert, tmp_path, monkeypatch):
+    """A loaded module that ignores P (a wrong forward, right tensors) is caught by the site check."""
+    from mlpfuse.remote import modeling_mlpfuse
+
+    monkeypatch.setattr(modeling_mlpfuse.ScaledLinear, "forward",
+                        lambda self, x: torch.nn.functional.linear(x, self.weight, self.bias))
+    result = run("fuse", bert, "--dim", "7", "-o", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert "loaded forward differs from its tensors' reference forward: 0" in result.stderr, result.stderr
+    assert _left_behind(tmp_path, "out") == []
