@@ -9,9 +9,9 @@ import transformers
 
 from .checkpoint import read_config
 from .errors import InputError, MlpfuseError
+from .format import FUSED_MODEL_TYPE, is_fused_config
 from .remote import modeling_mlpfuse as remote
 from .remote.configuration_mlpfuse import MlpFuseConfig
-from .format import FUSED_MODEL_TYPE, is_fused_config
 from .remote.modeling_mlpfuse import (
     AUTO_CLASS_ENTRIES,
     apply_fusion_layout,
