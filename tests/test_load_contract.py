@@ -182,6 +182,15 @@ def test_cluster_sizes_stay_exact_in_bfloat16_on_disk_after_load_and_after_to(tm
     assert logits.dtype == torch.bfloat16
     assert torch.allclose(logits.float(), reference.float(), atol=0.05)
 
+    proc = _fresh_python(f"""
+        import torch, transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.bfloat16)
+        scale = model.model.layers[0].mlp.down_proj.fusion_scale
+        print(scale.dtype, sorted(scale.tolist()))
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "torch.float32 [257.0, 343.0]"
+
 
 # ------------------------------------------------------------------ the load check itself
 
