@@ -307,6 +307,9 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
         with staging_directory(target, overwrite) as staging:
             net.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+            from .modeling import verify_checkpoint
+
+            verify_checkpoint(staging, reference=net)
             (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n",
                                                encoding="utf-8")
     return report

@@ -24,6 +24,7 @@ from .arch.spec import CONV1D
 from .card import model_card
 from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, staging_directory, write_json
 from .errors import InputError
+from .format import SCALE_BUFFER, fuse_section
 from .fuse_moe import expert_parameter_count, fuse_moe_layer, layer_report_fields
 from .kmeans import resolve_backend
 from .methods import MethodOptions, get_method
@@ -178,7 +179,9 @@ def _check_experts_flag(settings: FuseSettings, plans: list[LayerPlan]) -> None:
         raise InputError("--experts applies to Mixture-of-Experts layers, and none of the chosen layers has experts")
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, name: str = "") -> torch.Tensor:
+    if name.endswith(f".{SCALE_BUFFER}"):  # P keeps its exact float32 values in every output dtype
+        return tensor
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
@@ -190,22 +193,9 @@ def _copy_side_files(source: Path, target: Path) -> None:
 
 
 def _section(report: FuseReport, settings: FuseSettings, modules: list, reader: CheckpointReader, dtype: str) -> dict:
-    return {
-        "version": __version__,
-        "method": report.method,
-        "layers": [layer.index for layer in report.layers],
-        "layer_labels": [layer.label for layer in report.layers],
-        "widths": {str(layer.index): layer.width for layer in report.layers},
-        "original_widths": {str(layer.index): layer.original_width for layer in report.layers},
-        "seed": settings.seed,
-        "backend": report.backend,
-        "dtype": dtype,
-        "source": report.source,
-        "source_sha256": reader.sha256(),
-        "parameters": report.parameters,
-        "packages": package_versions(),
-        "modules": modules,
-    }
+    return fuse_section(version=__version__, method=report.method, layers=report.layers, seed=settings.seed,
+                        backend=report.backend, dtype=dtype, source=report.source, source_sha256=reader.sha256(),
+                        parameters=report.parameters, packages=package_versions(), modules=modules)
 
 
 def fuse_checkpoint(
@@ -274,7 +264,7 @@ def fuse_checkpoint(
                 on_layer(layer.report)
         for key in reader.keys():
             if key not in fused_keys:
-                writer.add(key, _cast(reader.get(key), dtype))
+                writer.add(key, _cast(reader.get(key), dtype, key))
         files = writer.close()
 
         saved = sum(layer.params_before - layer.params_after for layer in layers)

@@ -33,7 +33,7 @@ from .fuse import _copy_side_files, package_versions
 from .mlp import MLPWeights
 from .options import check_seed
 from .plan import parse_layers
-from .remote.modeling_mlpfuse import ZERO_MODULE, fused_config_dict, write_remote_code
+from .format import ZERO_MODULE, fused_config_dict, merge_section, write_remote_code
 from .runtime import encoder_decoder_inputs, load_tokenizer
 from .source import resolve_model
 from .tied import base_config_dict, busy_paths
@@ -510,16 +510,9 @@ def _write_checkpoint(source_dir, config, base_config, section, sites, window, m
         record = {"mode": settings.mode, "layers": report.window, "layer_labels": report.window_labels,
                   "objective": report.objective, "loss": next((c.loss for c in report.candidates if c.layers == report.window), None),
                   "seed": settings.seed}
-        new_section = {
-            "version": __version__, "method": section.get("method", "merge-layers"),
-            "layers": section.get("layers", []), "widths": section.get("widths", {}),
-            **{k: v for k, v in section.items() if k not in ("modules", "tied", "merges")},
-            "modules": modules, "tied": section.get("tied", []) + tied,
-            "merges": section.get("merges", []) + [record],
-            "source": section.get("source", model), "packages": package_versions(), "parameters": params,
-        }
-        if "source_sha256" not in section:
-            new_section["source_sha256"] = reader.sha256()
+        new_section = merge_section(section, version=__version__, modules=modules, tied=tied, record=record,
+                                    source=model, packages=package_versions(), parameters=params,
+                                    source_sha256=section.get("source_sha256") or reader.sha256())
         write_json(staging / "config.json", fused_config_dict(base_config, new_section))
         write_remote_code(staging)
         _copy_side_files(source_dir, staging)

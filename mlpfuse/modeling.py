@@ -7,15 +7,14 @@ from pathlib import Path
 import torch
 import transformers
 
-from .checkpoint import CheckpointReader, read_config
+from .checkpoint import read_config
 from .errors import InputError, MlpfuseError
+from .format import FUSED_MODEL_TYPE, is_fused_config
 from .remote import modeling_mlpfuse as remote
 from .remote.configuration_mlpfuse import MlpFuseConfig
 from .remote.modeling_mlpfuse import (
     AUTO_CLASS_ENTRIES,
-    FUSED_MODEL_TYPE,
     apply_fusion_layout,
-    base_config_from,
     fused_model_class,
     load_fused,
 )
@@ -32,23 +31,30 @@ TASKS = {
 }
 
 
+_REGISTERED = []
 
-def _register_with_transformers() -> None:
-    """Let the Auto classes (AutoConfig, AutoTokenizer, AutoModel...) open fused checkpoints
-    without ``trust_remote_code`` in any process that imported mlpfuse."""
+
+def register_with_transformers() -> None:
+    """Let the Auto classes (AutoConfig, AutoModel...) open fused checkpoints without ``trust_remote_code``.
+
+    Called by :func:`load` (so by every command that loads), not at import: importing mlpfuse
+    changes nothing in transformers. Idempotent.
+    """
+    if _REGISTERED:
+        return
     transformers.AutoConfig.register(FUSED_MODEL_TYPE, MlpFuseConfig, exist_ok=True)
     for auto_name, entry_name in AUTO_CLASS_ENTRIES.items():
         getattr(transformers, auto_name).register(MlpFuseConfig, getattr(remote, entry_name), exist_ok=True)
+    _REGISTERED.append(True)
 
 
-_register_with_transformers()
-
-__all__ = ["TASKS", "apply_fusion_layout", "fused_model_class", "is_fused", "load", "verify_checkpoint"]
+__all__ = ["TASKS", "apply_fusion_layout", "fused_model_class", "is_fused", "load", "register_with_transformers",
+           "verify_checkpoint"]
 
 
 def is_fused(path: str | Path) -> bool:
     """True when ``path`` is a checkpoint written by mlpfuse."""
-    return read_config(Path(path)).get("model_type") == FUSED_MODEL_TYPE
+    return is_fused_config(read_config(Path(path)))
 
 
 def load(path: str | Path, task: str = "base", **kwargs) -> transformers.PreTrainedModel:
@@ -61,6 +67,7 @@ def load(path: str | Path, task: str = "base", **kwargs) -> transformers.PreTrai
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     directory = resolve_model(str(path))
+    register_with_transformers()
     auto_name = TASKS[task]
     if is_fused(directory):
         try:
@@ -70,52 +77,31 @@ def load(path: str | Path, task: str = "base", **kwargs) -> transformers.PreTrai
     return getattr(transformers, auto_name).from_pretrained(str(directory), **kwargs)
 
 
-def _model_class_for(base_config) -> type:
-    """The class named first in ``architectures`` if transformers has it, else the AutoModel class."""
-    for name in getattr(base_config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel._model_mapping[type(base_config)]
+class UncleanCheckpoint(MlpfuseError):
+    """A checkpoint mlpfuse wrote does not load back as written: an mlpfuse bug (exit 1)."""
+
+    exit_code = 1
 
 
-def verify_checkpoint(directory: str | Path) -> int:
-    """Check that a written fused checkpoint matches the model its config builds (shapes only).
+def verify_checkpoint(directory: str | Path, reference: torch.nn.Module | None = None) -> int:
+    """Load a just-written checkpoint the way a user will and check that it loads clean.
 
-    Builds the model on the meta device (no memory), then compares every tensor of the checkpoint
-    that the model has with the model's shape. Returns the number of tensors checked.
+    Loads ``directory`` with :func:`load` for the checkpoint's task (from ``architectures``), with
+    transformers' loading report (not its log, which the CLI silences), and checks:
+
+    - no missing, unexpected or mismatched key, no loading error;
+    - every tensor in the files comes back under its name with its shape and exact value (catches
+      what transformers changes after loading, e.g. a tied module's bias reshaped, P rounded);
+    - the forward: with ``reference`` (the in-memory model that was saved: tune, finetune) the
+      outputs on a few tokens are equal; without it (fuse and merge-layers stream and hold no
+      model) every fused, tied or merged dense MLP of the loaded model equals the reference forward
+      :meth:`MLPWeights.forward` of the tensors read from the files, on random inputs, and the
+      whole model runs to finite outputs.
+
+    Returns the number of tensors compared. Raises :class:`UncleanCheckpoint` (exit 1) with one
+    line naming the offending keys; callers raise it inside their staging directory, so nothing is
+    left behind.
     """
-    config = read_config(Path(directory))
-    base_config = base_config_from(config)
-    with torch.device("meta"):
-        model = fused_model_class(_model_class_for(base_config))(base_config)
-    expected = {name: tuple(t.shape) for name, t in model.base_model.state_dict().items()}
-    reader = CheckpointReader(directory)
-    checked = 0
-    for key in reader.keys():
-        relative = _strip_to_known(key, expected)
-        if relative is None:
-            continue
-        if reader.shape(key) != expected[relative]:
-            raise MlpfuseError(
-                f"written checkpoint does not match its config: {key} has shape {reader.shape(key)}, "
-                f"the model expects {expected[relative]}"
-            )
-        checked += 1
-    for spec in (config.get("mlpfuse") or {}).get("modules", []):
-        weight = spec["path"] + (".lowrank_a.weight" if spec["type"] == "lowrank" else ".weight")
-        if "tensors" in spec:  # MoE experts modules name their own tensors
-            weight = f"{spec['path']}.{spec['tensors'][0]}"
-        if spec["type"] != "zero" and not any(k.endswith(weight) for k in reader.keys()):
-            raise MlpfuseError(f"written checkpoint lacks the fused module {spec['path']}")
-    return checked
+    from .verify import check_loads_clean
 
-
-def _strip_to_known(key: str, expected: dict) -> str | None:
-    """``key`` minus whatever prefix makes it a base-model state-dict name, if any does."""
-    parts = key.split(".")
-    for start in range(len(parts)):
-        candidate = ".".join(parts[start:])
-        if candidate in expected:
-            return candidate
-    return None
+    return check_loads_clean(Path(directory), reference)

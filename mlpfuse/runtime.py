@@ -101,6 +101,9 @@ def load_tokenizer(directory: str | Path, fallback: str | Path | None = None):
     """
     from transformers import AutoTokenizer
 
+    from .modeling import register_with_transformers
+
+    register_with_transformers()  # a fused config.json then opens without a remote-code prompt
     candidates = [Path(d) for d in (directory, fallback) if d is not None]
     source = next((d for d in candidates if has_tokenizer_files(d)), None)
     if source is None:

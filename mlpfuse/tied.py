@@ -10,16 +10,9 @@ from __future__ import annotations
 
 from .arch import MLPSite
 from .errors import InputError
-from .remote.modeling_mlpfuse import FUSED_MODEL_TYPE, ZERO_MODULE
+from .format import ZERO_MODULE, base_config_dict, is_fused_config, section_of
 
-
-def base_config_dict(config: dict) -> dict:
-    """The base architecture's config dict (an mlpfuse checkpoint's ``base_model_type`` restored)."""
-    if config.get("model_type") != FUSED_MODEL_TYPE:
-        return dict(config)
-    base = {k: v for k, v in config.items() if k not in ("mlpfuse", "auto_map", "base_model_type")}
-    base["model_type"] = config["base_model_type"]
-    return base
+__all__ = ["absent_paths", "base_config_dict", "busy_paths", "carry_merge_layout", "fusable_input", "sites_touching"]
 
 
 def absent_paths(section: dict | None) -> set[str]:
@@ -48,9 +41,9 @@ def fusable_input(config: dict, model: str) -> tuple[dict, dict | None]:
 
     A checkpoint whose MLPs were already fused is refused (fusing twice would lose P).
     """
-    if config.get("model_type") != FUSED_MODEL_TYPE:
+    if not is_fused_config(config):
         return config, None
-    section = config.get("mlpfuse") or {}
+    section = section_of(config)
     if section.get("layers") or not (section.get("tied") or absent_paths(section)):
         raise InputError(f"{model} is already an mlpfuse checkpoint; fuse the original model instead")
     return base_config_dict(config), section

@@ -276,14 +276,10 @@ def check_teacher(fused_config: dict, teacher_config: dict, fused: str, teacher:
 
 def _task_of(config: dict) -> str:
     """The loader task matching the checkpoint's saved class, so the head is kept on save."""
-    suffixes = {"ForSequenceClassification": "sequence-classification", "ForTokenClassification": "token-classification",
-                "ForQuestionAnswering": "question-answering", "ForMaskedLM": "masked-lm", "ForCausalLM": "causal-lm",
-                "LMHeadModel": "causal-lm", "ForConditionalGeneration": "seq2seq-lm"}
-    for name in config.get("architectures") or []:
-        for suffix, task in suffixes.items():
-            if name.endswith(suffix) and task in TASKS:
-                return task
-    return "base"
+    from .format import checkpoint_task
+
+    task = checkpoint_task(config)
+    return task if task in TASKS else "base"
 
 
 def tune_checkpoint(
@@ -348,6 +344,9 @@ def tune_checkpoint(
     with staging_directory(target, overwrite) as staging:
         student.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        from .modeling import verify_checkpoint
+
+        verify_checkpoint(staging, reference=student)
     shutil.rmtree(state_dir, ignore_errors=True)
     return TuneReport(
         fused=str(fused), teacher=str(teacher), data=str(data), data_sha256=data_sha, output=str(target),

@@ -6,11 +6,11 @@ from typing import Callable
 
 import torch
 
+from ..format import LOW_RANK_MODULE as LOW_RANK  # module type of a projection stored as two factors
+from ..format import SCALE_BUFFER, SCALE_DTYPE  # P: float32 in every output dtype
 from ..mlp import MLPWeights
 from .spec import CONV1D, MLPSite
 
-SCALE_BUFFER = "fusion_scale"
-LOW_RANK = "lowrank"  # module type of a projection stored as two factors (remote LowRankLinear)
 # MLPWeights fields (weight, bias) held by each projection role.
 ROLE_FIELDS = {"up": ("w_in", "b_in"), "gate": ("w_gate", "b_gate"), "down": ("w_out", "b_out")}
 
@@ -60,7 +60,7 @@ def write_mlp(site: MLPSite, mlp: MLPWeights, prefix: str, dtype: torch.dtype) -
         if bias is not None:
             out[f"{base}.bias"] = bias.to(dtype).contiguous()
     if mlp.scale is not None:
-        out[f"{prefix}{site.module_path('down')}.{SCALE_BUFFER}"] = mlp.scale.to(dtype).contiguous()
+        out[f"{prefix}{site.module_path('down')}.{SCALE_BUFFER}"] = mlp.scale.to(SCALE_DTYPE).contiguous()  # P exact
     return out
 
 

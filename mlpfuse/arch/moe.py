@@ -24,6 +24,7 @@ import torch
 from ..errors import InputError
 from ..mlp import MLPWeights
 from ..plan import parse_ranges
+from ..format import EXPERT_LIST_MODULE, SCALE_DTYPE, STACKED_EXPERTS_MODULE
 from .io import SCALE_BUFFER, module_specs, read_mlp, tensor_names, write_mlp
 from .spec import ExpertTemplate, MLPSite, Projections
 
@@ -156,8 +157,8 @@ def write_experts(site: MLPSite, experts: list[MLPWeights], fused: set, prefix: 
             f"{base}.down_proj": torch.stack([m.w_out for m in experts]).to(dtype).contiguous(),
         }
         if experts[0].scale is not None:
-            tensors[f"{base}.{SCALE_BUFFER}"] = torch.stack([m.scale for m in experts]).to(dtype).contiguous()
-        spec = {"path": site.stacked, "type": "stacked_experts", "experts": len(experts), "width": k,
+            tensors[f"{base}.{SCALE_BUFFER}"] = torch.stack([m.scale for m in experts]).to(SCALE_DTYPE).contiguous()
+        spec = {"path": site.stacked, "type": STACKED_EXPERTS_MODULE, "experts": len(experts), "width": k,
                 "hidden": hidden, "scaled": experts[0].scale is not None, "tensors": ["gate_up_proj", "down_proj"]}
         return tensors, [spec]
     tensors = {}
@@ -165,8 +166,8 @@ def write_experts(site: MLPSite, experts: list[MLPWeights], fused: set, prefix: 
         for field_name, role in (("w_gate", "gate"), ("w_in", "up"), ("w_out", "down")):
             tensors[f"{base}.{e}.{role}.weight"] = getattr(mlp, field_name).to(dtype).contiguous()
         if mlp.scale is not None:
-            tensors[f"{base}.{e}.down.{SCALE_BUFFER}"] = mlp.scale.to(dtype).contiguous()
-    spec = {"path": site.stacked, "type": "expert_list", "widths": [m.width for m in experts],
+            tensors[f"{base}.{e}.down.{SCALE_BUFFER}"] = mlp.scale.to(SCALE_DTYPE).contiguous()
+    spec = {"path": site.stacked, "type": EXPERT_LIST_MODULE, "widths": [m.width for m in experts],
             "hidden": experts[0].hidden, "scaled": [m.scale is not None for m in experts],
             "tensors": [f"{e}.down.weight" for e in range(len(experts))]}
     return tensors, [spec]

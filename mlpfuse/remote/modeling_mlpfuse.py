@@ -25,6 +25,17 @@ from .configuration_mlpfuse import MlpFuseConfig
 
 REMOTE_CODE_FILES = ("configuration_mlpfuse.py", "modeling_mlpfuse.py")
 FUSED_MODEL_TYPE = "mlpfuse"
+# Module types of the config's ``mlpfuse.modules`` entries (mlpfuse/format.py re-exports them).
+LINEAR_MODULE = "linear"
+CONV1D_MODULE = "conv1d"
+LOW_RANK_MODULE = "lowrank"
+ZERO_MODULE = "zero"
+STACKED_EXPERTS_MODULE = "stacked_experts"
+EXPERT_LIST_MODULE = "expert_list"
+# The cluster sizes P: a persistent buffer, always float32 (exact integers up to 2**24) whatever
+# the dtype of the weights, on disk and in memory.
+SCALE_BUFFER = "fusion_scale"
+SCALE_DTYPE = torch.float32
 AUTO_CLASS_ENTRIES = {
     "AutoModel": "MlpFuseModel",
     "AutoModelForSequenceClassification": "MlpFuseForSequenceClassification",
@@ -36,7 +47,29 @@ AUTO_CLASS_ENTRIES = {
 }
 
 
-class ScaledLinear(nn.Linear):
+def _times_scale(weight, scale):
+    """``weight * scale`` computed in float32 (float64 for float64 weights), rounded once to the weight's dtype."""
+    wide = torch.promote_types(weight.dtype, SCALE_DTYPE)
+    return (weight.to(wide) * scale.to(wide)).to(weight.dtype)
+
+
+class _ExactScale:
+    """Keeps the ``fusion_scale`` buffer float32 through ``.to(dtype)``, ``.half()``, ``.bfloat16()``.
+
+    ``nn.Module._apply`` casts every floating buffer; P (cluster sizes such as 763) is not
+    representable in bf16/fp16, so the buffer is put back in float32 (on the new device).
+    """
+
+    def _apply(self, fn, *args, **kwargs):
+        before = self._buffers.get(SCALE_BUFFER)
+        result = super()._apply(fn, *args, **kwargs)
+        after = self._buffers.get(SCALE_BUFFER)
+        if before is not None and after is not None and before.dtype == SCALE_DTYPE and after.dtype != SCALE_DTYPE:
+            self._buffers[SCALE_BUFFER] = before.to(after.device)  # the exact values, moved only
+        return result
+
+
+class ScaledLinear(_ExactScale, nn.Linear):
     """``nn.Linear`` whose input columns carry a constant scale (the cluster sizes P).
 
     Forward is ``x @ (W * P).T + b``: P multiplies the (out x k) weight, not the (tokens x k)
@@ -45,27 +78,24 @@ class ScaledLinear(nn.Linear):
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.register_buffer("fusion_scale", torch.ones(in_features, device=device, dtype=dtype), persistent=True)
+        self.register_buffer(SCALE_BUFFER, torch.ones(in_features, device=device, dtype=SCALE_DTYPE), persistent=True)
 
     def forward(self, x):
-        return F.linear(x, self.weight * self.fusion_scale.to(self.weight.dtype), self.bias)
+        return F.linear(x, _times_scale(self.weight, self.fusion_scale), self.bias)
 
 
-class ScaledConv1D(Conv1D):
+class ScaledConv1D(_ExactScale, Conv1D):
     """GPT-2 ``Conv1D`` (weight stored [in, out]) whose input rows carry the constant scale P."""
 
     def __init__(self, nf, nx):
         super().__init__(nf, nx)
-        self.register_buffer("fusion_scale", torch.ones(nx), persistent=True)
+        self.register_buffer(SCALE_BUFFER, torch.ones(nx, dtype=SCALE_DTYPE), persistent=True)
 
     def forward(self, x):
         size_out = x.size()[:-1] + (self.nf,)
-        weight = self.weight * self.fusion_scale.to(self.weight.dtype)[:, None]
+        weight = _times_scale(self.weight, self.fusion_scale[:, None])
         x = torch.addmm(self.bias, x.view(-1, x.size(-1)), weight)
         return x.view(size_out)
-
-
-ZERO_MODULE = "zero"
 
 
 class ZeroProjection(nn.Module):
@@ -100,6 +130,7 @@ def tie_shared_modules(model, tied):
     mapping = {}
     for entry in tied:
         source = base.get_submodule(entry["source"])
+        source._mlpfuse_shared = True  # see _skip_shared_bias_adjustment
         params = {n for n, _ in source.named_parameters()}
         for target in entry["targets"]:
             parent_path, _, name = target.rpartition(".")
@@ -110,10 +141,8 @@ def tie_shared_modules(model, tied):
     model._tied_weights_keys = {**(type(model)._tied_weights_keys or {}), **{t: s for t, (s, _) in mapping.items()}}
     model.all_tied_weights_keys = {**(getattr(model, "all_tied_weights_keys", None) or {}),
                                    **{t: s for t, (s, is_param) in mapping.items() if is_param}}
+    model._mlpfuse_shared_keys = {**getattr(model, "_mlpfuse_shared_keys", {}), **{t: s for t, (s, _) in mapping.items()}}
     return model
-
-
-LOW_RANK_MODULE = "lowrank"
 
 
 class LowRankLinear(nn.Module):
@@ -142,7 +171,7 @@ class LowRankLinear(nn.Module):
         return self.lowrank_b(self.lowrank_a(x))
 
 
-class _ScaledExpertsMixin:
+class _ScaledExpertsMixin(_ExactScale):
     """Stacked experts (``gate_up_proj`` [E, 2k, H], ``down_proj`` [E, H, k]) with per-expert P.
 
     Mixed into the family's own experts class, so routing, top-k, aux losses and every experts
@@ -163,7 +192,7 @@ class _ScaledExpertsMixin:
     def forward(self, *args, **kwargs):
         if self._mlpfuse_inside or getattr(self, "fusion_scale", None) is None:
             return self._family_forward(*args, **kwargs)
-        scaled = self.down_proj * self.fusion_scale.to(self.down_proj.dtype)[:, None, :]
+        scaled = _times_scale(self.down_proj, self.fusion_scale[:, None, :])
         self._mlpfuse_inside = True
         try:
             return torch.func.functional_call(self, {"down_proj": scaled}, args, kwargs)
@@ -184,7 +213,7 @@ def _narrow_stacked_experts(spec, module):
             _SCALED_EXPERT_CLASSES[base] = type(f"Scaled{base.__name__}", (_ScaledExpertsMixin, base), {})
         module.__class__ = _SCALED_EXPERT_CLASSES[base]
     if spec.get("scaled", False):
-        module.register_buffer("fusion_scale", torch.ones(experts, k, device=weight.device, dtype=weight.dtype), persistent=True)
+        module.register_buffer(SCALE_BUFFER, torch.ones(experts, k, device=weight.device, dtype=SCALE_DTYPE), persistent=True)
     module.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * k, hidden, device=weight.device, dtype=weight.dtype))
     module.down_proj = nn.Parameter(torch.empty(experts, hidden, k, device=weight.device, dtype=weight.dtype))
     module.intermediate_dim = k
@@ -233,19 +262,19 @@ class FusedExpertList(nn.ModuleList):
 
 def _build_module(spec, like):
     """Make the replacement module described by one ``modules`` entry of the mlpfuse section."""
-    if spec["type"] == "stacked_experts":
+    if spec["type"] == STACKED_EXPERTS_MODULE:
         return _narrow_stacked_experts(spec, like)
-    if spec["type"] == "expert_list":
+    if spec["type"] == EXPERT_LIST_MODULE:
         return FusedExpertList(spec, like)
     device = like.weight.device if getattr(like, "weight", None) is not None else None
     dtype = like.weight.dtype if getattr(like, "weight", None) is not None else None
     kind, scaled = spec["type"], spec.get("scaled", False)
-    if kind == "linear":
+    if kind == LINEAR_MODULE:
         cls = ScaledLinear if scaled else nn.Linear
         return cls(spec["in_features"], spec["out_features"], bias=spec.get("bias", True), device=device, dtype=dtype)
-    if kind == "conv1d":
+    if kind == CONV1D_MODULE:
         module = (ScaledConv1D if scaled else Conv1D)(spec["out_features"], spec["in_features"])
-        return module.to(device=device, dtype=dtype)
+        return module.to(device=device, dtype=dtype)  # fusion_scale stays float32 (_ExactScale)
     if kind == ZERO_MODULE:
         return ZeroProjection(spec["in_features"], spec["out_features"])
     if kind == LOW_RANK_MODULE:
@@ -358,8 +387,36 @@ def fused_model_class(base_cls):
                 handle.write("\n")
             write_remote_code(save_directory)
 
+    def _adjust_bias(self, output_embeddings, input_embeddings):
+        # transformers' tie pass pads/cuts a tied module's bias to weight.shape[0], the output width
+        # of an embedding or nn.Linear but the INPUT width of GPT-2's Conv1D ([in, out]). Modules
+        # tied by merge-layers are one object already: there is nothing to adjust.
+        if getattr(output_embeddings, "_mlpfuse_shared", False):
+            return
+        adjust = getattr(base_cls, "_adjust_bias", None)
+        if adjust is not None:
+            adjust(self, output_embeddings, input_embeddings)
+
+    def mark_tied_weights_as_initialized(self, loading_info):
+        # A tied target's buffers (fusion_scale) are not in the files and transformers ties parameters
+        # only: it would list them as missing and replace them with fresh memory, on the shared
+        # module, i.e. the source's loaded P. They were loaded with their source: not missing.
+        mark = getattr(base_cls, "mark_tied_weights_as_initialized", None)
+        if mark is not None:
+            mark(self, loading_info)
+        shared, missing = getattr(self, "_mlpfuse_shared_keys", {}), loading_info.missing_keys
+        loading_info.missing_keys = {k for k in missing if k not in shared or shared[k] in missing}
+
+    strict = set(getattr(base_cls, "_keep_in_fp32_modules_strict", None) or ()) | {SCALE_BUFFER}
     cls = type(
-        base_cls.__name__, (base_cls,), {"__init__": __init__, "save_pretrained": save_pretrained, "_mlpfuse_fused": True},
+        base_cls.__name__, (base_cls,),
+        {"__init__": __init__, "save_pretrained": save_pretrained, "_adjust_bias": _adjust_bias, "_mlpfuse_fused": True,
+         "mark_tied_weights_as_initialized": mark_tied_weights_as_initialized,
+         # the loader then reads P in float32 even for dtype=bfloat16/float16 (P stays exact)
+         "_keep_in_fp32_modules_strict": strict,
+         # transformers 5 applies a family's checkpoint key renames (GPT-NeoX embed_out -> lm_head)
+         # only to classes defined in transformers: keep the base class's module
+         "__module__": base_cls.__module__},
     )
     cls.__qualname__ = base_cls.__qualname__
     _register_output_recording(cls)
