@@ -218,8 +218,10 @@ def test_one_dtype_vocabulary(tiny_checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["mlpfuse"]["dtype"] == "bfloat16"
-    assert {t.dtype for t in load_file(str(tmp_path / "out" / "model.safetensors")).values()
-            if t.is_floating_point()} == {torch.bfloat16}
+    tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert {t.dtype for name, t in tensors.items() if t.is_floating_point() and not name.endswith("fusion_scale")} \
+        == {torch.bfloat16}
+    assert {t.dtype for name, t in tensors.items() if name.endswith("fusion_scale")} == {torch.float32}  # P stays exact
 
 
 def test_sizes_must_be_positive():
