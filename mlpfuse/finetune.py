@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import staging_directory
+from .output import carry_side_files, claim_output, guarded_outputs, resolve_target, staging_directory
 from .data import Table, read_table
 from .errors import InputError
 from .modeling import load
@@ -238,6 +238,7 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+@guarded_outputs
 def finetune(model: str, train: str | None, evaluation: str | None, output: str | Path | None,
              settings: FinetuneSettings, overwrite: bool = False, callbacks=None) -> dict:
     """Fine-tune checkpoint ``model`` (plain or fused) on file ``train``, evaluate on ``evaluation``.
@@ -250,10 +251,11 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
 
     if train is None and evaluation is None:
         raise InputError("nothing to do: give a training file, an eval file, or both")
-    target = Path(output).expanduser().resolve() if output is not None else None
-    if target is not None and target.exists() and not overwrite:
-        raise InputError(f"output {target} already exists; pass --overwrite to replace it or choose another -o")
     directory = resolve_model(model)
+    target = resolve_target(output) if output is not None else None
+    if target is not None and _is_main_process():  # checks, lock, staging: before any work
+        inputs = [directory] + [p for p in (train, evaluation) if p is not None and not str(p).startswith("hub:")]
+        target = claim_output(output, inputs, overwrite).target
     if settings.task not in TASK_CHOICES:
         raise InputError(f"unknown --task {settings.task!r}; choose one of: {', '.join(TASK_CHOICES)}")
     train_table = read_table(train, limit=settings.limit_train) if train is not None else None
@@ -288,6 +290,7 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
         with staging_directory(target, overwrite) as staging:
             net.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+            carry_side_files(directory, staging)  # e.g. sentence-transformers modules
             (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n",
                                                encoding="utf-8")
     return report
