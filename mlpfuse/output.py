@@ -249,17 +249,30 @@ def exchange(source: Path, destination: Path) -> bool:
 
 @contextlib.contextmanager
 def _signals_held():
-    """Hold SIGINT/SIGTERM until the block ends (they are delivered afterwards, not lost)."""
-    held = {signal.SIGINT, signal.SIGTERM}
+    """Hold SIGINT/SIGTERM until the block ends; then they act as they would have (not lost).
+
+    Python runs signal handlers in the main thread between bytecodes, whichever thread the kernel
+    picked, so the handlers themselves are swapped for ones that only record the signal.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {}
     try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    except (AttributeError, OSError, ValueError):  # pragma: no cover - no pthread_sigmask
-        previous = None
-    try:
+        for number in held:
+            previous[number] = signal.signal(number, lambda signum, frame: pending.append(signum))
         yield
     finally:
-        if previous is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in pending:
+            handler = previous.get(number)
+            if callable(handler):
+                handler(number, None)  # e.g. KeyboardInterrupt, now that the rename is recorded
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), number)
 
 
 # ----------------------------------------------------------------------------------------------
