@@ -402,14 +402,19 @@ class OutputClaim:
         (staging / INCOMPLETE_MARKER).unlink(missing_ok=True)
         old = None
         try:
-            with _signals_held():
+            with _signals_held():  # a Ctrl-C here acts after the rename is recorded, so it is reported truthfully
                 if os.path.lexists(target) and self.overwrite and is_mlpfuse_output(target) and target.is_dir():
                     if exchange(staging, target):
                         old = staging
                     else:  # no atomic exchange: move the old output aside, then rename
                         old = target.parent / f".{target.name}.{_OLD_TAG}-{os.getpid()}"
                         os.rename(target, old)
-                        rename_no_replace(staging, target)
+                        try:
+                            rename_no_replace(staging, target)
+                        except OSError:
+                            os.rename(old, target)  # put the earlier output back
+                            old = None
+                            raise
                 else:
                     rename_no_replace(staging, target)
                 self.committed = True
@@ -421,8 +426,9 @@ class OutputClaim:
         except OSError as exc:
             self._discard()
             raise _mapped(exc, target) from None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if old is not None and self.committed:  # the replaced output, now under a temporary name
+                shutil.rmtree(old, ignore_errors=True)
 
     def _discard(self) -> None:
         if self.staging is not None and not self.committed:

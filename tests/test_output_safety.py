@@ -230,7 +230,7 @@ def test_ctrl_c_right_after_the_final_rename_says_the_output_was_written(src, wr
     assert "nothing was written" not in result.stderr
     assert "output was written" in result.stderr and str(out) in result.stderr
     assert (out / "model.safetensors").is_file() and not (out / "old.txt").exists()
-    assert not (out / INCOMPLETE_MARKER).exists()
+    assert not (out / INCOMPLETE_MARKER).exists() and hidden(tmp_path) == []  # the replaced output is gone too
 
 
 def test_ctrl_c_during_the_work_says_nothing_was_written_and_leaves_nothing(src, tmp_path, monkeypatch):
@@ -341,3 +341,17 @@ def test_full_filesystem_fails_cleanly_with_no_space_and_leaves_nothing(src, wri
     result = run(*args)
     one_line_error(result, 3, "no space left")
     assert list(tiny.iterdir()) == []
+
+
+def test_without_renameat2_the_fallback_keeps_the_rules(src, tmp_path, monkeypatch):
+    monkeypatch.setattr(output_module, "_renameat2", lambda *args: False)  # as on a system without renameat2
+    out = tmp_path / "out"
+    assert run("fuse", src.original, "--dim", "8", "-o", out).exit_code == 0
+    (out / "old.txt").write_text("first run")
+    result = run("fuse", src.original, "--dim", "9", "-o", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "old.txt").exists() and hidden(tmp_path) == []
+    late = tmp_path / "late"
+    with pytest.raises(InputError, match="appeared while this run worked"):
+        fuse_checkpoint(str(src.original), late, FuseSettings(dim=8), on_layer=_make_dir_at(late, with_file=True))
+    assert (late / "theirs.txt").is_file() and hidden(tmp_path) == []
