@@ -362,7 +362,7 @@ class OutputClaim:
             holder = ""
         who = f"pid {holder}" if holder.isdigit() else "another process"
         return InputError(f"another mlpfuse run ({who}) is writing {self.target}; wait for it to finish or "
-                          f"choose another -o (a stale lock is {self._lock_path})")
+                          "choose another -o")
 
     def _clean_stale(self) -> list[Path]:
         """Remove temporary directories of earlier runs to this target whose process is gone."""
@@ -493,15 +493,15 @@ def claim_output(output, inputs: Iterable = (), overwrite: bool = False) -> Outp
     check_target(target, inputs)
     check_existing(target, overwrite)
     claim = OutputClaim(target, overwrite)
-    claim._acquire()
     try:
+        claim._acquire()
         check_existing(target, overwrite)  # again, now that no other mlpfuse run can change it
         claim._clean_stale()
         claim._make_staging()
     except BaseException:
         claim.release()
         raise
-    claim.inputs = inputs
+    claim.inputs = inputs  # what the target was checked against
     stack = getattr(_scopes, "stack", None)
     if stack:
         stack[-1].append(claim)

@@ -273,6 +273,7 @@ def test_a_killed_run_leaves_a_marked_temp_dir_that_the_next_run_removes(src, wr
     stale = [p for p in tmp_path.iterdir() if p.is_dir() and ".mlpfuse-incomplete-" in p.name]
     assert len(stale) == 1 and stale[0].name.startswith(".out.")
     assert "Not a usable checkpoint" in (stale[0] / INCOMPLETE_MARKER).read_text()
+    one_line_error(run("fuse", stale[0], "--dim", "8", "-o", tmp_path / "other"), 2, "unfinished mlpfuse output")
 
     _, args = WRITERS[writer](src, out)
     result = run(*args)
