@@ -164,11 +164,12 @@ def check_existing(target: Path, overwrite: bool) -> None:
 _NO_SPACE_TEXT = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
 
 
-def environment_problem(exc: BaseException, where: Path) -> EnvironmentProblem | None:
+def environment_problem(exc: BaseException, where: Path, what: str = "-o") -> EnvironmentProblem | None:
     """The EnvironmentProblem an OS-level failure while writing ``where`` stands for, else None.
 
     Full filesystem (ENOSPC, EDQUOT, also when a library wraps it in its own error), read-only
-    filesystem (EROFS) and permission denied map to exit 3 with a one-line message.
+    filesystem (EROFS) and permission denied map to exit 3 with a one-line message; ``what`` names
+    the flag that chose ``where`` (``-o``, ``--json``...).
     """
     if isinstance(exc, (KeyboardInterrupt, SystemExit, InputError, EnvironmentProblem)):
         return None
@@ -181,11 +182,11 @@ def environment_problem(exc: BaseException, where: Path) -> EnvironmentProblem |
     place = where.parent
     if codes & {errno.ENOSPC, errno.EDQUOT} or any(t in text for t in _NO_SPACE_TEXT) or _full(place):
         return EnvironmentProblem(f"no space left on the filesystem of {place} while writing {where}; "
-                                  "free some space or choose another -o (nothing was written)")
+                                  f"free some space or choose another {what} (it was not written)")
     if errno.EROFS in codes:
-        return EnvironmentProblem(f"cannot write {where}: {place} is on a read-only filesystem; choose another -o")
+        return EnvironmentProblem(f"cannot write {where}: {place} is on a read-only filesystem; choose another {what}")
     if codes & {errno.EACCES, errno.EPERM}:
-        return EnvironmentProblem(f"cannot write {where}: permission denied in {place}; choose another -o")
+        return EnvironmentProblem(f"cannot write {where}: permission denied in {place}; choose another {what}")
     return None
 
 
@@ -586,7 +587,7 @@ def check_report_path(path, inputs: Iterable = (), what: str = "--json") -> Path
             with tempfile.TemporaryFile(dir=existing):
                 pass
     except OSError as exc:
-        problem = environment_problem(exc, file)
+        problem = environment_problem(exc, file, what)
         raise (problem or EnvironmentProblem(f"cannot write {what} {file}: {exc.strerror or exc}")) from None
     return file
 
@@ -598,7 +599,7 @@ def write_report_file(path, text: str, what: str = "--json") -> None:
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_text(text, encoding="utf-8")
     except OSError as exc:
-        problem = environment_problem(exc, file)
+        problem = environment_problem(exc, file, what)
         if problem is None and exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
             problem = InputError(f"cannot write {what} {file}: {exc.strerror}")
         raise (problem or EnvironmentProblem(f"cannot write {what} {file}: {exc.strerror or exc}")) from None

@@ -356,3 +356,20 @@ def test_without_renameat2_the_fallback_keeps_the_rules(src, tmp_path, monkeypat
     with pytest.raises(InputError, match="appeared while this run worked"):
         fuse_checkpoint(str(src.original), late, FuseSettings(dim=8), on_layer=_make_dir_at(late, with_file=True))
     assert (late / "theirs.txt").is_file() and hidden(tmp_path) == []
+
+
+def test_a_report_that_cannot_be_written_after_the_work_says_the_checkpoint_was(src, tmp_path, tmpfs):
+    full = tmpfs("full", size="64k")
+    fd = os.open(full / "filler", os.O_WRONLY | os.O_CREAT)  # fill it: an empty probe file still fits, a report not
+    try:
+        while os.write(fd, b"x" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    out = tmp_path / "out"
+    result = run("fuse", src.original, "--dim", "8", "-o", out, "--json", full / "r.json")
+    one_line_error(result, 3, "no space left")
+    assert "--json" in result.stderr and f"the output {out} was written and is complete" in result.stderr
+    assert (out / "model.safetensors").is_file()

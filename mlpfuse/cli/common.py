@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import InputError, MlpfuseError
@@ -72,7 +73,8 @@ def handle_errors(fn):
         except MlpfuseError as exc:
             if debug:
                 raise
-            log.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            done = "".join(f"; the output {p} was written and is complete" for p in written_outputs())
+            log.print(f"[bold red]error:[/] {escape(str(exc))}{escape(done)}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             if debug:
