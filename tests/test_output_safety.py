@@ -124,7 +124,7 @@ def test_recipe_output_is_checked_like_the_flag(src, tmp_path):
     assert src.digests() == before
 
 
-@pytest.mark.parametrize("writer", QUICK)
+@pytest.mark.parametrize("writer", QUICK + ["finetune"])  # finetune of a plain model: no mlpfuse section
 def test_overwrite_replaces_only_an_earlier_mlpfuse_output(src, writer, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -144,7 +144,7 @@ def test_overwrite_replaces_only_an_earlier_mlpfuse_output(src, writer, tmp_path
     (out / "extra.txt").write_text("from the first run")
     result = run(*args, "--overwrite")
     assert result.exit_code == 0, result.output
-    assert not (out / "extra.txt").exists() and "mlpfuse" in json.loads((out / "config.json").read_text())
+    assert not (out / "extra.txt").exists() and (out / "config.json").is_file()
     assert hidden(tmp_path) == []
 
 
