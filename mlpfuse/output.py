@@ -74,7 +74,17 @@ NEVER_CARRIED = {"README.md", "config.json"}  # the writer's own model card and 
 _ST_TRANSFORMER = "sentence_transformers.models.Transformer"
 
 _written: list[Path] = []  # outputs committed by this process (for truthful interruption messages)
+_own_staging: set[Path] = set()  # staging directories this process is writing right now
 _scopes = threading.local()
+
+
+def is_unfinished(directory) -> bool:
+    """True for the temporary directory of a run that was stopped (not one this process is writing).
+
+    Such a directory may hold a complete-looking checkpoint; commands refuse it as an input.
+    """
+    path = Path(directory)
+    return (path / INCOMPLETE_MARKER).exists() and path.resolve() not in _own_staging
 
 
 def written_outputs() -> list[Path]:
@@ -381,6 +391,7 @@ class OutputClaim:
             staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.{_STAGING_TAG}-{os.getpid()}-",
                                             dir=self.target.parent))
             self.staging = staging
+            _own_staging.add(staging.resolve())
             staging.chmod(0o755)  # mkdtemp makes it private; the output should read like any directory
             (staging / INCOMPLETE_MARKER).write_text(
                 f"Unfinished output of mlpfuse (pid {os.getpid()}) for {self.target}.\n"
@@ -432,8 +443,10 @@ class OutputClaim:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _discard(self) -> None:
-        if self.staging is not None and not self.committed:
-            shutil.rmtree(self.staging, ignore_errors=True)
+        if self.staging is not None:
+            _own_staging.discard(self.staging.resolve())
+            if not self.committed:
+                shutil.rmtree(self.staging, ignore_errors=True)
 
     def release(self) -> None:
         """Remove the uncommitted staging directory and the lock (idempotent)."""
@@ -664,6 +677,6 @@ def _carry_sentence_transformers_modules(source: Path, staging: Path) -> list[st
 __all__ = [
     "INCOMPLETE_MARKER", "OutputClaim", "carry_side_files", "check_existing", "check_report_path", "check_target",
     "claim_output", "write_report_file",
-    "environment_problem", "exchange", "forget_written", "guarded_outputs", "is_mlpfuse_output",
+    "environment_problem", "exchange", "forget_written", "guarded_outputs", "is_mlpfuse_output", "is_unfinished",
     "rename_no_replace", "resolve_target", "staging_directory", "written_outputs",
 ]

@@ -373,3 +373,15 @@ def test_a_report_that_cannot_be_written_after_the_work_says_the_checkpoint_was(
     one_line_error(result, 3, "no space left")
     assert "--json" in result.stderr and f"the output {out} was written and is complete" in result.stderr
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_run_can_load_its_own_unfinished_output_to_check_it(src, tmp_path):
+    import shutil
+
+    import mlpfuse
+
+    with claim_output(tmp_path / "out", [src.original]) as claim:
+        assert (claim.staging / INCOMPLETE_MARKER).is_file()
+        shutil.copytree(src.original, claim.staging, dirs_exist_ok=True)
+        assert mlpfuse.load(claim.staging).config.model_type == "bert"  # e.g. the loads-clean check before commit
+    assert not claim.staging.exists() and hidden(tmp_path) == []
