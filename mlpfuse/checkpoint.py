@@ -2,17 +2,14 @@
 
 ``CheckpointReader`` opens safetensors files memory-mapped (single or sharded with an index) or
 legacy ``.bin`` files with ``weights_only``; tensors are read one at a time, never the whole model.
-``ShardedWriter`` writes safetensors shards as they fill, then the index. ``staging_directory``
-gives a temporary directory beside the target that only becomes the target on success.
+``ShardedWriter`` writes safetensors shards as they fill, then the index. Where and how an output
+is written (checks, lock, staging directory, atomic rename) lives in :mod:`mlpfuse.output`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +18,7 @@ from safetensors.torch import save_file
 
 from .errors import InputError
 from .runtime import file_sha256
+from .output import staging_directory  # noqa: F401  (its home is mlpfuse.output; kept importable)
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -212,32 +210,3 @@ class ShardedWriter:
 
 def write_json(path: Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def staging_directory(target: Path, overwrite: bool):
-    """Yield a temporary directory beside ``target``; on success it replaces ``target`` atomically.
-
-    On any failure or interruption the temporary directory is removed and ``target`` is untouched,
-    so a half-written output never looks complete.
-    """
-    target = Path(target).resolve()
-    if target.exists() and not overwrite:
-        raise InputError(f"output {target} already exists; pass --overwrite to replace it or choose another -o")
-    if target.exists() and not target.is_dir():
-        raise InputError(f"output {target} exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.mlpfuse-tmp-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the output should read like any directory
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.mlpfuse-old-{os.getpid()}"
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import read_config, staging_directory
+from .checkpoint import read_config
+from .output import carry_side_files, claim_output, guarded_outputs, resolve_target, staging_directory
 from .data import Table, read_table
 from .errors import InputError
 from .modeling import load
@@ -258,6 +259,7 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+@guarded_outputs
 def finetune(model: str, train: str | None, evaluation: str | None, output: str | Path | None,
              settings: FinetuneSettings, overwrite: bool = False, callbacks=None) -> dict:
     """Fine-tune checkpoint ``model`` (plain or fused) on file ``train``, evaluate on ``evaluation``.
@@ -271,10 +273,13 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
     if train is None and evaluation is None:
         raise InputError("nothing to do: give a training file, an eval file, or both")
     check_settings(settings)
-    target = Path(output).expanduser().resolve() if output is not None else None
-    if target is not None and target.exists() and not overwrite:
-        raise InputError(f"output {target} already exists; pass --overwrite to replace it or choose another -o")
     directory = resolve_model(model)
+    target = resolve_target(output) if output is not None else None
+    if target is not None and _is_main_process():  # checks, lock, staging: before any work
+        inputs = [directory] + [p for p in (train, evaluation) if p is not None and not str(p).startswith("hub:")]
+        target = claim_output(output, inputs, overwrite).target
+    if settings.task not in TASK_CHOICES:
+        raise InputError(f"unknown --task {settings.task!r}; choose one of: {', '.join(TASK_CHOICES)}")
     if settings.task == "causal-lm":
         check_causal_lm(read_config(directory), model)
     train_table = read_table(train, limit=settings.limit_train) if train is not None else None
@@ -307,6 +312,8 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
         with staging_directory(target, overwrite) as staging:
             net.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+            carry_side_files(directory, staging)  # e.g. sentence-transformers modules
+
             from .modeling import verify_checkpoint
 
             verify_checkpoint(staging, reference=net)

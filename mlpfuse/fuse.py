@@ -6,7 +6,6 @@ ntk-check, tune and the tests).
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -22,7 +21,7 @@ from .arch.io import module_specs, read_mlp, tensor_names, write_mlp
 from .arch.moe import expert_width
 from .arch.spec import CONV1D
 from .card import model_card
-from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, staging_directory, write_json
+from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, write_json
 from .errors import InputError
 from .format import SCALE_BUFFER, fuse_section
 from .fuse_moe import expert_parameter_count, fuse_moe_layer, layer_report_fields
@@ -40,13 +39,9 @@ from .remote.modeling_mlpfuse import (
 )
 from .runtime import dtype_name, torch_dtype
 from .source import resolve_model
-from .validate import check_checkpoint
+from .output import carry_side_files, claim_output, guarded_outputs, staging_directory
 from .tied import absent_paths, carry_merge_layout, fusable_input, sites_touching
-
-TOKENIZER_PATTERNS = (
-    "tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model",
-    "*.tiktoken", "generation_config.json", "chat_template*", "preprocessor_config.json",
-)
+from .validate import check_checkpoint
 RECIPE_FILE = "mlpfuse_recipe.yaml"
 
 
@@ -186,10 +181,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, name: str = "") -> to
 
 
 def _copy_side_files(source: Path, target: Path) -> None:
-    for pattern in TOKENIZER_PATTERNS:
-        for path in source.glob(pattern):
-            if path.is_file():
-                shutil.copyfile(path, target / path.name)
+    carry_side_files(source, target)  # tokenizer, generation config, sentence-transformers modules
 
 
 def _section(report: FuseReport, settings: FuseSettings, modules: list, reader: CheckpointReader, dtype: str) -> dict:
@@ -198,6 +190,7 @@ def _section(report: FuseReport, settings: FuseSettings, modules: list, reader: 
                         parameters=report.parameters, packages=package_versions(), modules=modules)
 
 
+@guarded_outputs
 def fuse_checkpoint(
     model: str,
     output: str | Path,
@@ -217,16 +210,12 @@ def fuse_checkpoint(
     config = read_config(source_dir)
     config, merged_layout = fusable_input(config, model)  # a merged checkpoint: tied/dropped MLPs are skipped
     spec = lookup(config.get("model_type"))
-    target = Path(output).expanduser().resolve()
-    if target == source_dir.resolve() or source_dir.resolve() in target.parents and target.exists():
-        raise InputError("the output directory must not be the input checkpoint; choose another -o")
     get_method(settings.method)  # an unknown method fails before any work
     backend = resolve_backend(settings.backend, settings.device)
     settings.dtype = dtype_name(settings.dtype, allow_auto=True)  # one vocabulary: bf16 is bfloat16
     dtype = torch_dtype(settings.dtype, allow_auto=True)
     max_shard = parse_size(settings.max_shard_size)
-    if target.exists() and not overwrite:
-        raise InputError(f"output {target} already exists; pass --overwrite to replace it or choose another -o")
+    target = claim_output(output, [source_dir], overwrite).target  # checks, lock, staging: before any work
 
     reader = CheckpointReader(source_dir)
     keys = set(reader.keys())

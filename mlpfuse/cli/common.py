@@ -12,10 +12,12 @@ from pathlib import Path
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import InputError, MlpfuseError
 from ..options import check_types
+from ..output import check_report_path, forget_written, write_report_file, written_outputs
 
 console = Console()  # results (tables) go to stdout
 log = Console(stderr=True)  # progress and messages go to stderr
@@ -35,8 +37,16 @@ def terminate(signum, frame):
     raise KeyboardInterrupt
 
 
+def interruption_message() -> str:
+    """The truth about outputs when a command stops on Ctrl-C/SIGTERM: written and complete, or nothing."""
+    done = written_outputs()
+    if done:
+        return f"the output was written and is complete: {', '.join(str(p) for p in done)}"
+    return "nothing was written (partial output removed)"
+
+
 def _report_interrupted():
-    log.print("[bold red]interrupted[/]: nothing was written (partial output removed)")
+    log.print(f"[bold red]interrupted[/]: {interruption_message()}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
@@ -56,6 +66,7 @@ def handle_errors(fn):
         debug = kwargs.get("debug", False) or os.environ.get("MLPFUSE_DEBUG") == "1"
         if not debug:
             quiet_transformers()
+        forget_written()
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -63,7 +74,8 @@ def handle_errors(fn):
         except MlpfuseError as exc:
             if debug:
                 raise
-            log.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            done = "".join(f"; the output {p} was written and is complete" for p in written_outputs())
+            log.print(f"[bold red]error:[/] {escape(str(exc))}{escape(done)}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             if debug:
@@ -82,15 +94,47 @@ def handle_errors(fn):
 
 
 def write_json_report(path: str | None, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` ('-' means stdout); nothing when ``path`` is None."""
+    """Write ``data`` as JSON to ``path`` ('-' means stdout); nothing when ``path`` is None.
+
+    A path that cannot be written gives a one-line error (exit 2 for a bad path, 3 for a read-only
+    or full filesystem); :func:`check_json_path` finds most of these before the work.
+    """
     if path is None:
         return
     text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
     if path == "-":
         sys.stdout.write(text)
     else:
-        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        Path(path).expanduser().write_text(text, encoding="utf-8")
+        write_report_file(path, text)
+
+
+def check_json_path(path: str | None, *models: str | None, files: tuple = (), what: str = "--json") -> None:
+    """Before any work: refuse a ``--json`` path that cannot be written or would write into an input.
+
+    ``models`` are the command's model arguments (local directories or 'minilm'; hub ids are
+    skipped), ``files`` its input data files. Raises InputError (exit 2) or EnvironmentProblem (3).
+    """
+    if path is None or path == "-":
+        return
+    check_report_path(path, local_inputs(*models) + [f for f in files if f and not str(f).startswith("hub:")], what)
+
+
+def local_inputs(*models: str | None) -> list[Path]:
+    """The local directories named by model arguments (the bundled model's included)."""
+    from ..source import BUNDLED_NAMES, bundled_model_path
+
+    found = []
+    for name in models:
+        if not name:
+            continue
+        if str(name).lower() in BUNDLED_NAMES:
+            try:
+                found.append(bundled_model_path())
+            except MlpfuseError:
+                pass
+        elif Path(name).expanduser().exists():
+            found.append(Path(name).expanduser())
+    return found
 
 
 def results_console(json_path: str | None) -> Console:

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from ..errors import InputError
 from ..finetune import TASK_CHOICES, FinetuneSettings, finetune as run_finetune
-from .common import DebugOption, JsonOption, handle_errors, log, results_console, write_json_report
+from .common import DebugOption, JsonOption, check_json_path, handle_errors, log, results_console, write_json_report
 
 METRIC_NAMES = ("accuracy", "f1", "pearson", "spearman", "perplexity", "eval_loss")
 
@@ -63,6 +63,7 @@ def finetune(
             raise InputError("no training file: pass --train FILE (or --eval-only to only evaluate)")
         if output is None:
             raise InputError("no output directory given: pass -o DIR (or --eval-only to only evaluate)")
+    check_json_path(json_path, model, files=(train, eval_file))
     settings = FinetuneSettings(task=task, text_column=text_column, pair_column=pair_column, label_column=label_column,
                                 epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, warmup=warmup,
                                 weight_decay=weight_decay, max_steps=max_steps, seed=seed, limit_train=limit_train,

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..errors import InputError
 from ..fuse import FuseSettings, fuse_checkpoint
-from .common import DebugOption, JsonOption, handle_errors, layer_progress, load_recipe, merge, results_console, write_json_report
+from .common import DebugOption, JsonOption, check_json_path, handle_errors, layer_progress, load_recipe, merge, results_console, write_json_report
 
 RECIPE_FIELDS = {f.name for f in fields(FuseSettings)} - {"allow_full_width"} | {"model", "output", "overwrite"}
 _NONE = type(None)
@@ -48,6 +48,7 @@ def fuse(
         raise InputError("no model given: pass a checkpoint directory, hub id or 'minilm' (or set model: in --config)")
     if output is None:
         raise InputError("no output directory given: pass -o DIR (or set output: in --config)")
+    check_json_path(json_path, model)
     if dim is not None or ratio is not None:  # a flag for the width replaces the recipe's width entirely
         recipe.pop("dim", None)
         recipe.pop("ratio", None)

@@ -9,7 +9,7 @@ from ..arch import ARCHITECTURES
 from ..checkpoint import read_config
 from ..remote.modeling_mlpfuse import FUSED_MODEL_TYPE
 from ..source import resolve_model
-from .common import DebugOption, JsonOption, console, handle_errors, results_console, write_json_report
+from .common import DebugOption, JsonOption, check_json_path, console, handle_errors, results_console, write_json_report
 
 
 @handle_errors
@@ -19,6 +19,7 @@ def inspect(
     debug: bool = DebugOption,
 ):
     """Show whether a checkpoint is fused, and how (method, layers, widths, provenance)."""
+    check_json_path(json_path, model)
     directory = resolve_model(model)
     config = read_config(directory)
     fused = config.get("model_type") == FUSED_MODEL_TYPE

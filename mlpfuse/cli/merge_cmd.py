@@ -7,7 +7,7 @@ from rich.table import Table
 
 from ..errors import InputError
 from ..merge import MergeSettings, merge_checkpoint, plot_similarity
-from .common import DebugOption, JsonOption, handle_errors, log, results_console, write_json_report
+from .common import DebugOption, JsonOption, check_json_path, handle_errors, log, results_console, write_json_report
 
 
 @handle_errors
@@ -38,6 +38,8 @@ def merge_layers(
         raise InputError("give either --layers or --count, not both")
     if plot is not None and calibration is None:
         raise InputError("--plot needs activations: pass --calibration FILE")
+    check_json_path(json_path, model, files=(calibration, eval_path))
+    check_json_path(plot, model, files=(calibration, eval_path), what="--plot")
     settings = MergeSettings(
         layers=layers, count=count, mode="drop" if drop else "permute" if permute else "average",
         calibration=calibration, eval=eval_path, column=column, calibration_limit=calibration_limit,

@@ -6,7 +6,7 @@ import typer
 from rich.table import Table
 
 from ..ntk import DEFAULT_METHODS, ntk_check, plot_report
-from .common import DebugOption, JsonOption, handle_errors, log, results_console, write_json_report
+from .common import DebugOption, JsonOption, check_json_path, handle_errors, log, results_console, write_json_report
 
 
 @handle_errors
@@ -33,6 +33,8 @@ def ntk_check_command(
     debug: bool = DebugOption,
 ):
     """Compare compression methods by MLP output error and Adam-NTK error (paper Table 1)."""
+    check_json_path(json_path, model, files=(data,))
+    check_json_path(plot, model, files=(data,), what="--plot")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     compare_list = [p.strip() for entry in (compare or []) for p in entry.split(",") if p.strip()]
     if compare_list and methods == ",".join(DEFAULT_METHODS) and dim is None:

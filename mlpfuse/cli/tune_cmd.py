@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..tune import TuneSettings, state_directory, tune_checkpoint
-from .common import DebugOption, JsonOption, handle_errors, log, results_console, write_json_report
+from .common import DebugOption, JsonOption, check_json_path, handle_errors, interruption_message, log, results_console, write_json_report
 
 
 @contextmanager
@@ -67,6 +67,7 @@ def tune(
     debug: bool = DebugOption,
 ):
     """Tune the fused MLPs so each layer's hidden states match the original model's (paper Sec. 4.4)."""
+    check_json_path(json_path, fused, teacher, files=(data,))
     settings = TuneSettings(text_column=text_column, pair_column=pair_column, lr=lr, batch_size=batch_size,
                             max_length=max_length, epochs=epochs, max_steps=max_steps, seed=seed, limit=limit,
                             save_every=save_every, device=device)
@@ -78,7 +79,7 @@ def tune(
         state = state_directory(output)
         kept = (f"state kept in {state} - rerun the same command with --resume to continue"
                 if (state / "state.json").is_file() else "no state to resume from yet")
-        log.print(f"[bold red]interrupted[/]: no output written; {kept}")
+        log.print(f"[bold red]interrupted[/]: {interruption_message()}; {kept}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     out = results_console(json_path)
     resumed = f" (resumed at step {report.resumed_from})" if report.resumed_from else ""
