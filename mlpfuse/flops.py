@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .arch import MLPSite, lookup, resolve_sites
+from .arch.io import module_width
 from .errors import InputError
 
 
@@ -48,7 +49,7 @@ def mlp_sites(model: torch.nn.Module) -> list[MLPSite] | None:
 
 def _site_modules(model: torch.nn.Module, sites: list[MLPSite]) -> dict[str, torch.nn.Module]:
     base = model.base_model
-    return {site.module_path(role): base.get_submodule(site.module_path(role)) for site in sites for role in site.roles}
+    return {module.path: base.get_submodule(module.path) for site in sites for module in site.modules}
 
 
 def count_model(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ModelCounts:
@@ -73,11 +74,6 @@ def count_model(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Model
         key = next((k for k in by_module if k.endswith("." + path)), None)
         mlp_flops += sum(by_module[key].values()) if key else 0
     mlp_params = sum(p.numel() for m in modules.values() for p in m.parameters() if p.requires_grad)
-    widths = [_width(modules[site.module_path("down")], site) for site in sites]
+    widths = [module_width(model.base_model, site) for site in sites]
     return ModelCounts(parameters, mlp_params, total, mlp_flops / tokens, widths)
 
-
-def _width(down: torch.nn.Module, site: MLPSite) -> int:
-    """The intermediate width of an MLP from its down projection (Linear [p, I], Conv1D [I, p])."""
-    weight = down.weight
-    return weight.shape[0] if site.layout == "conv1d" else weight.shape[1]

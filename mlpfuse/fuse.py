@@ -18,9 +18,8 @@ import yaml
 
 from . import __version__
 from .arch import MLPSite, find_prefix, lookup, resolve_sites
-from .arch.io import module_specs, read_mlp, tensor_names, write_mlp
+from .arch.io import module_specs, read_mlp, site_width, tensor_names, write_mlp
 from .arch.moe import expert_width
-from .arch.spec import CONV1D
 from .card import model_card
 from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, staging_directory, write_json
 from .errors import InputError
@@ -113,15 +112,9 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _site_widths(sites: list[MLPSite], shape_of: Callable[[str], tuple], names_of, prefix: str = "", keys=()) -> dict[int, int]:
-    widths = {}
-    for site in sites:
-        if site.experts:
-            widths[site.index] = expert_width(site, prefix, keys, shape_of)
-            continue
-        shape = shape_of(names_of(site)["w_in"])
-        widths[site.index] = shape[1] if site.layout == CONV1D else shape[0]
-    return widths
+def _site_widths(sites: list[MLPSite], shape_of: Callable[[str], tuple], prefix: str, keys) -> dict[int, int]:
+    return {site.index: expert_width(site, prefix, keys, shape_of) if site.experts
+            else site_width(site, tensor_names(site, prefix, keys), shape_of) for site in sites}
 
 
 def compress_layer(plan: LayerPlan, mlp: MLPWeights, method: str, options: MethodOptions) -> tuple[MLPWeights, LayerReport]:
@@ -250,8 +243,7 @@ def fuse_checkpoint(
     if prefix is None:
         raise InputError(f"{model}: no MLP tensors where a {config.get('model_type')} checkpoint keeps them "
                          f"(e.g. {sites[0].module_path('up') if sites else '?'}.weight)")
-    names_of = lambda site: tensor_names(site, prefix, keys)  # noqa: E731
-    widths = _site_widths([s for s in sites if s.index not in absent], reader.shape, names_of, prefix, keys)
+    widths = _site_widths([s for s in sites if s.index not in absent], reader.shape, prefix, keys)
     chosen = [i for i in parse_layers(settings.layers, len(sites)) if i not in absent] if absent else settings.layers
     plans = plan_layers(sites, widths, chosen, settings.dim, settings.ratio,
                         settings.per_layer, settings.allow_full_width)
@@ -337,8 +329,7 @@ def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
     state = base.state_dict()
     keys = set(state)
     sites = resolve_sites(spec, config)
-    names_of = lambda site: tensor_names(site, "", keys)  # noqa: E731
-    widths = _site_widths(sites, lambda k: tuple(state[k].shape), names_of, "", keys)
+    widths = _site_widths(sites, lambda k: tuple(state[k].shape), "", keys)
     plans = plan_layers(sites, widths, settings.layers, settings.dim, settings.ratio,
                         settings.per_layer, settings.allow_full_width)
     _check_experts_flag(settings, plans)

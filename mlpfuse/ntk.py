@@ -33,7 +33,8 @@ from typing import Callable, Iterable
 import torch
 
 from .arch import lookup, resolve_sites
-from .arch.spec import CONV1D, MLPSite
+from .arch.io import module_width
+from .arch.spec import MLPSite
 from .checkpoint import read_config
 from .data import encode_texts, read_table
 from .errors import InputError
@@ -147,15 +148,13 @@ def chosen_site(model: torch.nn.Module, layer: int) -> MLPSite:
 
 
 def _site_modules(model, site: MLPSite) -> dict[str, torch.nn.Module]:
-    return {role: model.base_model.get_submodule(site.module_path(role)) for role in site.roles}
+    """The site's modules by their last role (``down`` for the down projection; a packed module once)."""
+    return {module.roles[-1]: model.base_model.get_submodule(module.path) for module in site.modules}
 
 
 def site_width(model, site: MLPSite) -> int:
-    """Intermediate width of ``site`` in ``model`` (the up projection's output size)."""
-    up = _site_modules(model, site)["up"]
-    if hasattr(up, "out_features"):
-        return int(up.out_features)
-    return int(up.weight.shape[1] if site.layout == CONV1D else up.weight.shape[0])
+    """Intermediate width of ``site`` in ``model``."""
+    return module_width(model.base_model, site)
 
 
 def _forward(model, batch: dict) -> tuple[object, torch.Tensor]:

@@ -22,6 +22,12 @@ def _common(**extra):
     return dict(vocab_size=VOCAB, **extra)
 
 
+def _decoder(**extra):
+    """A two-layer LLaMA-shaped decoder config (hidden 32, MLP width 44)."""
+    return _common(hidden_size=32, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+
+
 # model_type -> (config factory, task used to build and load it, intermediate size)
 TINY = {
     "bert": (lambda: transformers.BertConfig(**_common(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -43,6 +49,43 @@ TINY = {
     "gemma": (lambda: transformers.GemmaConfig(**_common(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
                                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)),
               "causal-lm", 44),
+    **{name: (lambda cls=cls, extra=extra: cls(**_decoder(**extra)), "causal-lm", 44) for name, cls, extra in (
+        ("gemma2", transformers.Gemma2Config, dict(head_dim=8)),
+        ("gemma3_text", transformers.Gemma3TextConfig, dict(head_dim=8)),
+        ("olmo", transformers.OlmoConfig, {}),
+        ("olmo2", transformers.Olmo2Config, {}),
+        ("olmo3", transformers.Olmo3Config, {}),
+        ("granite", transformers.GraniteConfig, {}),
+        ("stablelm", transformers.StableLmConfig, {}),
+        ("cohere", transformers.CohereConfig, {}),
+        ("cohere2", transformers.Cohere2Config, {}),
+        ("helium", transformers.HeliumConfig, dict(head_dim=8)),
+        ("smollm3", transformers.SmolLM3Config, {}),
+        ("ministral", transformers.MinistralConfig, dict(head_dim=8)),
+        ("exaone4", transformers.Exaone4Config, {}),
+        ("seed_oss", transformers.SeedOssConfig, dict(head_dim=8)),
+        ("nemotron", transformers.NemotronConfig, {}),
+        ("arcee", transformers.ArceeConfig, {}),
+        ("apertus", transformers.ApertusConfig, {}),
+        ("phi3", transformers.Phi3Config, {}),
+        ("glm", transformers.GlmConfig, dict(head_dim=8)),
+        ("phi", transformers.PhiConfig, {}),
+        ("gpt_neox", transformers.GPTNeoXConfig, {}),
+        ("persimmon", transformers.PersimmonConfig, {}),
+        ("starcoder2", transformers.Starcoder2Config, {}),
+    )},
+    "falcon": (lambda: transformers.FalconConfig(**_common(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                           ffn_hidden_size=44)), "causal-lm", 44),
+    "bloom": (lambda: transformers.BloomConfig(**_common(hidden_size=32, n_layer=2, n_head=4)), "causal-lm", 128),
+    "opt": (lambda: transformers.OPTConfig(**_common(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=44,
+                                                     word_embed_proj_dim=32, max_position_embeddings=64)), "causal-lm", 44),
+    "gptj": (lambda: transformers.GPTJConfig(**_common(n_embd=32, n_layer=2, n_head=4, n_inner=44, rotary_dim=4,
+                                                       n_positions=64)), "causal-lm", 44),
+    "codegen": (lambda: transformers.CodeGenConfig(**_common(n_embd=32, n_layer=2, n_head=4, n_inner=44, rotary_dim=4,
+                                                             n_positions=64, n_ctx=64)), "causal-lm", 44),
+    "gpt_neo": (lambda: transformers.GPTNeoConfig(**_common(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=44,
+                                                            attention_types=[[["global", "local"], 1]], window_size=8,
+                                                            max_position_embeddings=64)), "causal-lm", 44),
     "t5": (lambda: transformers.T5Config(**_common(d_model=32, d_kv=8, d_ff=36, num_layers=2, num_decoder_layers=2,
                                                    num_heads=4, feed_forward_proj="relu")), "seq2seq-lm", 36),
     "t5-gated": (lambda: transformers.T5Config(**_common(d_model=32, d_kv=8, d_ff=36, num_layers=2, num_decoder_layers=2,

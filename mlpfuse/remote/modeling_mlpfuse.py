@@ -359,7 +359,8 @@ def fused_model_class(base_cls):
             write_remote_code(save_directory)
 
     cls = type(
-        base_cls.__name__, (base_cls,), {"__init__": __init__, "save_pretrained": save_pretrained, "_mlpfuse_fused": True},
+        base_cls.__name__, (base_cls,), {"__init__": __init__, "save_pretrained": save_pretrained, "_mlpfuse_fused": True,
+                                         "__module__": base_cls.__module__},  # transformers applies its key renames only to its own modules
     )
     cls.__qualname__ = base_cls.__qualname__
     _register_output_recording(cls)
