@@ -18,14 +18,14 @@ import yaml
 
 from . import __version__
 from .arch import MLPSite, find_prefix, lookup, resolve_sites
-from .arch.io import module_specs, read_mlp, site_width, tensor_names, write_mlp
-from .arch.moe import expert_width
+from .arch.io import module_specs, read_mlp, site_width, tensor_names, write_mlp, written_layouts
+from .arch.moe import expert_width, parse_experts
 from .card import model_card
 from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, staging_directory, write_json
 from .errors import InputError
 from .fuse_moe import expert_parameter_count, fuse_moe_layer, layer_report_fields
 from .kmeans import resolve_backend
-from .methods import MethodOptions, get_method
+from .methods import MethodOptions, check_can_write, get_method
 from .mlp import MLPWeights
 from .modeling import verify_checkpoint
 from .plan import LayerPlan, parse_layers, plan_layers
@@ -164,9 +164,15 @@ def fuse_layer(plan: LayerPlan, settings: FuseSettings, options: MethodOptions, 
     return FusedLayer(tensors, set(names.values()), module_specs(plan.site, compressed), report)
 
 
-def _check_experts_flag(settings: FuseSettings, plans: list[LayerPlan]) -> None:
+def _check_plans(settings: FuseSettings, plans: list[LayerPlan]) -> None:
     if settings.experts is not None and not any(plan.site.experts for plan in plans):
         raise InputError("--experts applies to Mixture-of-Experts layers, and none of the chosen layers has experts")
+    needs: dict[str, str] = {}
+    for plan in plans:  # the method must be able to write every layout it will touch (before any work)
+        units = parse_experts(settings.experts, plan.site) if plan.site.experts else None
+        for layout in written_layouts(plan.site, units):
+            needs.setdefault(layout, plan.site.label)
+    check_can_write(settings.method, needs)
 
 
 def _resolve_dtype(name: str) -> torch.dtype | None:
@@ -247,7 +253,7 @@ def fuse_checkpoint(
     chosen = [i for i in parse_layers(settings.layers, len(sites)) if i not in absent] if absent else settings.layers
     plans = plan_layers(sites, widths, chosen, settings.dim, settings.ratio,
                         settings.per_layer, settings.allow_full_width)
-    _check_experts_flag(settings, plans)
+    _check_plans(settings, plans)
     if on_start:
         on_start(plans)
     options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device)
@@ -332,7 +338,7 @@ def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
     widths = _site_widths(sites, lambda k: tuple(state[k].shape), "", keys)
     plans = plan_layers(sites, widths, settings.layers, settings.dim, settings.ratio,
                         settings.per_layer, settings.allow_full_width)
-    _check_experts_flag(settings, plans)
+    _check_plans(settings, plans)
     backend = resolve_backend(settings.backend, settings.device)
     options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device)
     params_before = sum(p.numel() for p in model.parameters())

@@ -1,4 +1,10 @@
-"""Shared fixtures: tiny random models of every registered dense architecture, saved as checkpoints."""
+"""Shared fixtures: tiny random models of every registered architecture, saved as checkpoints.
+
+``TINY`` is the one table of tiny configs (name -> (config factory, task, MLP or expert width)); every
+test that needs a tiny model builds it from here (``build_tiny``, ``tiny_config``), and
+tests/test_registry.py runs every command on every entry. Adding an architecture: one registry
+entry in mlpfuse/arch/registry.py and one line here (docs/adding-an-architecture.md).
+"""
 
 from __future__ import annotations
 
@@ -93,9 +99,41 @@ TINY = {
 }
 
 
-def build_tiny(name: str, seed: int = 0):
-    """A tiny random model (eval mode) of registry family ``name`` and its task."""
-    factory, task, _ = TINY[name]
+# Mixture-of-Experts families: hidden MOE_H, expert width MOE_I, MOE_E experts (tests/test_moe.py).
+MOE_H, MOE_I, MOE_E, MOE_SHARED_I = 16, 12, 4, 20
+_MOE_DECODER = dict(vocab_size=VOCAB, hidden_size=MOE_H, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                    num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TINY.update({
+    "mixtral": (lambda: transformers.MixtralConfig(intermediate_size=MOE_I, num_local_experts=MOE_E, **_MOE_DECODER),
+                "causal-lm", MOE_I),
+    "qwen2_moe": (lambda: transformers.Qwen2MoeConfig(intermediate_size=24, moe_intermediate_size=MOE_I, num_experts=MOE_E,
+                                                      shared_expert_intermediate_size=MOE_SHARED_I, **_MOE_DECODER),
+                  "causal-lm", MOE_I),
+    "qwen3_moe": (lambda: transformers.Qwen3MoeConfig(intermediate_size=24, moe_intermediate_size=MOE_I, num_experts=MOE_E,
+                                                      head_dim=8, **_MOE_DECODER), "causal-lm", MOE_I),
+    "olmoe": (lambda: transformers.OlmoeConfig(intermediate_size=MOE_I, num_experts=MOE_E, **_MOE_DECODER), "causal-lm", MOE_I),
+    # 4 blocks, 2 sparse (blocks 1 and 3) in encoder and decoder
+    "switch_transformers": (lambda: transformers.SwitchTransformersConfig(
+        vocab_size=VOCAB, d_model=MOE_H, d_ff=MOE_I, d_kv=8, num_layers=4, num_decoder_layers=4, num_heads=2,
+        num_experts=MOE_E, expert_capacity=64, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1), "seq2seq-lm", MOE_I),
+})
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "switch_transformers")
+DENSE_FAMILIES = [name for name in TINY if name not in MOE_FAMILIES]
+
+
+def tiny_config(name: str, **overrides):
+    """The tiny config of family ``name`` with attributes overridden (``num_hidden_layers=3``...)."""
+    config = TINY[name][0]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def build_tiny(name: str, seed: int = 0, **overrides):
+    """A tiny random model (eval mode) of registry family ``name`` and its task (config ``overrides`` applied)."""
+    _, task, _ = TINY[name]
+    factory = lambda: tiny_config(name, **overrides)  # noqa: E731
     torch.manual_seed(seed)
     auto = getattr(transformers, {"masked-lm": "AutoModelForMaskedLM", "sequence-classification":
                                   "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM",
@@ -130,6 +168,16 @@ def tiny_checkpoint(tmp_path):
         return directory, model, task
 
     return make
+
+
+WORDS = [f"w{i}" for i in range(60)]
+
+
+def save_tokenizer(directory: Path) -> None:
+    """A small WordPiece tokenizer (ids < VOCAB) saved into ``directory``, for commands that read text."""
+    vocab = Path(directory) / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(directory)
 
 
 def tree_digest(directory: Path) -> str:

@@ -164,3 +164,25 @@ def write_stacked(base: str, experts: list[MLPWeights], dtype: torch.dtype) -> d
     if experts[0].scale is not None:
         tensors[f"{base}.{SCALE_BUFFER}"] = torch.stack([m.scale for m in experts]).to(dtype).contiguous()
     return tensors
+
+
+def written_layouts(site: MLPSite, units=None) -> set[str]:
+    """Layouts (names of ``methods.LAYOUTS``) written when compressing ``site``.
+
+    ``units``: the chosen experts of a MoE layer (indices and ``"shared"``, see ``arch.moe.parse_experts``);
+    None means all.
+    """
+    if not site.experts:
+        kinds = {"gated" if site.projections.gated else "dense"}
+        if site.layout == CONV1D:
+            kinds.add("conv1d")
+        if site.packed:
+            kinds.add("packed gate_up")
+        return kinds
+    kinds = set()
+    routed = list(range(len(site.experts))) if units is None else [u for u in units if u != "shared"]
+    if routed:
+        kinds |= {"stacked experts"} if site.stacked else {"expert modules"} | written_layouts(site.experts[0])
+    if site.shared is not None and (units is None or "shared" in units):
+        kinds |= written_layouts(site.shared)
+    return kinds
