@@ -32,6 +32,12 @@ class Projections:
     def gated(self) -> bool:
         return bool(self.gate or self.gate_up)
 
+    def describe(self) -> str:
+        """Human-readable module names, e.g. ``up_proj, down_proj, gate gate_proj``."""
+        if self.gate_up:
+            return f"{self.gate_up} (packed gate, up), {self.down}"
+        return f"{self.up}, {self.down}" + (f", gate {self.gate}" if self.gate else "")
+
 
 @dataclass(frozen=True)
 class SiteModule:
