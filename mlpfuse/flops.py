@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .arch import MLPSite, lookup, resolve_sites
-from .arch.io import module_width
+from .arch.io import module_paths, module_width
 from .errors import InputError
 
 
@@ -49,7 +49,7 @@ def mlp_sites(model: torch.nn.Module) -> list[MLPSite] | None:
 
 def _site_modules(model: torch.nn.Module, sites: list[MLPSite]) -> dict[str, torch.nn.Module]:
     base = model.base_model
-    return {module.path: base.get_submodule(module.path) for site in sites for module in site.modules}
+    return {path: base.get_submodule(path) for site in sites for path in module_paths(site)}
 
 
 def count_model(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ModelCounts:

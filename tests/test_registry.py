@@ -27,6 +27,7 @@ from mlpfuse.arch import ARCHITECTURES, lookup, resolve_sites
 from mlpfuse.arch.io import written_layouts
 from mlpfuse.cli import app
 from mlpfuse.errors import InputError
+from mlpfuse.flops import count_model
 from mlpfuse.fuse import FuseSettings, fuse_checkpoint, fuse_model
 from mlpfuse.merge import MergeSettings, merge_checkpoint
 from mlpfuse.methods import get_method, method_names
@@ -42,6 +43,15 @@ AUTO = {"masked-lm": "AutoModelForMaskedLM", "sequence-classification": "AutoMod
 
 def params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread than on a shared, oversubscribed CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +148,18 @@ def test_every_family_loads_with_trust_remote_code_in_one_fresh_process(full_wid
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root,
                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(root / "hf"),
-                                 "TOKENIZERS_PARALLELISM": "false"})
+                                 "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "failures:"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_flop_counter_finds_every_mlp(name):
+    model, _ = build_tiny(name)
+    counts = count_model(model, model_inputs(name))
+    config = model.config.to_dict()
+    assert counts.mlp_widths == [TINY[name][2]] * len(resolve_sites(lookup(config["model_type"]), config))
+    assert 0 < counts.mlp_parameters < counts.parameters
 
 
 def _dense_layer_0(name: str) -> bool:
@@ -220,7 +239,8 @@ def test_one_tune_step_runs(name, sources, root, text_file):
     assert report.steps == 1 and report.initial_loss > 0
     before, after = mlpfuse.load(narrow, task=task), mlpfuse.load(out, task=task)
     changed = [n for n, p in after.named_parameters() if not torch.equal(p, before.get_parameter(n))]
-    assert changed and all(".0." in n for n in changed)  # only layer 0's fused MLP trained
+    fused_paths = [spec["path"] for spec in after.config.mlpfuse["modules"]]
+    assert changed and all(any(f".{path}." in f".{n}" for path in fused_paths) for n in changed)  # only the fused MLP
 
 
 # ------------------------------------------------------------------ methods x layouts

@@ -76,11 +76,31 @@ def site_width(site: MLPSite, names: dict[str, str], shape_of: Callable[[str], t
     return rows // len(module.roles)
 
 
+def module_paths(site: MLPSite) -> list[str]:
+    """Paths (base-model relative) of the built modules holding ``site``'s MLP weights.
+
+    A MoE layer: its stacked experts module (or each expert's modules) and its shared expert's modules.
+    """
+    if not site.experts:
+        return [module.path for module in site.modules]
+    routed = [site.stacked] if site.stacked else [m.path for expert in site.experts for m in expert.modules]
+    return routed + ([m.path for m in site.shared.modules] if site.shared else [])
+
+
 def module_width(base: torch.nn.Module, site: MLPSite) -> int:
     """Intermediate width of ``site`` in a built model (``base``: its ``base_model``), from the down module.
 
-    Works for every module type a checkpoint may hold (Linear, Conv1D, scaled, low-rank, dropped).
+    Works for every module type a checkpoint may hold (Linear, Conv1D, scaled, low-rank, dropped,
+    stacked experts, expert lists).
     """
+    if site.experts:  # MoE layer: the routed experts' width (the widest, if a subset was fused narrower)
+        if site.stacked is None:
+            return max(module_width(base, expert) for expert in site.experts)
+        experts = base.get_submodule(site.stacked)
+        down = getattr(experts, STACKED[1], None)
+        if isinstance(down, torch.Tensor):
+            return int(stacked_width(tuple(down.shape)))
+        return max(int(expert.down.in_features) for expert in experts)  # an expert_list module
     down = base.get_submodule(site.module_path("down"))
     if hasattr(down, "in_features"):
         return int(down.in_features)
