@@ -31,7 +31,7 @@ from mlpfuse.flops import count_model
 from mlpfuse.fuse import FuseSettings, fuse_checkpoint, fuse_model
 from mlpfuse.merge import MergeSettings, merge_checkpoint
 from mlpfuse.methods import get_method, method_names
-from mlpfuse.ntk import ScalarOutput, _forward, chosen_site, probe
+from mlpfuse.ntk import ScalarOutput, _forward, chosen_site, ntk_check_model, probe
 from mlpfuse.tune import TuneSettings, tune_checkpoint
 
 from .conftest import MOE_FAMILIES, TINY, WORDS, build_tiny, model_inputs, outputs_of, save_tokenizer, tiny_config
@@ -290,3 +290,10 @@ def test_svd_on_stacked_experts_is_refused_before_any_work(sources, root, monkey
     report = fuse_checkpoint(str(qwen), root / "qwen-svd", FuseSettings(layers="all", dim=6, method="svd", experts="shared"))
     loaded = mlpfuse.load(root / "qwen-svd", task=task)
     assert params(model) - params(loaded) == report.parameters["before"] - report.parameters["after"] > 0
+
+
+def test_ntk_check_refuses_a_method_that_cannot_write_the_layer_before_any_work(monkeypatch):
+    model, _ = build_tiny("phi3")
+    monkeypatch.setattr("mlpfuse.ntk.probe", lambda *a, **k: pytest.fail("probed before refusing"))
+    with pytest.raises(InputError, match="--method svd cannot write packed gate_up \\(layer 0\\)"):
+        ntk_check_model(model, model_inputs("phi3"), layer=0, dim=6, methods=["fusion", "svd"], seeds=1)
