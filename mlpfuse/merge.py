@@ -24,8 +24,8 @@ import yaml
 from scipy.optimize import linear_sum_assignment
 
 from . import __version__
-from .arch import CONV1D, MLPSite, find_prefix, lookup, resolve_sites
-from .arch.io import SCALE_BUFFER, module_specs, read_mlp, tensor_names, write_mlp
+from .arch import MLPSite, find_prefix, lookup, resolve_sites
+from .arch.io import SCALE_BUFFER, module_specs, read_mlp, site_hidden, tensor_names, write_mlp
 from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, staging_directory, write_json
 from .data import read_table
 from .errors import InputError
@@ -507,8 +507,7 @@ def _write_checkpoint(source_dir, config, base_config, section, sites, window, m
         else:
             modules.extend(anchor_specs)
             tied = []
-            shape = reader.shape(anchor_names["w_in"])
-            hidden = shape[0] if anchor.layout == CONV1D else shape[1]
+            hidden = site_hidden(anchor, anchor_names, reader.shape)
             for site in others:
                 for module in site.modules:
                     width_in, width_out = (0, hidden) if module.roles == ("down",) else (hidden, 0)

@@ -297,3 +297,15 @@ def test_ntk_check_refuses_a_method_that_cannot_write_the_layer_before_any_work(
     monkeypatch.setattr("mlpfuse.ntk.probe", lambda *a, **k: pytest.fail("probed before refusing"))
     with pytest.raises(InputError, match="--method svd cannot write packed gate_up \\(layer 0\\)"):
         ntk_check_model(model, model_inputs("phi3"), layer=0, dim=6, methods=["fusion", "svd"], seeds=1)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "phi3", "opt", "t5-gated"])
+def test_merge_layers_drop_reloads_with_the_later_layer_zeroed(name, sources, root):
+    source, _, task = sources(name)
+    out = root / name / "dropped"
+    merge_checkpoint(str(source), out, MergeSettings(layers="0-1", mode="drop"))
+    dropped = mlpfuse.load(out, task=task).eval()
+    config = tiny_config(name).to_dict()
+    later = resolve_sites(lookup(config["model_type"]), config)[1]
+    assert all(type(dropped.base_model.get_submodule(m.path)).__name__ == "ZeroProjection" for m in later.modules)
+    assert torch.isfinite(outputs_of(dropped, model_inputs(name))).all()

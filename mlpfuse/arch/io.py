@@ -76,6 +76,13 @@ def site_width(site: MLPSite, names: dict[str, str], shape_of: Callable[[str], t
     return rows // len(module.roles)
 
 
+def site_hidden(site: MLPSite, names: dict[str, str], shape_of: Callable[[str], tuple]) -> int:
+    """Hidden (model) size of a dense site from its up-side tensor's shape."""
+    module = site.modules[0]
+    shape = shape_of(names[ROLE_FIELDS[module.roles[0]][0]])
+    return shape[0] if module.layout == CONV1D else shape[1]
+
+
 def module_paths(site: MLPSite) -> list[str]:
     """Paths (base-model relative) of the built modules holding ``site``'s MLP weights.
 
