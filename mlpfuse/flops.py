@@ -52,6 +52,18 @@ def _site_modules(model: torch.nn.Module, sites: list[MLPSite]) -> dict[str, tor
     return {path: base.get_submodule(path) for site in sites for path in module_paths(site)}
 
 
+def _eager_experts(model: torch.nn.Module) -> str | None:
+    """Switch stacked MoE experts to their eager forward (grouped-matmul kernels escape the FLOP counter).
+
+    Returns the implementation to restore, or None when the model has no switchable experts.
+    """
+    current = getattr(model.config, "_experts_implementation", None)
+    if current in (None, "eager") or not hasattr(model, "set_experts_implementation"):
+        return None
+    model.set_experts_implementation("eager")
+    return current
+
+
 def count_model(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ModelCounts:
     """Parameters and forward FLOPs per token of ``model`` on ``batch`` (one sequence is enough)."""
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -60,11 +72,14 @@ def count_model(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Model
     tokens = batch["input_ids"].numel()
     was_training = model.training
     model.eval()
+    experts = _eager_experts(model)
     try:
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model(**batch)
     finally:
         model.train(was_training)
+        if experts is not None:
+            model.set_experts_implementation(experts)
     total = counter.get_total_flops() / tokens
     if not sites:
         return ModelCounts(parameters, None, total, None, None)

@@ -309,3 +309,14 @@ def test_merge_layers_drop_reloads_with_the_later_layer_zeroed(name, sources, ro
     later = resolve_sites(lookup(config["model_type"]), config)[1]
     assert all(type(dropped.base_model.get_submodule(m.path)).__name__ == "ZeroProjection" for m in later.modules)
     assert torch.isfinite(outputs_of(dropped, model_inputs(name))).all()
+
+
+@pytest.mark.parametrize("name", ["mixtral", "olmoe"])
+def test_moe_flops_count_the_chosen_experts_matmuls_before_and_after_fusion(name):
+    model, _ = build_tiny(name)
+    config = model.config
+    per_width = config.num_hidden_layers * config.num_experts_per_tok * 3 * 2 * config.hidden_size  # gate, up, down
+    assert count_model(model, model_inputs(name)).mlp_flops_per_token == per_width * TINY[name][2]
+    fuse_model(model, FuseSettings(layers="all", dim=8, backend="torch"))
+    assert count_model(model, model_inputs(name)).mlp_flops_per_token == per_width * 8
+    assert config._experts_implementation != "eager"  # restored after counting
