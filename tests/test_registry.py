@@ -13,6 +13,7 @@ line, nothing written), and for what it can write, the reported parameters are w
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -113,9 +114,8 @@ def test_every_registered_model_type_has_a_tiny_config():
 def test_architectures_command_lists_every_model_type():
     result = CliRunner().invoke(app, ["architectures"], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
-    for spec in ARCHITECTURES:
-        for model_type in spec.model_types:
-            assert model_type in result.output
+    listed = set(re.findall(r"[\w-]+", result.output))
+    assert {t for spec in ARCHITECTURES for t in spec.model_types} <= listed
 
 
 @pytest.mark.parametrize("name", FAMILIES)
