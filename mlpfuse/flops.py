@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .arch import MLPSite, lookup, resolve_sites
+from .arch.io import module_paths, module_width
 from .errors import InputError
 
 
@@ -48,7 +49,19 @@ def mlp_sites(model: torch.nn.Module) -> list[MLPSite] | None:
 
 def _site_modules(model: torch.nn.Module, sites: list[MLPSite]) -> dict[str, torch.nn.Module]:
     base = model.base_model
-    return {site.module_path(role): base.get_submodule(site.module_path(role)) for site in sites for role in site.roles}
+    return {path: base.get_submodule(path) for site in sites for path in module_paths(site)}
+
+
+def _eager_experts(model: torch.nn.Module) -> str | None:
+    """Switch stacked MoE experts to their eager forward (grouped-matmul kernels escape the FLOP counter).
+
+    Returns the implementation to restore, or None when the model has no switchable experts.
+    """
+    current = getattr(model.config, "_experts_implementation", None)
+    if current in (None, "eager") or not hasattr(model, "set_experts_implementation"):
+        return None
+    model.set_experts_implementation("eager")
+    return current
 
 
 def count_model(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ModelCounts:
@@ -59,11 +72,14 @@ def count_model(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Model
     tokens = batch["input_ids"].numel()
     was_training = model.training
     model.eval()
+    experts = _eager_experts(model)
     try:
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model(**batch)
     finally:
         model.train(was_training)
+        if experts is not None:
+            model.set_experts_implementation(experts)
     total = counter.get_total_flops() / tokens
     if not sites:
         return ModelCounts(parameters, None, total, None, None)
@@ -73,11 +89,6 @@ def count_model(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Model
         key = next((k for k in by_module if k.endswith("." + path)), None)
         mlp_flops += sum(by_module[key].values()) if key else 0
     mlp_params = sum(p.numel() for m in modules.values() for p in m.parameters() if p.requires_grad)
-    widths = [_width(modules[site.module_path("down")], site) for site in sites]
+    widths = [module_width(model.base_model, site) for site in sites]
     return ModelCounts(parameters, mlp_params, total, mlp_flops / tokens, widths)
 
-
-def _width(down: torch.nn.Module, site: MLPSite) -> int:
-    """The intermediate width of an MLP from its down projection (Linear [p, I], Conv1D [I, p])."""
-    weight = down.weight
-    return weight.shape[0] if site.layout == "conv1d" else weight.shape[1]

@@ -17,16 +17,15 @@ import yaml
 
 from . import __version__
 from .arch import MLPSite, find_prefix, lookup, resolve_sites
-from .arch.io import module_specs, read_mlp, tensor_names, write_mlp
-from .arch.moe import expert_width
-from .arch.spec import CONV1D
+from .arch.io import module_specs, read_mlp, site_width, tensor_names, write_mlp, written_layouts
+from .arch.moe import expert_width, parse_experts
 from .card import model_card
 from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, write_json
 from .errors import InputError
 from .format import SCALE_BUFFER, fuse_section
 from .fuse_moe import expert_parameter_count, fuse_moe_layer, layer_report_fields
 from .kmeans import resolve_backend
-from .methods import MethodOptions, get_method
+from .methods import MethodOptions, check_can_write, get_method
 from .mlp import MLPWeights
 from .modeling import verify_checkpoint
 from .options import check_seed
@@ -111,15 +110,9 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _site_widths(sites: list[MLPSite], shape_of: Callable[[str], tuple], names_of, prefix: str = "", keys=()) -> dict[int, int]:
-    widths = {}
-    for site in sites:
-        if site.experts:
-            widths[site.index] = expert_width(site, prefix, keys, shape_of)
-            continue
-        shape = shape_of(names_of(site)["w_in"])
-        widths[site.index] = shape[1] if site.layout == CONV1D else shape[0]
-    return widths
+def _site_widths(sites: list[MLPSite], shape_of: Callable[[str], tuple], prefix: str, keys) -> dict[int, int]:
+    return {site.index: expert_width(site, prefix, keys, shape_of) if site.experts
+            else site_width(site, tensor_names(site, prefix, keys), shape_of) for site in sites}
 
 
 def compress_layer(plan: LayerPlan, mlp: MLPWeights, method: str, options: MethodOptions) -> tuple[MLPWeights, LayerReport]:
@@ -169,9 +162,15 @@ def fuse_layer(plan: LayerPlan, settings: FuseSettings, options: MethodOptions, 
     return FusedLayer(tensors, set(names.values()), module_specs(plan.site, compressed), report)
 
 
-def _check_experts_flag(settings: FuseSettings, plans: list[LayerPlan]) -> None:
+def _check_plans(settings: FuseSettings, plans: list[LayerPlan]) -> None:
     if settings.experts is not None and not any(plan.site.experts for plan in plans):
         raise InputError("--experts applies to Mixture-of-Experts layers, and none of the chosen layers has experts")
+    needs: dict[str, str] = {}
+    for plan in plans:  # the method must be able to write every layout it will touch (before any work)
+        units = parse_experts(settings.experts, plan.site) if plan.site.experts else None
+        for layout in written_layouts(plan.site, units):
+            needs.setdefault(layout, plan.site.label)
+    check_can_write(settings.method, needs)
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, name: str = "") -> torch.Tensor:
@@ -226,12 +225,11 @@ def fuse_checkpoint(
         raise InputError(f"{model}: no MLP tensors where a {config.get('model_type')} checkpoint keeps them "
                          f"(e.g. {sites[0].module_path('up') if sites else '?'}.weight)")
     check_checkpoint(config, reader, spec, sites, prefix, absent_paths(merged_layout))  # before any work
-    names_of = lambda site: tensor_names(site, prefix, keys)  # noqa: E731
-    widths = _site_widths([s for s in sites if s.index not in absent], reader.shape, names_of, prefix, keys)
+    widths = _site_widths([s for s in sites if s.index not in absent], reader.shape, prefix, keys)
     chosen = [i for i in parse_layers(settings.layers, len(sites)) if i not in absent] if absent else settings.layers
     plans = plan_layers(sites, widths, chosen, settings.dim, settings.ratio,
                         settings.per_layer, settings.allow_full_width)
-    _check_experts_flag(settings, plans)
+    _check_plans(settings, plans)
     if on_start:
         on_start(plans)
     options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device)
@@ -313,11 +311,10 @@ def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
     state = base.state_dict()
     keys = set(state)
     sites = resolve_sites(spec, config)
-    names_of = lambda site: tensor_names(site, "", keys)  # noqa: E731
-    widths = _site_widths(sites, lambda k: tuple(state[k].shape), names_of, "", keys)
+    widths = _site_widths(sites, lambda k: tuple(state[k].shape), "", keys)
     plans = plan_layers(sites, widths, settings.layers, settings.dim, settings.ratio,
                         settings.per_layer, settings.allow_full_width)
-    _check_experts_flag(settings, plans)
+    _check_plans(settings, plans)
     backend = resolve_backend(settings.backend, settings.device)
     options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device)
     params_before = sum(p.numel() for p in model.parameters())

@@ -24,8 +24,8 @@ import yaml
 from scipy.optimize import linear_sum_assignment
 
 from . import __version__
-from .arch import CONV1D, MLPSite, find_prefix, lookup, resolve_sites
-from .arch.io import SCALE_BUFFER, module_specs, read_mlp, tensor_names, write_mlp
+from .arch import MLPSite, find_prefix, lookup, resolve_sites
+from .arch.io import SCALE_BUFFER, module_specs, read_mlp, site_hidden, tensor_names, write_mlp
 from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, write_json
 from .data import read_table
 from .errors import InputError
@@ -257,12 +257,15 @@ class ModelSession:
         store: dict[tuple[int, str], list] = {}
         handles, mask_box = [], {}
         for site in sites:
-            for role in ("up", "gate") if site.projections.gate else ("up",):
-                module = self.base.get_submodule(site.module_path(role))
+            for site_module in site.modules:
+                if site_module.roles == ("down",):
+                    continue
+                module = self.base.get_submodule(site_module.path)
 
-                def hook(_module, _inputs, output, key=(site.index, role)):
-                    flat = output.reshape(-1, output.shape[-1])
-                    store.setdefault(key, []).append(flat[mask_box["mask"]].float())
+                def hook(_module, _inputs, output, index=site.index, roles=site_module.roles):
+                    flat = output.reshape(-1, output.shape[-1])[mask_box["mask"]].float()
+                    for role, part in zip(roles, flat.chunk(len(roles), -1)):  # a packed [gate; up] output splits
+                        store.setdefault((index, role), []).append(part)
 
                 handles.append(module.register_forward_hook(hook))
         tokens = 0
@@ -494,16 +497,15 @@ def _write_checkpoint(source_dir, config, base_config, section, sites, window, m
         if merged is not None:
             if anchor_specs:  # a fused anchor: same widths, but its scale is now folded in
                 modules.extend(module_specs(anchor, merged))
-            tied = [{"source": anchor.module_path(r), "targets": [s.module_path(r) for s in others]} for r in anchor.roles]
+            tied = [{"source": m.path, "targets": [s.modules[j].path for s in others]} for j, m in enumerate(anchor.modules)]
         else:
             modules.extend(anchor_specs)
             tied = []
-            shape = reader.shape(anchor_names["w_in"])
-            hidden = shape[0] if anchor.layout == CONV1D else shape[1]
+            hidden = site_hidden(anchor, anchor_names, reader.shape)
             for site in others:
-                for role in site.roles:
-                    width_in, width_out = (0, hidden) if role == "down" else (hidden, 0)
-                    modules.append({"path": site.module_path(role), "type": ZERO_MODULE, "in_features": width_in,
+                for module in site.modules:
+                    width_in, width_out = (0, hidden) if module.roles == ("down",) else (hidden, 0)
+                    modules.append({"path": module.path, "type": ZERO_MODULE, "in_features": width_in,
                                     "out_features": width_out, "bias": False, "scaled": False})
         report.parameters = params
         record = {"mode": settings.mode, "layers": report.window, "layer_labels": report.window_labels,

@@ -33,12 +33,13 @@ from typing import Callable, Iterable
 import torch
 
 from .arch import lookup, resolve_sites
-from .arch.spec import CONV1D, MLPSite
+from .arch.io import module_width, written_layouts
+from .arch.spec import MLPSite
 from .checkpoint import read_config
 from .data import encode_texts, read_table
 from .errors import InputError
 from .fuse import FuseSettings, fuse_model
-from .methods import get_method
+from .methods import check_can_write, get_method
 from .modeling import load
 from .options import check_seed
 from .plan import parse_layers, target_width
@@ -149,15 +150,13 @@ def chosen_site(model: torch.nn.Module, layer: int) -> MLPSite:
 
 
 def _site_modules(model, site: MLPSite) -> dict[str, torch.nn.Module]:
-    return {role: model.base_model.get_submodule(site.module_path(role)) for role in site.roles}
+    """The site's modules by their last role (``down`` for the down projection; a packed module once)."""
+    return {module.roles[-1]: model.base_model.get_submodule(module.path) for module in site.modules}
 
 
 def site_width(model, site: MLPSite) -> int:
-    """Intermediate width of ``site`` in ``model`` (the up projection's output size)."""
-    up = _site_modules(model, site)["up"]
-    if hasattr(up, "out_features"):
-        return int(up.out_features)
-    return int(up.weight.shape[1] if site.layout == CONV1D else up.weight.shape[0])
+    """Intermediate width of ``site`` in ``model``."""
+    return module_width(model.base_model, site)
 
 
 def _forward(model, batch: dict) -> tuple[object, torch.Tensor]:
@@ -201,11 +200,14 @@ def probe(model: torch.nn.Module, site: MLPSite, batches: list[dict], scalar: Sc
             roles = list(modules)
             cotangents = torch.autograd.grad(f.sum(), [captured[role][1] for role in roles])
             keep = batch["attention_mask"].bool()
-            mlp_outputs.append(captured["down"][1].detach()[keep])
+            # some families (OPT) run their MLP on flattened [batch * tokens, hidden]: back to [batch, tokens, ...]
+            by_sample = lambda t: t.reshape(*keep.shape, t.shape[-1])  # noqa: E731
+            mlp_outputs.append(by_sample(captured["down"][1].detach())[keep])
             hiddens.append(hidden.detach()[keep])
             per_batch = []
             for role, cotangent in zip(roles, cotangents):
-                per_batch.extend(_per_sample_grads(modules[role], captured[role][0].detach(), cotangent, chunk))
+                per_batch.extend(_per_sample_grads(modules[role], by_sample(captured[role][0].detach()),
+                                                   by_sample(cotangent), chunk))
             grads.append(per_batch)
     finally:
         for hook in hooks:
@@ -286,6 +288,8 @@ def ntk_check_model(
     for method in methods:
         get_method(method)
     site = chosen_site(model, layer)
+    for method in methods:  # a method that cannot write this layout is refused before any work
+        check_can_write(method, {layout: site.label for layout in written_layouts(site)})
     width = site_width(model, site)
     if methods:
         if dim is None:

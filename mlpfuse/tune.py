@@ -115,6 +115,15 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return named
 
 
+def _hidden_states(model: torch.nn.Module, encoded: dict) -> tuple:
+    """Every layer's hidden states; encoder-decoder models: the encoder's then the decoder's (the text as decoder input)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        out = model(**encoded, decoder_input_ids=encoded["input_ids"], decoder_attention_mask=encoded["attention_mask"],
+                    output_hidden_states=True)
+        return tuple(out.encoder_hidden_states) + tuple(out.decoder_hidden_states)
+    return model(**encoded, output_hidden_states=True).hidden_states
+
+
 def layerwise_loss(student_states, teacher_states, mask: torch.Tensor) -> torch.Tensor:
     """Sum over layers of the MSE between hidden states, averaged over non-padding tokens."""
     weights = mask.unsqueeze(-1).to(student_states[-1].dtype)
@@ -177,8 +186,8 @@ def tune_model(
         for step in range(start_step, len(batches)):
             encoded = _encode(tokenizer, [texts[i] for i in batches[step]], settings.max_length, device)
             with torch.no_grad():
-                target = teacher(**encoded, output_hidden_states=True).hidden_states
-            states = student(**encoded, output_hidden_states=True).hidden_states
+                target = _hidden_states(teacher, encoded)
+            states = _hidden_states(student, encoded)
             loss = layerwise_loss(states, target, encoded["attention_mask"])
             if not math.isfinite(loss.item()):
                 raise InputError(f"the tuning loss became {loss.item()} at step {step + 1}; lower --lr")

@@ -1,4 +1,10 @@
-"""Shared fixtures: tiny random models of every registered dense architecture, saved as checkpoints."""
+"""Shared fixtures: tiny random models of every registered architecture, saved as checkpoints.
+
+``TINY`` is the one table of tiny configs (name -> (config factory, task, MLP or expert width)); every
+test that needs a tiny model builds it from here (``build_tiny``, ``tiny_config``), and
+tests/test_registry.py runs every command on every entry. Adding an architecture: one registry
+entry in mlpfuse/arch/registry.py and one line here (docs/adding-an-architecture.md).
+"""
 
 from __future__ import annotations
 
@@ -18,41 +24,104 @@ transformers.utils.logging.disable_progress_bar()
 VOCAB = 99
 
 
-def _common(**extra):
-    return dict(vocab_size=VOCAB, **extra)
+T = transformers
 
 
-# model_type -> (config factory, task used to build and load it, intermediate size)
+def _config(cls, **defaults):
+    """A config factory: ``factory(**overrides)`` builds ``cls`` from ``defaults`` updated by ``overrides``."""
+    return lambda **overrides: cls(**{"vocab_size": VOCAB, **defaults, **overrides})
+
+
+# A two-layer LLaMA-shaped decoder (hidden 32, MLP width 44).
+_DECODER = dict(hidden_size=32, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_T5 = dict(d_model=32, d_kv=8, d_ff=36, num_layers=2, num_decoder_layers=2, num_heads=4)
+
+# name -> (config factory, task used to build and load it, MLP width (the routed experts' for MoE))
 TINY = {
-    "bert": (lambda: transformers.BertConfig(**_common(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                       intermediate_size=37, max_position_embeddings=64)), "masked-lm", 37),
-    "roberta": (lambda: transformers.RobertaConfig(**_common(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                             intermediate_size=40, max_position_embeddings=70,
-                                                             pad_token_id=1)), "sequence-classification", 40),
-    "gpt2": (lambda: transformers.GPT2Config(**_common(n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                                       bos_token_id=0, eos_token_id=0)), "causal-lm", 128),
-    "llama": (lambda: transformers.LlamaConfig(**_common(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
-                                                         num_attention_heads=4, num_key_value_heads=2)), "causal-lm", 44),
-    "mistral": (lambda: transformers.MistralConfig(**_common(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
-                                                             num_attention_heads=4, num_key_value_heads=2)), "causal-lm", 44),
-    "qwen2": (lambda: transformers.Qwen2Config(**_common(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
-                                                         num_attention_heads=4, num_key_value_heads=2)), "causal-lm", 44),
-    "qwen3": (lambda: transformers.Qwen3Config(**_common(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
-                                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)),
-              "causal-lm", 44),
-    "gemma": (lambda: transformers.GemmaConfig(**_common(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
-                                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)),
-              "causal-lm", 44),
-    "t5": (lambda: transformers.T5Config(**_common(d_model=32, d_kv=8, d_ff=36, num_layers=2, num_decoder_layers=2,
-                                                   num_heads=4, feed_forward_proj="relu")), "seq2seq-lm", 36),
-    "t5-gated": (lambda: transformers.T5Config(**_common(d_model=32, d_kv=8, d_ff=36, num_layers=2, num_decoder_layers=2,
-                                                         num_heads=4, feed_forward_proj="gated-gelu")), "seq2seq-lm", 36),
+    "bert": (_config(T.BertConfig, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                     max_position_embeddings=64), "masked-lm", 37),
+    "roberta": (_config(T.RobertaConfig, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+                        max_position_embeddings=70, pad_token_id=1), "sequence-classification", 40),
+    "gpt2": (_config(T.GPT2Config, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+             "causal-lm", 128),
+    **{name: (_config(cls, **{**_DECODER, **extra}), "causal-lm", 44) for name, cls, extra in (
+        ("llama", T.LlamaConfig, {}),
+        ("mistral", T.MistralConfig, {}),
+        ("qwen2", T.Qwen2Config, {}),
+        ("qwen3", T.Qwen3Config, dict(head_dim=8)),
+        ("gemma", T.GemmaConfig, dict(head_dim=8)),
+        ("gemma2", T.Gemma2Config, dict(head_dim=8)),
+        ("gemma3_text", T.Gemma3TextConfig, dict(head_dim=8)),
+        ("olmo", T.OlmoConfig, {}),
+        ("olmo2", T.Olmo2Config, {}),
+        ("olmo3", T.Olmo3Config, {}),
+        ("granite", T.GraniteConfig, {}),
+        ("stablelm", T.StableLmConfig, {}),
+        ("cohere", T.CohereConfig, {}),
+        ("cohere2", T.Cohere2Config, {}),
+        ("helium", T.HeliumConfig, dict(head_dim=8)),
+        ("smollm3", T.SmolLM3Config, {}),
+        ("ministral", T.MinistralConfig, dict(head_dim=8)),
+        ("exaone4", T.Exaone4Config, {}),
+        ("seed_oss", T.SeedOssConfig, dict(head_dim=8)),
+        ("nemotron", T.NemotronConfig, {}),
+        ("arcee", T.ArceeConfig, {}),
+        ("apertus", T.ApertusConfig, {}),
+        ("phi3", T.Phi3Config, {}),
+        ("glm", T.GlmConfig, dict(head_dim=8)),
+        ("phi", T.PhiConfig, {}),
+        ("gpt_neox", T.GPTNeoXConfig, {}),
+        ("persimmon", T.PersimmonConfig, {}),
+        ("starcoder2", T.Starcoder2Config, {}),
+    )},
+    "falcon": (_config(T.FalconConfig, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_hidden_size=44),
+               "causal-lm", 44),
+    "bloom": (_config(T.BloomConfig, hidden_size=32, n_layer=2, n_head=4), "causal-lm", 128),
+    "opt": (_config(T.OPTConfig, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=44,
+                    word_embed_proj_dim=32, max_position_embeddings=64), "causal-lm", 44),
+    "gptj": (_config(T.GPTJConfig, n_embd=32, n_layer=2, n_head=4, n_inner=44, rotary_dim=4, n_positions=64),
+             "causal-lm", 44),
+    "codegen": (_config(T.CodeGenConfig, n_embd=32, n_layer=2, n_head=4, n_inner=44, rotary_dim=4, n_positions=64, n_ctx=64),
+                "causal-lm", 44),
+    "gpt_neo": (_config(T.GPTNeoConfig, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=44,
+                        attention_types=[[["global", "local"], 1]], window_size=8, max_position_embeddings=64),
+                "causal-lm", 44),
+    "t5": (_config(T.T5Config, **_T5, feed_forward_proj="relu"), "seq2seq-lm", 36),
+    "t5-gated": (_config(T.T5Config, **_T5, feed_forward_proj="gated-gelu"), "seq2seq-lm", 36),
 }
 
+# Mixture-of-Experts families: hidden MOE_H, expert width MOE_I, MOE_E experts (tests/test_moe.py).
+MOE_H, MOE_I, MOE_E, MOE_SHARED_I = 16, 12, 4, 20
+_MOE_DECODER = dict(hidden_size=MOE_H, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                    num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TINY.update({
+    "mixtral": (_config(T.MixtralConfig, intermediate_size=MOE_I, num_local_experts=MOE_E, **_MOE_DECODER),
+                "causal-lm", MOE_I),
+    "qwen2_moe": (_config(T.Qwen2MoeConfig, intermediate_size=24, moe_intermediate_size=MOE_I, num_experts=MOE_E,
+                          shared_expert_intermediate_size=MOE_SHARED_I, **_MOE_DECODER), "causal-lm", MOE_I),
+    "qwen3_moe": (_config(T.Qwen3MoeConfig, intermediate_size=24, moe_intermediate_size=MOE_I, num_experts=MOE_E,
+                          head_dim=8, **_MOE_DECODER), "causal-lm", MOE_I),
+    "olmoe": (_config(T.OlmoeConfig, intermediate_size=MOE_I, num_experts=MOE_E, **_MOE_DECODER), "causal-lm", MOE_I),
+    # 4 blocks, 2 sparse (blocks 1 and 3) in encoder and decoder
+    "switch_transformers": (_config(
+        T.SwitchTransformersConfig, d_model=MOE_H, d_ff=MOE_I, d_kv=8, num_layers=4, num_decoder_layers=4, num_heads=2,
+        num_experts=MOE_E, expert_capacity=64, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1), "seq2seq-lm", MOE_I),
+})
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "switch_transformers")
+DENSE_FAMILIES = [name for name in TINY if name not in MOE_FAMILIES]
 
-def build_tiny(name: str, seed: int = 0):
-    """A tiny random model (eval mode) of registry family ``name`` and its task."""
-    factory, task, _ = TINY[name]
+
+def tiny_config(name: str, **overrides):
+    """The tiny config of family ``name``, built with its constructor arguments updated by ``overrides``."""
+    return TINY[name][0](**overrides)
+
+
+def build_tiny(name: str, seed: int = 0, **overrides):
+    """A tiny random model (eval mode) of registry family ``name`` and its task (config ``overrides`` applied)."""
+    _, task, _ = TINY[name]
+    factory = lambda: tiny_config(name, **overrides)  # noqa: E731
     torch.manual_seed(seed)
     auto = getattr(transformers, {"masked-lm": "AutoModelForMaskedLM", "sequence-classification":
                                   "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM",
@@ -87,6 +156,16 @@ def tiny_checkpoint(tmp_path):
         return directory, model, task
 
     return make
+
+
+WORDS = [f"w{i}" for i in range(60)]
+
+
+def save_tokenizer(directory: Path) -> None:
+    """A small WordPiece tokenizer (ids < VOCAB) saved into ``directory``, for commands that read text."""
+    vocab = Path(directory) / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(directory)
 
 
 def tree_digest(directory: Path) -> str:

@@ -13,6 +13,8 @@ from mlpfuse import FuseSettings, fuse_model
 from mlpfuse.methods import MethodOptions, get_method
 from mlpfuse.mlp import MLPWeights
 
+from .conftest import tiny_config
+
 DISTINCT, REPEAT, HIDDEN = 6, 3, 16
 
 
@@ -69,8 +71,8 @@ def test_folded_clustering_keeps_neither():
 
 
 def _bert_with_repeated_layer():
-    config = transformers.BertConfig(vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=DISTINCT * REPEAT, max_position_embeddings=32)
+    config = tiny_config("bert", vocab_size=50, hidden_size=HIDDEN, num_attention_heads=2,
+                         intermediate_size=DISTINCT * REPEAT, max_position_embeddings=32)
     torch.manual_seed(0)
     model = transformers.BertModel(config).double().eval()
     mlp = repeated_mlp()

@@ -19,7 +19,7 @@ from mlpfuse.merge import align, merge_aligned, permute_mlp
 from mlpfuse.mlp import MLPWeights
 from mlpfuse.remote.modeling_mlpfuse import ZeroProjection
 
-from .conftest import tree_digest
+from .conftest import tiny_config, tree_digest
 
 WORDS = [f"w{i}" for i in range(60)]
 GELU = torch.nn.functional.gelu
@@ -75,14 +75,15 @@ def _tokenizer(directory: Path):
     tok.save_pretrained(directory)
 
 
-CONFIGS = {
-    "bert": lambda: transformers.BertConfig(vocab_size=70, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                                            intermediate_size=20, max_position_embeddings=64),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=70, n_embd=16, n_layer=3, n_head=2, n_positions=64),
-    "llama": lambda: transformers.LlamaConfig(vocab_size=70, hidden_size=16, intermediate_size=20, num_hidden_layers=3,
-                                              num_attention_heads=2, num_key_value_heads=1),
-    "t5": lambda: transformers.T5Config(vocab_size=70, d_model=16, d_kv=8, d_ff=20, num_layers=2, num_decoder_layers=2,
-                                        num_heads=2, feed_forward_proj="gated-gelu", decoder_start_token_id=0),
+CONFIGS = {  # tests/conftest.py's tiny configs, three layers of width 20 (hidden 16)
+    "bert": lambda: tiny_config("bert", vocab_size=70, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                intermediate_size=20),
+    "gpt2": lambda: tiny_config("gpt2", vocab_size=70, n_embd=16, n_layer=3, n_head=2, bos_token_id=50256,
+                                eos_token_id=50256),
+    "llama": lambda: tiny_config("llama", vocab_size=70, hidden_size=16, intermediate_size=20, num_hidden_layers=3,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                                 pad_token_id=None, bos_token_id=1, eos_token_id=2),
+    "t5": lambda: tiny_config("t5-gated", vocab_size=70, d_model=16, d_ff=20, num_heads=2, decoder_start_token_id=0),
 }
 
 

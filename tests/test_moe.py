@@ -20,33 +20,18 @@ from mlpfuse.checkpoint import CheckpointReader
 from mlpfuse.errors import InputError
 from mlpfuse.fuse import FuseSettings, fuse_checkpoint, fuse_model
 
-H, I = 16, 12  # hidden size, routed expert width
-SHARED_I = 20
-E = 4
-
-_DECODER = dict(vocab_size=64, hidden_size=H, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+from .conftest import MOE_E as E
+from .conftest import MOE_FAMILIES as FAMILIES
+from .conftest import MOE_H as H
+from .conftest import MOE_I as I
+from .conftest import MOE_SHARED_I as SHARED_I
+from .conftest import tiny_config
 
 
 def _config(family: str):
-    if family == "mixtral":
-        return transformers.MixtralConfig(intermediate_size=I, num_local_experts=E, **_DECODER)
-    if family == "qwen2_moe":
-        return transformers.Qwen2MoeConfig(intermediate_size=24, moe_intermediate_size=I, num_experts=E,
-                                           shared_expert_intermediate_size=SHARED_I, **_DECODER)
-    if family == "qwen3_moe":
-        return transformers.Qwen3MoeConfig(intermediate_size=24, moe_intermediate_size=I, num_experts=E, head_dim=8, **_DECODER)
-    if family == "olmoe":
-        return transformers.OlmoeConfig(intermediate_size=I, num_experts=E, **_DECODER)
-    if family == "switch_transformers":  # 4 blocks, 2 sparse (blocks 1 and 3) in encoder and decoder
-        return transformers.SwitchTransformersConfig(
-            vocab_size=64, d_model=H, d_ff=I, d_kv=8, num_layers=4, num_decoder_layers=4, num_heads=2,
-            num_experts=E, expert_capacity=64, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-    raise ValueError(family)
+    return tiny_config(family)
 
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "switch_transformers")
 TASK = {f: "causal-lm" for f in FAMILIES} | {"switch_transformers": "seq2seq-lm"}
 AUTO = {"causal-lm": transformers.AutoModelForCausalLM, "seq2seq-lm": transformers.AutoModelForSeq2SeqLM}
 

@@ -13,7 +13,7 @@ from mlpfuse import FuseSettings, fuse_checkpoint, fuse_model
 from mlpfuse.cli import app
 from mlpfuse.ntk import ScalarOutput, _forward, chosen_site, ntk_check_model, probe
 
-from .conftest import build_tiny
+from .conftest import build_tiny, tiny_config
 
 DISTINCT, REPEAT, HIDDEN = 5, 3, 16
 SST2_DEV = "/work/shared/data/sst2/dev.tsv"
@@ -29,8 +29,8 @@ def tokens(batch=6, length=7, vocab=50, seed=1) -> dict:
 
 
 def bert(intermediate: int, repeated: bool = False) -> transformers.BertModel:
-    config = transformers.BertConfig(vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=intermediate, max_position_embeddings=32)
+    config = tiny_config("bert", vocab_size=50, hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=intermediate,
+                         max_position_embeddings=32)
     torch.manual_seed(0)
     model = transformers.BertModel(config).double().eval()
     if repeated:  # layer 0: DISTINCT neurons, each REPEAT times
@@ -102,8 +102,8 @@ def test_sign_kernel_matches_plain_autograd(case):
 
 
 def test_model_with_its_own_head_uses_it():
-    config = transformers.BertConfig(vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=12, max_position_embeddings=32, num_labels=3)
+    config = tiny_config("bert", vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=12, max_position_embeddings=32, num_labels=3)
     model = transformers.BertForSequenceClassification(config).eval()
     report = ntk_check_model(model, tokens(), layer=0, dim=6, methods=["prune"], seeds=1)
     assert "own head" in report.scalar and report.methods[0].mean["ntk_error"] > 0

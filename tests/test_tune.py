@@ -17,7 +17,7 @@ from mlpfuse.fuse import FuseSettings, fuse_model
 from mlpfuse.source import bundled_model_path
 from mlpfuse.tune import TuneSettings, file_sha256, layerwise_loss, state_directory, tune_checkpoint, tune_model
 
-from .conftest import tree_digest
+from .conftest import tiny_config, tree_digest
 
 WORDS = "good bad great awful fine movie film plot actor boring funny sad long short dull bright".split()
 
@@ -42,13 +42,9 @@ def make_checkpoints(directory: Path, kind: str = "bert", seed: int = 0) -> tupl
     vocab = len(tokenizer)
     torch.manual_seed(seed)
     if kind == "bert":
-        config = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=64, max_position_embeddings=64)
-        model = transformers.BertModel(config)
+        model = transformers.BertModel(tiny_config("bert", vocab_size=vocab, intermediate_size=64))
     else:
-        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                          pad_token_id=tokenizer.pad_token_id)
+        config = tiny_config("llama", vocab_size=vocab, intermediate_size=48, pad_token_id=tokenizer.pad_token_id)
         model = transformers.LlamaForCausalLM(config)
     original, fused = directory / f"{kind}-original", directory / f"{kind}-fused"
     model.save_pretrained(original)

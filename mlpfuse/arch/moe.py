@@ -25,7 +25,8 @@ from ..errors import InputError
 from ..mlp import MLPWeights
 from ..plan import parse_ranges
 from ..format import EXPERT_LIST_MODULE, SCALE_DTYPE, STACKED_EXPERTS_MODULE
-from .io import SCALE_BUFFER, module_specs, read_mlp, tensor_names, write_mlp
+from .io import (SCALE_BUFFER, STACKED, module_specs, read_mlp, read_stacked, site_width, stacked_names, stacked_width,
+                 tensor_names, write_mlp, write_stacked)
 from .spec import ExpertTemplate, MLPSite, Projections
 
 SHARED = "shared"
@@ -91,16 +92,9 @@ def parse_experts(spec, site: MLPSite) -> list:
     return [e for e in every if e in chosen]
 
 
-def _stacked_keys(site: MLPSite, prefix: str, keys) -> tuple[str, str] | None:
-    if site.stacked is None:
-        return None
-    gate_up, down = f"{prefix}{site.stacked}.gate_up_proj", f"{prefix}{site.stacked}.down_proj"
-    return (gate_up, down) if gate_up in keys and down in keys else None
-
-
 def expert_keys(site: MLPSite, prefix: str, keys) -> set[str]:
     """Every input tensor name that holds this layer's routed experts."""
-    stacked = _stacked_keys(site, prefix, keys)
+    stacked = stacked_names(site, prefix, keys)
     found = set(stacked or ())
     for expert in site.experts:
         found.update(tensor_names(expert, prefix, keys).values())
@@ -113,21 +107,18 @@ def shared_keys(site: MLPSite, prefix: str, keys) -> set[str]:
 
 def read_experts(site: MLPSite, prefix: str, keys, get) -> list[MLPWeights]:
     """Each routed expert of the layer in the standard form, from per-expert or stacked tensors."""
-    stacked = _stacked_keys(site, prefix, keys)
+    stacked = stacked_names(site, prefix, keys)
     if stacked is None:
         return [read_mlp(expert, tensor_names(expert, prefix, keys), get) for expert in site.experts]
-    gate_up, down = get(stacked[0]), get(stacked[1])
-    width = gate_up.shape[1] // 2  # transformers concatenates [gate; up] along dim 1
-    return [MLPWeights(w_gate=gate_up[e, :width], w_in=gate_up[e, width:], w_out=down[e]) for e in range(gate_up.shape[0])]
+    return read_stacked(get(stacked[0]), get(stacked[1]))
 
 
 def expert_width(site: MLPSite, prefix: str, keys, shape_of) -> int:
     """Intermediate size of the layer's routed experts (from shapes only)."""
-    stacked = _stacked_keys(site, prefix, keys)
+    stacked = stacked_names(site, prefix, keys)
     if stacked is not None:
-        return shape_of(stacked[1])[2]
-    shape = shape_of(tensor_names(site.experts[0], prefix, keys)["w_in"])
-    return shape[0]
+        return stacked_width(shape_of(stacked[1]))
+    return site_width(site.experts[0], tensor_names(site.experts[0], prefix, keys), shape_of)
 
 
 def unit_label(site: MLPSite, unit) -> str:
@@ -152,14 +143,9 @@ def write_experts(site: MLPSite, experts: list[MLPWeights], fused: set, prefix: 
     base = f"{prefix}{site.stacked}"
     if len(widths) == 1 and len(scaled) == 1:
         k, hidden = experts[0].width, experts[0].hidden
-        tensors = {
-            f"{base}.gate_up_proj": torch.stack([torch.cat([m.w_gate, m.w_in], 0) for m in experts]).to(dtype).contiguous(),
-            f"{base}.down_proj": torch.stack([m.w_out for m in experts]).to(dtype).contiguous(),
-        }
-        if experts[0].scale is not None:
-            tensors[f"{base}.{SCALE_BUFFER}"] = torch.stack([m.scale for m in experts]).to(SCALE_DTYPE).contiguous()
+        tensors = write_stacked(base, experts, dtype)
         spec = {"path": site.stacked, "type": STACKED_EXPERTS_MODULE, "experts": len(experts), "width": k,
-                "hidden": hidden, "scaled": experts[0].scale is not None, "tensors": ["gate_up_proj", "down_proj"]}
+                "hidden": hidden, "scaled": experts[0].scale is not None, "tensors": list(STACKED)}
         return tensors, [spec]
     tensors = {}
     for e, mlp in enumerate(experts):

@@ -6,6 +6,8 @@ from ..errors import InputError
 from .spec import CONV1D, ArchSpec, ExpertTemplate, Projections, SiteTemplate
 
 _LLAMA_LIKE = Projections(up="up_proj", down="down_proj", gate="gate_proj")
+_PACKED = Projections(up=None, down="down_proj", gate_up="gate_up_proj")  # one [gate; up] module
+_H_TO_4H = Projections(up="dense_h_to_4h", down="dense_4h_to_h")
 
 
 def _switch_stack(stack: str, ff: int, count: str) -> SiteTemplate:
@@ -42,6 +44,97 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         model_types=("llama", "mistral", "qwen2", "qwen3", "gemma"),
         sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers"),),
         projections=_LLAMA_LIKE,
+        causal_lm=True,
+    ),
+    ArchSpec(
+        name="Gemma 2 / Gemma 3 (text)",
+        model_types=("gemma2", "gemma3_text"),
+        sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers"),),
+        projections=_LLAMA_LIKE,
+        causal_lm=True,
+    ),
+    ArchSpec(
+        name="OLMo / OLMo 2 / OLMo 3",
+        model_types=("olmo", "olmo2", "olmo3"),
+        sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers"),),
+        projections=_LLAMA_LIKE,
+        causal_lm=True,
+    ),
+    ArchSpec(
+        name="Granite / StableLM / Cohere / Helium / SmolLM3 / Ministral (gated, LLaMA-like)",
+        model_types=("granite", "stablelm", "cohere", "cohere2", "helium", "smollm3", "ministral", "exaone4", "seed_oss"),
+        sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers"),),
+        projections=_LLAMA_LIKE,
+        causal_lm=True,
+    ),
+    ArchSpec(
+        name="Nemotron / Arcee / Apertus (non-gated up/down)",
+        model_types=("nemotron", "arcee", "apertus"),
+        sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers"),),
+        projections=Projections(up="up_proj", down="down_proj"),
+        causal_lm=True,
+    ),
+    ArchSpec(
+        name="Phi-3 / GLM (packed gate_up_proj)",
+        model_types=("phi3", "glm"),
+        sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers"),),
+        projections=_PACKED,
+        causal_lm=True,
+    ),
+    ArchSpec(
+        name="Phi (1.x / 2)",
+        model_types=("phi",),
+        sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers"),),
+        projections=Projections(up="fc1", down="fc2"),
+        causal_lm=True,
+    ),
+    ArchSpec(
+        name="GPT-NeoX / Pythia / Persimmon",
+        model_types=("gpt_neox", "persimmon"),
+        sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers"),),
+        projections=_H_TO_4H,
+        causal_lm=True,
+    ),
+    ArchSpec(
+        name="Falcon",
+        model_types=("falcon",),
+        sites=(SiteTemplate("h.{i}.mlp", "num_hidden_layers"),),
+        projections=_H_TO_4H,
+        causal_lm=True,
+    ),
+    ArchSpec(
+        name="BLOOM",
+        model_types=("bloom",),
+        sites=(SiteTemplate("h.{i}.mlp", "n_layer"),),
+        projections=_H_TO_4H,
+        causal_lm=True,
+    ),
+    ArchSpec(
+        name="OPT",
+        model_types=("opt",),
+        sites=(SiteTemplate("decoder.layers.{i}", "num_hidden_layers"),),
+        projections=Projections(up="fc1", down="fc2"),
+        causal_lm=True,
+    ),
+    ArchSpec(
+        name="GPT-J / CodeGen",
+        model_types=("gptj", "codegen"),
+        sites=(SiteTemplate("h.{i}.mlp", "n_layer"),),
+        projections=Projections(up="fc_in", down="fc_out"),
+        causal_lm=True,
+    ),
+    ArchSpec(
+        name="GPT-Neo",
+        model_types=("gpt_neo",),
+        sites=(SiteTemplate("h.{i}.mlp", "num_layers"),),
+        projections=Projections(up="c_fc", down="c_proj"),
+        causal_lm=True,
+    ),
+    ArchSpec(
+        name="StarCoder2",
+        model_types=("starcoder2",),
+        sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers"),),
+        projections=Projections(up="c_fc", down="c_proj"),
         causal_lm=True,
     ),
     ArchSpec(

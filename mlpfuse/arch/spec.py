@@ -17,11 +17,42 @@ CONV1D = "conv1d"  # GPT-2 Conv1D: weight [in, out]
 
 @dataclass(frozen=True)
 class Projections:
-    """Module names of one MLP's projections, relative to its site."""
+    """Module names of one MLP's projections, relative to its site.
 
-    up: str
+    ``gate_up``: one module whose output holds the gate rows then the up rows (``[gate; up]``,
+    [2I, H] as ``nn.Linear``, e.g. Phi-3's ``gate_up_proj``); ``up`` and ``gate`` are then None.
+    """
+
+    up: str | None
     down: str
     gate: str | None = None
+    gate_up: str | None = None
+
+    @property
+    def gated(self) -> bool:
+        return bool(self.gate or self.gate_up)
+
+    def describe(self) -> str:
+        """Human-readable module names, e.g. ``up_proj, down_proj, gate gate_proj``."""
+        if self.gate_up:
+            return f"{self.gate_up} (packed gate, up), {self.down}"
+        return f"{self.up}, {self.down}" + (f", gate {self.gate}" if self.gate else "")
+
+
+@dataclass(frozen=True)
+class SiteModule:
+    """One module of an MLP site: its ``name`` (the projection attribute), path (base-model relative),
+    the roles it holds (``("up",)``, ``("down",)`` or ``("gate", "up")`` packed along its output)
+    and its weight layout (``LINEAR`` or ``CONV1D``)."""
+
+    name: str
+    path: str
+    roles: tuple[str, ...]
+    layout: str
+
+    @property
+    def packed(self) -> bool:
+        return len(self.roles) > 1
 
 
 @dataclass(frozen=True)
@@ -101,7 +132,25 @@ class MLPSite:
     shared: "MLPSite | None" = None  # MoE layer: shared expert
 
     def module_path(self, role: str) -> str:
-        return f"{self.path}.{getattr(self.projections, role)}"
+        """Path of the module holding ``role`` (``up``, ``gate`` or ``down``); packed roles share one."""
+        name = getattr(self.projections, role)
+        if name is None and role in ("gate", "up") and self.projections.gate_up:
+            name = self.projections.gate_up
+        return f"{self.path}.{name}"
+
+    @property
+    def modules(self) -> tuple[SiteModule, ...]:
+        """The site's modules, each once, in the order gate, up (or packed gate_up), down."""
+        p = self.projections
+        if p.gate_up:
+            return (SiteModule(p.gate_up, f"{self.path}.{p.gate_up}", ("gate", "up"), self.layout),
+                    SiteModule(p.down, f"{self.path}.{p.down}", ("down",), self.layout))
+        return tuple(SiteModule(getattr(p, role), self.module_path(role), (role,), self.layout) for role in self.roles)
+
+    @property
+    def packed(self) -> bool:
+        """Whether gate and up live in one packed module."""
+        return bool(self.projections.gate_up)
 
     def probe_names(self) -> list[str]:
         """Tensor names (base-model relative) whose presence in a checkpoint locates this site."""
@@ -112,7 +161,7 @@ class MLPSite:
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return ("gate", "up", "down") if self.projections.gate else ("up", "down")
+        return ("gate", "up", "down") if self.projections.gated else ("up", "down")
 
 
 def resolve_sites(spec: ArchSpec, config: dict) -> list[MLPSite]:

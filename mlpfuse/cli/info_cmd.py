@@ -51,8 +51,7 @@ def architectures(debug: bool = DebugOption):
     for column in ("family", "model_type", "MLP sites", "projections", "layout"):
         table.add_column(column)
     for spec in ARCHITECTURES:
-        projections = f"{spec.projections.up}, {spec.projections.down}" + (
-            f" (gated: {spec.gated_projections.gate}, {spec.gated_projections.up}, {spec.gated_projections.down})"
-            if spec.gated_projections else f", gate {spec.projections.gate}" if spec.projections.gate else "")
+        projections = spec.projections.describe() + (
+            f" (gated: {spec.gated_projections.describe()})" if spec.gated_projections else "")
         table.add_row(spec.name, ", ".join(spec.model_types), "; ".join(s.path for s in spec.sites), projections, spec.layout)
     console.print(table)

@@ -2,6 +2,10 @@
 
 A method is a function ``(mlp, k, options) -> MLPWeights`` registered under a name; methods never
 see architecture names. ``options`` carries seed, k-means backend and device.
+
+Each method declares the layouts it can write (``LAYOUTS``, named by ``arch.io.written_layouts``):
+a method whose output cannot be stored in a layout (the svd factors in a packed ``gate_up`` tensor
+or in stacked expert tensors) is refused before any work by :func:`check_can_write`.
 """
 
 from __future__ import annotations
@@ -31,16 +35,36 @@ def clusters_neurons(fn: Method) -> Method:
 
 Method = Callable[[MLPWeights, int, MethodOptions], MLPWeights]
 _METHODS: dict[str, Method] = {}
+# Every layout a checkpoint may need written (see arch.io.written_layouts).
+LAYOUTS = ("dense", "gated", "conv1d", "packed gate_up", "stacked experts", "expert modules")
 
 
-def register(name: str):
-    """Decorator: register a method under ``name``."""
+def register(name: str, writes: tuple[str, ...] = LAYOUTS):
+    """Decorator: register a method under ``name``; ``writes``: the layouts its output can be stored in."""
+    unknown = set(writes) - set(LAYOUTS)
+    if unknown:
+        raise ValueError(f"unknown layouts {sorted(unknown)}")
 
     def wrap(fn: Method) -> Method:
+        fn.writes = tuple(layout for layout in LAYOUTS if layout in writes)
         _METHODS[name] = fn
         return fn
 
     return wrap
+
+
+def check_can_write(name: str, needs: dict[str, str]) -> None:
+    """Refuse ``name`` if it cannot write a layout in ``needs`` (layout -> label of a layer needing it).
+
+    Raises InputError naming the layout, the layer, what the method can write and which methods can.
+    """
+    method = get_method(name)
+    missing = [layout for layout in needs if layout not in method.writes]
+    if missing:
+        layout = missing[0]
+        able = [m for m in method_names() if layout in _METHODS[m].writes]
+        raise InputError(f"--method {name} cannot write {layout} (layer {needs[layout]}); {name} writes "
+                         f"{', '.join(method.writes)}; for {layout} use {', '.join(able)}")
 
 
 def get_method(name: str) -> Method:

@@ -49,7 +49,9 @@ def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     return (root[:, None] * vh[:rank]).to(weight.dtype), (u[:, :rank] * root).to(weight.dtype)
 
 
-@register("svd")
+# Factors are stored as a ``lowrank`` module per projection: a packed [gate; up] tensor or stacked
+# expert tensors have no place for them (writing dense products there would save nothing).
+@register("svd", writes=("dense", "gated", "conv1d", "expert modules"))
 def svd(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
     """Rank-r factorisations of all projections, r matched to fusion's parameter count at k."""
     rank = matched_rank(mlp, k)

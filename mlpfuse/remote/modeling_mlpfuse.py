@@ -102,15 +102,15 @@ class ZeroProjection(nn.Module):
     """A projection removed by ``merge-layers --drop``: no parameters, outputs zeros of width ``out_features``.
 
     The up/gate projections of a dropped FF sublayer output width 0 and its down projection zeros,
-    so the sublayer adds nothing to the residual stream. ``weight`` is None so code that inspects
-    ``proj.weight.dtype`` (T5) skips it.
+    so the sublayer adds nothing to the residual stream. ``weight`` is an empty non-persistent buffer
+    (never saved or loaded): the families' weight initialisers (GPT-2 ``c_proj``, T5 ``wo``) and
+    code that reads ``proj.weight.dtype`` find a tensor of the model's dtype.
     """
-
-    weight = None
 
     def __init__(self, in_features, out_features):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(0), persistent=False)
 
     def forward(self, x):
         return x.new_zeros(x.shape[:-1] + (self.out_features,))
