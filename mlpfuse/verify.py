@@ -148,31 +148,41 @@ def _compare_with_reference(loaded, reference: torch.nn.Module) -> None:
 
 
 def _site_weights(site, prefix: str, reader: CheckpointReader, source_of: dict) -> MLPWeights:
-    """One dense site's MLP read straight from the files (tied targets from their source's tensors)."""
+    """One dense site's MLP read straight from the files (tied targets from their source's tensors).
+
+    Module by module, as ``site.modules`` lists them: a packed ``[gate; up]`` module is split in two,
+    a low-rank module is expanded to its dense product, Conv1D weights are transposed.
+    """
     values = {}
-    for role in site.roles:
-        path = source_of.get(site.module_path(role), site.module_path(role))
-        weight_field, bias_field = ROLE_FIELDS[role]
-        base = f"{prefix}{path}"
+    for module in site.modules:
+        base = f"{prefix}{source_of.get(module.path, module.path)}"
         if f"{base}.lowrank_a.weight" in reader:
             weight = reader.get(f"{base}.lowrank_b.weight").double() @ reader.get(f"{base}.lowrank_a.weight").double()
             bias_key = f"{base}.lowrank_b.bias"
         else:
             weight = reader.get(f"{base}.weight").double()
-            weight = weight.T if site.layout == CONV1D_MODULE else weight
+            weight = weight.T if module.layout == CONV1D_MODULE else weight
             bias_key = f"{base}.bias"
-        values[weight_field] = weight
+        count = len(module.roles)
+        values.update(zip((ROLE_FIELDS[r][0] for r in module.roles), weight.chunk(count, 0) if module.packed else (weight,)))
         if bias_key in reader:
-            values[bias_field] = reader.get(bias_key).double()
-        if role == "down" and f"{base}.{SCALE_BUFFER}" in reader:
+            bias = reader.get(bias_key).double()
+            values.update(zip((ROLE_FIELDS[r][1] for r in module.roles), bias.chunk(count, 0) if module.packed else (bias,)))
+        if "down" in module.roles and f"{base}.{SCALE_BUFFER}" in reader:
             values["scale"] = reader.get(f"{base}.{SCALE_BUFFER}").double()
     return MLPWeights(**values)
 
 
 def _loaded_mlp(base, site, x: torch.Tensor) -> torch.Tensor:
     """The loaded modules of ``site`` composed as the MLP (tanh as the activation, on both sides)."""
-    up = base.get_submodule(site.module_path("up"))(x)
-    hidden = torch.tanh(up) if not site.projections.gate else torch.tanh(base.get_submodule(site.module_path("gate"))(x)) * up
+    outputs = {}
+    for module in site.modules:
+        if "down" in module.roles:
+            continue
+        out = base.get_submodule(module.path)(x)
+        outputs.update(zip(module.roles, out.chunk(len(module.roles), -1) if module.packed else (out,)))
+    up = outputs["up"]
+    hidden = torch.tanh(up) if "gate" not in outputs else torch.tanh(outputs["gate"]) * up
     return base.get_submodule(site.module_path("down"))(hidden)
 
 

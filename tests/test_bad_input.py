@@ -24,7 +24,7 @@ from mlpfuse.runtime import dtype_name, resolve_device
 from mlpfuse.source import bundled_model_path
 from mlpfuse.validate import check_checkpoint
 
-from .conftest import TINY, build_tiny, tree_digest
+from .conftest import DENSE_FAMILIES, build_tiny, tree_digest
 from .test_tune import make_checkpoints, write_texts
 
 runner = CliRunner()
@@ -131,7 +131,7 @@ def _check(directory: Path) -> int:
     return check_checkpoint(config, reader, spec, sites, find_prefix(set(reader.keys()), sites[0]))
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", sorted(DENSE_FAMILIES))
 def test_every_tiny_architecture_passes_the_check_and_a_wrong_mlp_width_is_refused(name, tmp_path):
     model, _ = build_tiny(name)
     model.save_pretrained(tmp_path / name)
@@ -140,8 +140,8 @@ def test_every_tiny_architecture_passes_the_check_and_a_wrong_mlp_width_is_refus
     assert _check(tmp_path / name) >= 2 * len(sites)  # at least every MLP's two weights compared
     path = tmp_path / name / "model.safetensors"
     tensors = load_file(str(path))
-    up = next(k for k in sorted(tensors) if k.endswith(f"{sites[-1].module_path('up')}.weight"))
-    tensors[up] = torch.zeros(tensors[up].shape[0] + 1, tensors[up].shape[1])  # one neuron too many
+    down = next(k for k in sorted(tensors) if k.endswith(f"{sites[-1].module_path('down')}.weight"))
+    tensors[down] = torch.zeros(tensors[down].shape[0] + 1, tensors[down].shape[1])  # a wrong MLP shape
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(InputError, match="config.json implies"):
         _check(tmp_path / name)
