@@ -1,0 +1,75 @@
+"""Flags mean the same in every command: one name and one help text per shared option."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+from typer.core import TyperOption
+
+from mlpfuse.cli.commands import COMMANDS, load_command
+
+# Options that mean the same thing wherever they appear.
+SHARED = ("--output", "--overwrite", "--seed", "--device", "--max-length", "--batch-size", "--json", "--debug",
+          "--text-column", "--text-pair-column", "--max-steps", "--log-every", "--backend", "--max-shard-size")
+DATA_FLAGS = {"--data", "--train", "--eval", "--calibration"}  # a command taking one of these reads text
+PAIRED = ("tune", "finetune", "ntk-check")  # commands whose library reads sentence pairs
+ALIASES = {"--column": "--text-column", "--pair-column": "--text-pair-column"}  # older spellings kept working
+
+
+@pytest.fixture(scope="module")
+def commands():
+    return {name: load_command(name) for name in COMMANDS}
+
+
+def _options(command):
+    return [param for param in command.params if isinstance(param, TyperOption)]
+
+
+def test_a_shared_option_has_one_name_and_one_help_everywhere(commands):
+    seen = defaultdict(list)  # flag -> [(command, help, all spellings)]
+    for name, command in commands.items():
+        for option in _options(command):
+            for flag in option.opts:
+                seen[flag].append((name, option.help, tuple(option.opts)))
+    for flag in SHARED:
+        uses = seen[flag]
+        assert len(uses) >= 2 or flag == "--max-shard-size", (flag, uses)
+        helps = {help_text for _, help_text, _ in uses}
+        assert len(helps) == 1, f"{flag} has {len(helps)} help texts: {uses}"
+    for name, command in commands.items():
+        for option in _options(command):
+            if "--output" in option.opts:
+                assert "-o" in option.opts, name
+            for alias, canonical in ALIASES.items():  # an old spelling only ever next to the canonical one
+                if alias in option.opts:
+                    assert canonical in option.opts, (name, option.opts)
+
+
+def test_every_command_that_reads_text_names_its_columns_the_same_way(commands):
+    readers = [name for name, command in commands.items()
+               if any(set(option.opts) & DATA_FLAGS for option in _options(command))]
+    assert set(readers) >= {"tune", "finetune", "ntk-check", "merge-layers"}, readers
+    for name in readers:
+        flags = {flag for option in _options(commands[name]) for flag in option.opts}
+        assert "--text-column" in flags, name
+    for name in PAIRED:
+        flags = {flag for option in _options(commands[name]) for flag in option.opts}
+        assert "--text-pair-column" in flags, name
+
+
+@pytest.mark.parametrize("flag", ["--column", "--text-column"])
+def test_merge_layers_keeps_column_as_an_alias(commands, flag):
+    ctx = commands["merge-layers"].make_context("merge-layers", ["model", "-o", "out", flag, "text"])
+    assert ctx.params["column"] == "text"
+
+
+def test_every_method_flag_lists_every_method(commands):
+    from mlpfuse.methods import method_names
+
+    method_options = [(name, option) for name, command in commands.items() for option in _options(command)
+                      if {"--method", "--methods"} & set(option.opts)]
+    assert method_options
+    for name, option in method_options:
+        for method in method_names():
+            assert method in option.help, (name, method)
