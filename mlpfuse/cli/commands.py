@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
 from .common import EXIT_INTERRUPTED, TERMINATION, log
@@ -37,21 +37,21 @@ def load_command(name: str):
     return typer.main.get_command(single)
 
 
+class _NotImported(TyperCommand):
+    """Stands for a command whose module is not imported yet: its name and one-line help, for listings."""
+
+
 class LazyGroup(TyperGroup):
     """A typer group whose subcommands are imported only when one is run (or its own --help shown)."""
 
-    def list_commands(self, ctx) -> list[str]:
-        return [*super().list_commands(ctx), *(name for name in COMMANDS if name not in self.commands)]
-
-    def get_command(self, ctx, cmd_name: str):
-        command = super().get_command(ctx, cmd_name)
-        if command is None and cmd_name in COMMANDS:  # for the listing: name and one-line help, nothing imported
-            command = typer.core.TyperCommand(cmd_name, help=COMMANDS[cmd_name][2], short_help=COMMANDS[cmd_name][2])
-        return command
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for name, (_, _, short) in COMMANDS.items():
+            self.commands.setdefault(name, _NotImported(name, help=short, short_help=short))
 
     def resolve_command(self, ctx, args):
         name, command, rest = super().resolve_command(ctx, args)
-        if name in COMMANDS and name not in self.commands:  # about to run: import the real one
+        if isinstance(command, _NotImported):  # about to run: import the real one
             command = self.commands[name] = load_command(name)
         return name, command, rest
 
