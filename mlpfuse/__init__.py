@@ -20,7 +20,7 @@ _LAZY = {  # public name -> the submodule that defines it (imported on first use
     "load": "modeling",
 }
 
-__all__ = sorted([*_LAZY, "__version__"])
+__all__ = ["FuseReport", "FuseSettings", "TASKS", "__version__", "fuse_checkpoint", "fuse_model", "is_fused", "load"]
 
 
 def __getattr__(name: str):

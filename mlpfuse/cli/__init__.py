@@ -8,7 +8,7 @@ from __future__ import annotations
 import signal
 import sys
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT), as shells report it
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import InputError, MlpfuseError
+from . import EXIT_INTERRUPTED  # defined where nothing heavy is imported
 
 from .options import DebugOption, JsonOption  # noqa: F401  (shared options live in options.py)
 
@@ -54,7 +55,7 @@ class _Console(Console):
 console = _Console()  # results (tables) go to stdout
 log = _Console(stderr=True)  # progress and messages go to stderr
 
-EXIT_OK, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_OK, EXIT_INTERNAL = 0, 1
 
 
 TERMINATION = {"signalled": False}  # set by the SIGTERM handler of the console script
