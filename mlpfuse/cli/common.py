@@ -18,7 +18,6 @@ from rich.table import Table
 
 from ..errors import InputError, MlpfuseError
 from . import EXIT_INTERRUPTED  # defined where nothing heavy is imported
-
 from .options import DebugOption, JsonOption  # noqa: F401  (shared options live in options.py)
 
 NO_WRAP_WIDTH = 10_000  # columns of a console that is not a terminal: lines stay whole (greppable CI logs)
@@ -58,7 +57,7 @@ log = _Console(stderr=True)  # progress and messages go to stderr
 EXIT_OK, EXIT_INTERNAL = 0, 1
 
 
-TERMINATION = {"signalled": False}  # set by the SIGTERM handler of the console script
+TERMINATION = {"signalled": False}  # set by the SIGTERM/SIGINT handler of the console script
 
 
 def terminate(signum, frame):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import typer
 
-METHODS = ("fusion", "cluster", "svd", "sketch", "mmd", "prune")  # for help texts; the registry is mlpfuse.methods
+# Every registered method (mlpfuse.methods), written out: importing the registry would import torch.
+# tests/test_cli_flags.py checks that no method is missing.
 METHODS_HELP = ("fusion (MLP Fusion, the paper), cluster (clustering baseline), or the baselines svd, sketch, mmd, "
                 "prune.")
 
