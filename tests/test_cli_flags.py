@@ -76,3 +76,10 @@ def test_every_method_flag_lists_every_method(commands):
     for name, option in method_options:
         for method in builtin:
             assert method in option.help, (name, method)
+
+
+def test_no_help_text_writes_its_default_as_markup(commands):
+    """typer's rich help reads '[default: x]' in a help text as a style tag and drops it: use show_default."""
+    for name, command in commands.items():
+        for param in command.params:
+            assert "[default" not in (getattr(param, "help", None) or ""), (name, param.name)

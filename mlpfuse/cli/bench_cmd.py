@@ -31,7 +31,7 @@ def bench(
     adamw: str = typer.Option("auto", "--adamw", help="AdamW kernel: auto (fused on CUDA), fused, foreach, loop."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (CPU: one subprocess per model)."),
     inference: bool = typer.Option(True, "--inference/--no-inference", help="Also time the inference forward."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (e.g. 1 on a shared machine). [default: torch's]"),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (e.g. 1 on a shared machine).", show_default="torch's"),
     seed: int = seed_option(0),
     plot: str = typer.Option(None, "--plot", help="Write a PNG of times and ratios to this path."),
     json_path: str = JsonOption,
