@@ -13,7 +13,7 @@ from mlpfuse.cli.commands import COMMANDS, load_command
 SHARED = ("--output", "--overwrite", "--seed", "--device", "--max-length", "--batch-size", "--json", "--debug",
           "--text-column", "--text-pair-column", "--max-steps", "--log-every", "--backend", "--max-shard-size")
 DATA_FLAGS = {"--data", "--train", "--eval", "--calibration"}  # a command taking one of these reads text
-PAIRED = ("tune", "finetune", "ntk-check")  # commands whose library reads sentence pairs
+PAIRED = ("tune", "finetune", "ntk-check", "merge-layers")  # every command that reads text reads pairs too
 ALIASES = {"--column": "--text-column", "--pair-column": "--text-pair-column"}  # older spellings kept working
 
 
@@ -83,3 +83,30 @@ def test_no_help_text_writes_its_default_as_markup(commands):
     for name, command in commands.items():
         for param in command.params:
             assert "[default" not in (getattr(param, "help", None) or ""), (name, param.name)
+
+
+def test_merge_layers_feeds_the_pair_column_to_the_model(tmp_path):
+    """The second text changes the calibration activations, hence the alignment: the flag is not ignored."""
+    import random
+
+    from mlpfuse.errors import InputError
+    from mlpfuse.merge import MergeSettings, merge_checkpoint
+
+    from .test_tune import WORDS, make_checkpoints
+
+    original, _ = make_checkpoints(tmp_path)
+    rng = random.Random(0)
+    rows = ["sentence\tsecond"] + [" ".join(rng.choices(WORDS, k=6)) + "\t" + " ".join(rng.choices(WORDS, k=8))
+                                   for _ in range(16)]
+    data = tmp_path / "pairs.tsv"
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    correlations = {}
+    for pair in (None, "second"):
+        settings = MergeSettings(layers="0-1", calibration=str(data), pair_column=pair, max_length=32)
+        report = merge_checkpoint(str(original), tmp_path / f"out-{pair}", settings)
+        correlations[pair] = [row.correlation_before for row in report.alignment]
+    assert correlations[None] != correlations["second"]
+    with pytest.raises(InputError, match="no column 'third'"):
+        merge_checkpoint(str(original), tmp_path / "bad", MergeSettings(layers="0-1", calibration=str(data),
+                                                                          pair_column="third"))
+    assert not (tmp_path / "bad").exists()

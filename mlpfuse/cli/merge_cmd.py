@@ -9,7 +9,7 @@ from ..errors import InputError
 from ..merge import MergeSettings, merge_checkpoint, plot_similarity
 from .common import DebugOption, JsonOption, handle_errors, log, results_console, write_json_report
 from .options import (batch_size_option, max_length_option, max_shard_size_option, output_option, overwrite_option,
-                      seed_option, text_column_option)
+                      seed_option, text_column_option, text_pair_column_option)
 
 
 @handle_errors
@@ -21,6 +21,7 @@ def merge_layers(
     calibration: str = typer.Option(None, "--calibration", help="Text file (.tsv/.csv/.jsonl) whose activations align the neurons."),
     eval_path: str = typer.Option(None, "--eval", help="Text file for the validation loss (perplexity for decoders, hidden-state MSE for encoders)."),
     column: str = text_column_option("sentence", "--column"),
+    pair_column: str = text_pair_column_option(),
     calibration_limit: int = typer.Option(300, "--calibration-limit", help="Rows read from --calibration."),
     eval_limit: int = typer.Option(200, "--eval-limit", help="Rows read from --eval."),
     max_tokens: int = typer.Option(10_000, "--max-tokens", help="Calibration tokens kept per layer."),
@@ -42,7 +43,7 @@ def merge_layers(
         raise InputError("--plot needs activations: pass --calibration FILE")
     settings = MergeSettings(
         layers=layers, count=count, mode="drop" if drop else "permute" if permute else "average",
-        calibration=calibration, eval=eval_path, column=column, calibration_limit=calibration_limit,
+        calibration=calibration, eval=eval_path, column=column, pair_column=pair_column, calibration_limit=calibration_limit,
         eval_limit=eval_limit, max_length=max_length, max_tokens=max_tokens, batch_size=batch_size,
         seed=seed, max_shard_size=max_shard_size,
     )
