@@ -54,6 +54,7 @@ class MergeSettings:
     calibration: str | None = None  # text file for the alignment activations
     eval: str | None = None  # text file for the window search loss
     column: str = "sentence"
+    pair_column: str | None = None  # second text of a pair (sentence-pair data), tokenised as a pair
     calibration_limit: int = 300
     eval_limit: int = 200
     max_length: int = 128
@@ -222,11 +223,13 @@ class ModelSession:
         state = self.base.state_dict()
         self.keys = set(state)
 
-    def batches(self, texts: list[str]) -> list[dict]:
+    def batches(self, texts: list) -> list[dict]:
+        """Padded batches of strings, or of (text, pair) tuples tokenised as pairs."""
         out = []
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+            chunk = texts[start:start + self.batch_size]
+            pairs = (list(t) for t in zip(*chunk)) if chunk and isinstance(chunk[0], tuple) else (chunk,)
+            enc = self.tokenizer(*pairs, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
             out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
         return out
 
@@ -353,10 +356,11 @@ def apply_window(session: ModelSession, window: list[MLPSite], mode: str, merged
     return originals
 
 
-def _texts(path: str | None, column: str, limit: int, what: str) -> list[str] | None:
+def _texts(path: str | None, column: str, limit: int, what: str, pair_column: str | None = None) -> list | None:
     if path is None:
         return None
-    texts = [t for t in read_table(path, limit=limit).texts(column) if t.strip()]
+    texts = [t for t in read_table(path, limit=limit).texts(column, pair_column)
+             if (t[0] if isinstance(t, tuple) else t).strip()]
     if not texts:
         raise InputError(f"{what} file {path} has no non-empty text in column {column!r}")
     return texts
@@ -408,8 +412,9 @@ def merge_checkpoint(
     candidates_sites = [w for w in candidates_sites if not any(s.module_path(r) in busy for s in w for r in s.roles)]
     if not candidates_sites:
         raise InputError("the chosen layers are already tied or dropped by an earlier merge; choose other layers")
-    calibration = _texts(settings.calibration, settings.column, settings.calibration_limit, "calibration")
-    evaluation = _texts(settings.eval, settings.column, settings.eval_limit, "eval")
+    calibration = _texts(settings.calibration, settings.column, settings.calibration_limit, "calibration",
+                         settings.pair_column)
+    evaluation = _texts(settings.eval, settings.column, settings.eval_limit, "eval", settings.pair_column)
 
     torch.manual_seed(settings.seed)
     session = ModelSession(source_dir, sites, spec.causal_lm, settings.max_length, settings.batch_size)

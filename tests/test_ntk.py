@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from mlpfuse.ntk import ScalarOutput, _forward, chosen_site, ntk_check_model, pr
 from .conftest import build_tiny, tiny_config
 
 DISTINCT, REPEAT, HIDDEN = 5, 3, 16
-SST2_DEV = "/work/shared/data/sst2/dev.tsv"
+REPO = Path(__file__).resolve().parents[1]
+SST2_DEV = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"  # ../shared/data relative to the repository root
+needs_sst2 = pytest.mark.skipif(not SST2_DEV.is_file(), reason=f"real data {SST2_DEV} not present")
 
 
 def tokens(batch=6, length=7, vocab=50, seed=1) -> dict:
@@ -102,11 +105,25 @@ def test_sign_kernel_matches_plain_autograd(case):
 
 
 def test_model_with_its_own_head_uses_it():
-    config = tiny_config("bert", vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=12, max_position_embeddings=32, num_labels=3)
-    model = transformers.BertForSequenceClassification(config).eval()
-    report = ntk_check_model(model, tokens(), layer=0, dim=6, methods=["prune"], seeds=1)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=12, max_position_embeddings=32, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).double().eval()
+    inputs = tokens()
+    report = ntk_check_model(model, inputs, layer=0, dim=6, methods=["prune"], seeds=1)
     assert "own head" in report.scalar and report.methods[0].mean["ntk_error"] > 0
+    # by hand: f = softmax(own logits)[class 0] per sample; Adam kernel K[i, j] = g_i . sign(g_j) over the MLP's parameters
+    mlp = model.bert.encoder.layer[0]
+    params = [*mlp.intermediate.dense.parameters(), *mlp.output.dense.parameters()]
+    rows = []
+    for i in range(inputs["input_ids"].shape[0]):
+        f = model(**{k: v[i:i + 1] for k, v in inputs.items()}).logits.softmax(-1)[0, 0]
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(f, params)]))
+    g = torch.stack(rows)
+    expected = g @ g.sign().T
+    for seed in (0, 7):  # the own head does not depend on the random-head seed
+        kernel = probe(model, chosen_site(model, 0), [inputs], ScalarOutput(model, seed=seed)).adam
+        assert torch.allclose(kernel, expected, rtol=1e-8, atol=1e-12 * float(expected.abs().max()))
 
 
 def run_cli(*args):
@@ -114,11 +131,12 @@ def run_cli(*args):
     return result.exit_code, result.output
 
 
+@needs_sst2
 def test_command_on_minilm_with_json_plot_and_a_fused_checkpoint(tmp_path):
     fused = tmp_path / "svd"
     fuse_checkpoint("minilm", fused, FuseSettings(layers="2", dim=384, method="svd"))
     out = tmp_path / "report.json"
-    code, text = run_cli("ntk-check", "minilm", "--data", SST2_DEV, "--samples", "6", "--max-length", "16",
+    code, text = run_cli("ntk-check", "minilm", "--data", str(SST2_DEV), "--samples", "6", "--max-length", "16",
                          "--layer", "2", "--dim", "384", "--methods", "svd,sketch", "--seeds", "2",
                          "--compare", str(fused), "--json", str(out), "--plot", str(tmp_path / "errors.png"))
     assert code == 0, text
@@ -135,12 +153,16 @@ def test_command_on_minilm_with_json_plot_and_a_fused_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--data", "/nonexistent.tsv"], "not found"),
-    (["--data", SST2_DEV, "--text-column", "text"], "no column 'text'"),
-    (["--data", SST2_DEV, "--layer", "6"], "out of range"),
-    (["--data", SST2_DEV, "--methods", "magic"], "unknown method"),
-    (["--data", SST2_DEV, "--dim", "5000"], "--dim must be between"),
+    (["--data", "SST2", "--text-column", "text"], "no column 'text'"),
+    (["--data", "SST2", "--layer", "6"], "out of range"),
+    (["--data", "SST2", "--methods", "magic"], "unknown method"),
+    (["--data", "SST2", "--dim", "5000"], "--dim must be between"),
 ])
 def test_bad_input_is_one_line(args, message):
+    if "SST2" in args:
+        if not SST2_DEV.is_file():
+            pytest.skip(f"real data {SST2_DEV} not present")
+        args = [str(SST2_DEV) if a == "SST2" else a for a in args]
     code, text = run_cli("ntk-check", "minilm", "--samples", "2", "--dim", "384", *args)
     if "--dim" in args:
         code, text = run_cli("ntk-check", "minilm", "--samples", "2", *args)

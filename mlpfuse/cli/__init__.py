@@ -1,35 +1,40 @@
-"""The ``mlpfuse`` command line: a thin typer app over the library API."""
+"""The ``mlpfuse`` command line. The app itself is in ``commands.py`` (``from mlpfuse.cli import app`` works).
+
+This module imports nothing heavy, so Ctrl-C at any moment of start-up is one line and exit 130.
+"""
+
+from __future__ import annotations
 
 import signal
+import sys
 
-import typer
-
-from .bench_cmd import bench
-from .common import terminate
-from .finetune_cmd import finetune
-from .fuse_cmd import fuse
-from .info_cmd import architectures, inspect
-from .merge_cmd import merge_layers
-from .ntk_cmd import ntk_check_command
-from .tune_cmd import tune
-
-app = typer.Typer(
-    name="mlpfuse",
-    help="Compress the MLP blocks of transformer checkpoints with MLP Fusion before fine-tuning.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-app.command()(fuse)
-app.command()(inspect)
-app.command()(architectures)
-app.command("merge-layers")(merge_layers)
-app.command()(bench)
-app.command()(tune)
-app.command()(finetune)
-app.command(name="ntk-check")(ntk_check_command)
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT), as shells report it
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, terminate)
-    app()
+    """Console-script entry point: SIGTERM stops like Ctrl-C; Ctrl-C at any point is one line, exit 130.
+
+    Both signals go through ``common.terminate``, which records that a signal came: an error that a
+    library turns the KeyboardInterrupt into (transformers' lazy imports do) is still reported as
+    an interruption.
+    """
+    try:
+        from .commands import app
+        from .common import terminate
+
+        signal.signal(signal.SIGTERM, terminate)
+        signal.signal(signal.SIGINT, terminate)
+        app()
+    except KeyboardInterrupt:  # outside a command body (start-up, imports); commands report their own
+        sys.stderr.write("interrupted while starting: nothing was done\n")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def __getattr__(name: str):
+    """``app`` (the typer app) is imported on first use."""
+    if name == "app":
+        from .commands import app
+
+        globals()["app"] = app
+        return app
+    raise AttributeError(f"module 'mlpfuse.cli' has no attribute {name!r}")

@@ -8,6 +8,7 @@ from rich.table import Table
 from ..bench import PRESETS, BenchReport, BenchSettings, checkpoint_sources, plot_report, preset_sources, run_bench
 from ..errors import InputError
 from .common import DebugOption, JsonOption, check_json_path, handle_errors, log, results_console, write_json_report
+from .options import batch_size_option, device_option, seed_option
 
 
 @handle_errors
@@ -20,18 +21,18 @@ def bench(
     assign: str = typer.Option("round-robin", "--assign", help="With --shape: round-robin (fast, same shapes) or kmeans (real fusion)."),
     steps: int = typer.Option(20, "--steps", help="Timed rounds (one training step and one forward per model each)."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed steps per model first (compilation, allocator, caches)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per batch."),
+    batch_size: int = batch_size_option(8),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, or bf16 / fp16 autocast (weights stay fp32)."),
-    device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N. [default: cuda if available]"),
+    device: str = device_option(),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the forward(+loss) of every model."),
     compile_mode: str = typer.Option("default", "--compile-mode", help="default, reduce-overhead (CUDA graphs), max-autotune."),
     compile_scope: str = typer.Option("model", "--compile-scope", help="model (one graph) or layers (each block; compiles faster)."),
     adamw: str = typer.Option("auto", "--adamw", help="AdamW kernel: auto (fused on CUDA), fused, foreach, loop."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (CPU: one subprocess per model)."),
     inference: bool = typer.Option(True, "--inference/--no-inference", help="Also time the inference forward."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (e.g. 1 on a shared machine). [default: torch's]"),
-    seed: int = typer.Option(0, "--seed", help="Seed for random weights and inputs."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (e.g. 1 on a shared machine).", show_default="torch's"),
+    seed: int = seed_option(0),
     plot: str = typer.Option(None, "--plot", help="Write a PNG of times and ratios to this path."),
     json_path: str = JsonOption,
     debug: bool = DebugOption,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -11,28 +12,59 @@ from pathlib import Path
 
 import typer
 import yaml
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from ..errors import InputError, MlpfuseError
 from ..options import check_types
 from ..output import check_report_path, forget_written, write_report_file, written_outputs
+from . import EXIT_INTERRUPTED  # defined where nothing heavy is imported
+from .options import DebugOption, JsonOption  # noqa: F401  (shared options live in options.py)
 
-console = Console()  # results (tables) go to stdout
-log = Console(stderr=True)  # progress and messages go to stderr
-
-EXIT_OK, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 130
-
-DebugOption = typer.Option(False, "--debug", help="Show full tracebacks on errors.")
-JsonOption = typer.Option(None, "--json", help="Write a machine-readable report to this path ('-' for stdout).")
+NO_WRAP_WIDTH = 10_000  # columns of a console that is not a terminal: lines stay whole (greppable CI logs)
 
 
-TERMINATION = {"signalled": False}  # set by the SIGTERM handler of the console script
+class _Console(Console):
+    """A rich Console that does not wrap at 80 columns when its output is not a terminal.
+
+    On a terminal (or with COLUMNS set) it behaves as rich's; into a pipe or file, tables and
+    messages keep each line whole, and a table's title (which rich wraps to the table's width) is
+    printed as a line of its own, so paths stay greppable in CI logs.
+    """
+
+    def _no_wrap(self) -> bool:
+        return self._width is None and "COLUMNS" not in os.environ and not self.is_terminal
+
+    def _size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        return ConsoleDimensions(NO_WRAP_WIDTH, size.height) if self._no_wrap() else size
+
+    size = property(_size, Console.size.fset)
+
+    def print(self, *objects, **kwargs) -> None:
+        if not (self._no_wrap() and any(isinstance(o, Table) and o.title for o in objects)):
+            return super().print(*objects, **kwargs)
+        for renderable in objects:
+            if isinstance(renderable, Table) and renderable.title:
+                super().print(renderable.title, soft_wrap=True, highlight=False)
+                renderable = copy.copy(renderable)
+                renderable.title = None
+            super().print(renderable, **kwargs)
+
+
+console = _Console()  # results (tables) go to stdout
+log = _Console(stderr=True)  # progress and messages go to stderr
+
+EXIT_OK, EXIT_INTERNAL = 0, 1
+
+
+TERMINATION = {"signalled": False}  # set by the SIGTERM/SIGINT handler of the console script
 
 
 def terminate(signum, frame):
-    """SIGTERM handler: stop like Ctrl-C, so staging directories are cleaned up."""
+    """SIGTERM and SIGINT handler: raise KeyboardInterrupt (so staging directories are cleaned up), remembering why."""
     TERMINATION["signalled"] = True
     raise KeyboardInterrupt
 
@@ -51,11 +83,23 @@ def _report_interrupted():
 
 
 def quiet_transformers() -> None:
-    """No per-tensor loading bars or head-initialisation reports: progress is ours, errors stay."""
-    import transformers
+    """No per-tensor loading bars or head-initialisation reports: progress is ours, errors stay.
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    Does not import transformers (a light start): before its import, the environment variables it
+    reads are set (a value the user set wins); once imported, its logging is set directly.
+    """
+    if "transformers" in sys.modules:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "huggingface_hub" in sys.modules:  # it read the variable at import: switch its bars off directly
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def handle_errors(fn):

@@ -8,6 +8,8 @@ from rich.table import Table
 from ..errors import InputError
 from ..finetune import TASK_CHOICES, FinetuneSettings, finetune as run_finetune
 from .common import DebugOption, JsonOption, check_json_path, handle_errors, log, results_console, write_json_report
+from .options import (batch_size_option, log_every_option, max_length_option, max_steps_option, output_option,
+                      overwrite_option, seed_option, text_column_option, text_pair_column_option)
 
 METRIC_NAMES = ("accuracy", "f1", "pearson", "spearman", "perplexity", "eval_loss")
 
@@ -31,25 +33,25 @@ def finetune(
     model: str = typer.Argument(..., help="Checkpoint directory (original or fused), or 'minilm'."),
     train: str = typer.Option(None, "--train", help="Training file (.tsv/.csv/.jsonl) or hub:NAME."),
     eval_file: str = typer.Option(None, "--eval", help="Evaluation file, same format."),
-    output: str = typer.Option(None, "-o", "--output", help="Directory for the fine-tuned checkpoint."),
+    output: str = output_option(),
     task: str = typer.Option("classification", "--task", help=f"One of: {', '.join(TASK_CHOICES)}."),
-    text_column: str = typer.Option("sentence", "--text-column", help="Column with the (first) text."),
-    pair_column: str = typer.Option(None, "--text-pair-column", help="Column with the second text of a pair."),
+    text_column: str = text_column_option(),
+    pair_column: str = text_pair_column_option(),
     label_column: str = typer.Option("label", "--label-column", help="Column with the label (classification/regression)."),
     epochs: float = typer.Option(3.0, "--epochs", help="Training epochs."),
     lr: float = typer.Option(2e-5, "--lr", help="AdamW peak learning rate (linear decay)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Per-device training batch size."),
-    max_length: int = typer.Option(128, "--max-length", help="Tokens per example (longer ones are truncated)."),
+    batch_size: int = batch_size_option(32),
+    max_length: int = max_length_option(128),
     warmup: float = typer.Option(0.06, "--warmup", help="Warm-up: a fraction of the steps (<1) or a step count."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
-    max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many steps (overrides --epochs)."),
+    max_steps: int = max_steps_option(),
     limit_train: int = typer.Option(None, "--limit-train", help="Use only the first N training rows."),
     limit_eval: int = typer.Option(None, "--limit-eval", help="Use only the first N evaluation rows."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the head initialisation and data order."),
+    seed: int = seed_option(0),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 mixed precision (GPU)."),
     eval_only: bool = typer.Option(False, "--eval-only", help="Only evaluate MODEL (already fine-tuned) on --eval."),
-    log_every: int = typer.Option(10, "--log-every", help="One progress line per N steps."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    log_every: int = log_every_option(10),
+    overwrite: bool = overwrite_option(),
     json_path: str = JsonOption,
     debug: bool = DebugOption,
 ):

@@ -11,6 +11,8 @@ from rich.table import Table
 from ..errors import InputError
 from ..fuse import FuseSettings, fuse_checkpoint
 from .common import DebugOption, JsonOption, check_json_path, handle_errors, layer_progress, load_recipe, merge, results_console, write_json_report
+from .options import (METHODS_HELP, backend_option, device_option, max_shard_size_option, output_option, overwrite_option,
+                      seed_option)
 
 RECIPE_FIELDS = {f.name for f in fields(FuseSettings)} - {"allow_full_width"} | {"model", "output", "overwrite"}
 _NONE = type(None)
@@ -24,18 +26,18 @@ RECIPE_TYPES = {  # what each recipe field may hold (YAML types)
 @handle_errors
 def fuse(
     model: str = typer.Argument(None, help="Checkpoint directory, hub id, or 'minilm' for the bundled all-MiniLM-L6-v2."),
-    output: str = typer.Option(None, "-o", "--output", help="Directory to write (must not exist unless --overwrite)."),
-    layers: str = typer.Option(None, "--layers", help="MLP layers to fuse: 4-11, 0,2,4 or all. [default: all]"),
+    output: str = output_option(),
+    layers: str = typer.Option(None, "--layers", help="MLP layers to fuse: 4-11, 0,2,4 or all.", show_default="all"),
     dim: int = typer.Option(None, "--dim", help="Fused intermediate width k."),
     ratio: float = typer.Option(None, "--ratio", help="Fused width as a fraction of the original (instead of --dim)."),
-    method: str = typer.Option(None, "--method", help="fusion (MLP Fusion, default) or cluster (baseline)."),
-    backend: str = typer.Option(None, "--backend", help="k-means backend: auto, faiss or torch. [default: auto]"),
-    device: str = typer.Option(None, "--device", help="Device for k-means: cpu, cuda, cuda:N. [default: auto]"),
-    seed: int = typer.Option(None, "--seed", help="Random seed (same inputs and seed, same output). [default: 0]"),
-    experts: str = typer.Option(None, "--experts", help="MoE models: experts to fuse in each chosen sparse layer, e.g. 0,3 or 0-7,shared. [default: all]"),
+    method: str = typer.Option(None, "--method", help=f"Compression method: {METHODS_HELP}", show_default="fusion"),
+    backend: str = backend_option(None),
+    device: str = device_option(),
+    seed: int = seed_option(None),
+    experts: str = typer.Option(None, "--experts", help="MoE models: experts to fuse in each chosen sparse layer, e.g. 0,3 or 0-7,shared.", show_default="all"),
     dtype: str = typer.Option(None, "--dtype", help="Output dtype: auto (keep), float32, bfloat16, float16."),
-    max_shard_size: str = typer.Option(None, "--max-shard-size", help="Largest safetensors shard. [default: 5GB]"),
-    overwrite: bool = typer.Option(None, "--overwrite/--no-overwrite", help="Replace an existing output directory."),
+    max_shard_size: str = max_shard_size_option(None),
+    overwrite: bool = overwrite_option(None),
     config: str = typer.Option(None, "--config", help="YAML recipe with the same fields (+ per_layer overrides); flags win."),
     json_path: str = JsonOption,
     debug: bool = DebugOption,

@@ -6,9 +6,6 @@ import typer
 from rich.table import Table
 
 from ..arch import ARCHITECTURES
-from ..checkpoint import read_config
-from ..remote.modeling_mlpfuse import FUSED_MODEL_TYPE
-from ..source import resolve_model
 from .common import DebugOption, JsonOption, check_json_path, console, handle_errors, results_console, write_json_report
 
 
@@ -19,7 +16,11 @@ def inspect(
     debug: bool = DebugOption,
 ):
     """Show whether a checkpoint is fused, and how (method, layers, widths, provenance)."""
+    from ..checkpoint import read_config  # heavy (torch): imported here so `architectures` starts light
+    from ..remote.modeling_mlpfuse import FUSED_MODEL_TYPE
+    from ..source import resolve_model
     check_json_path(json_path, model)
+
     directory = resolve_model(model)
     config = read_config(directory)
     fused = config.get("model_type") == FUSED_MODEL_TYPE

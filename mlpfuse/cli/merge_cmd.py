@@ -8,27 +8,30 @@ from rich.table import Table
 from ..errors import InputError
 from ..merge import MergeSettings, merge_checkpoint, plot_similarity
 from .common import DebugOption, JsonOption, check_json_path, handle_errors, log, results_console, write_json_report
+from .options import (batch_size_option, max_length_option, max_shard_size_option, output_option, overwrite_option,
+                      seed_option, text_column_option, text_pair_column_option)
 
 
 @handle_errors
 def merge_layers(
     model: str = typer.Argument(..., help="Checkpoint directory (plain or mlpfuse), hub id, or 'minilm'."),
-    output: str = typer.Option(..., "-o", "--output", help="Directory to write (must not exist unless --overwrite)."),
+    output: str = output_option(required=True),
     layers: str = typer.Option(None, "--layers", help="Adjacent MLP layers to merge, e.g. 2-3 (first = anchor)."),
     count: int = typer.Option(None, "--count", help="Instead of --layers: try every window of this many adjacent layers, keep the best on --eval."),
     calibration: str = typer.Option(None, "--calibration", help="Text file (.tsv/.csv/.jsonl) whose activations align the neurons."),
     eval_path: str = typer.Option(None, "--eval", help="Text file for the validation loss (perplexity for decoders, hidden-state MSE for encoders)."),
-    column: str = typer.Option("sentence", "--column", help="Text column of --calibration and --eval."),
+    column: str = text_column_option("sentence", "--column"),
+    pair_column: str = text_pair_column_option(),
     calibration_limit: int = typer.Option(300, "--calibration-limit", help="Rows read from --calibration."),
     eval_limit: int = typer.Option(200, "--eval-limit", help="Rows read from --eval."),
     max_tokens: int = typer.Option(10_000, "--max-tokens", help="Calibration tokens kept per layer."),
-    max_length: int = typer.Option(128, "--max-length", help="Tokens per text (longer ones are truncated)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Texts per forward pass."),
+    max_length: int = max_length_option(128),
+    batch_size: int = batch_size_option(32),
     permute: bool = typer.Option(True, "--permute/--no-permute", help="Align neurons before averaging (--no-permute: plain average baseline)."),
     drop: bool = typer.Option(False, "--drop", help="Baseline: drop all but the first FF sublayer of the window instead of merging."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    seed: int = seed_option(0),
+    max_shard_size: str = max_shard_size_option("5GB"),
+    overwrite: bool = overwrite_option(),
     plot: str = typer.Option(None, "--plot", help="Write a layer-by-layer activation similarity heat map (PNG) here."),
     json_path: str = JsonOption,
     debug: bool = DebugOption,
@@ -42,7 +45,7 @@ def merge_layers(
     check_json_path(plot, model, files=(calibration, eval_path), what="--plot")
     settings = MergeSettings(
         layers=layers, count=count, mode="drop" if drop else "permute" if permute else "average",
-        calibration=calibration, eval=eval_path, column=column, calibration_limit=calibration_limit,
+        calibration=calibration, eval=eval_path, column=column, pair_column=pair_column, calibration_limit=calibration_limit,
         eval_limit=eval_limit, max_length=max_length, max_tokens=max_tokens, batch_size=batch_size,
         seed=seed, max_shard_size=max_shard_size,
     )

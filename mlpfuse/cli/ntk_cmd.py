@@ -7,27 +7,29 @@ from rich.table import Table
 
 from ..ntk import DEFAULT_METHODS, ntk_check, plot_report
 from .common import DebugOption, JsonOption, check_json_path, handle_errors, log, results_console, write_json_report
+from .options import (METHODS_HELP, backend_option, batch_size_option, device_option, max_length_option, text_column_option,
+                      text_pair_column_option)
 
 
 @handle_errors
 def ntk_check_command(
     model: str = typer.Argument(..., help="Checkpoint directory, hub id, or 'minilm' for the bundled all-MiniLM-L6-v2."),
     data: str = typer.Option(..., "--data", help="Samples: a .tsv/.csv/.jsonl file (first --samples rows)."),
-    text_column: str = typer.Option("sentence", "--text-column", help="Column holding the text."),
-    pair_column: str = typer.Option(None, "--text-pair-column", "--pair-column", help="Second text column for sentence pairs."),
+    text_column: str = text_column_option(),
+    pair_column: str = text_pair_column_option("--pair-column"),
     samples: int = typer.Option(64, "--samples", help="Number of rows used (the NTK is samples x samples)."),
-    max_length: int = typer.Option(64, "--max-length", help="Truncate each sample to this many tokens."),
+    max_length: int = max_length_option(64),
     layer: int = typer.Option(0, "--layer", help="The MLP layer compressed and measured."),
     dim: int = typer.Option(None, "--dim", help="Compressed width k (svd: the rank matching k's parameter count)."),
     methods: str = typer.Option(",".join(DEFAULT_METHODS), "--methods",
-                                help="Comma-separated methods to compress with ('' for none)."),
+                                help=f"Comma-separated methods to compress with ('' for none): {METHODS_HELP}"),
     seeds: int = typer.Option(3, "--seeds", help="Seeds 0..N-1 per method; mean and std are reported."),
     compare: list[str] = typer.Option(None, "--compare",
                                       help="Already fused checkpoint(s) of MODEL to compare (repeat, or comma-separate)."),
-    backend: str = typer.Option("auto", "--backend", help="k-means backend: auto, faiss or torch."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    backend: str = backend_option("auto"),
+    device: str = device_option(),
     head_seed: int = typer.Option(0, "--head-seed", help="Seed of the random scalar head (models without their own)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Samples per forward/backward pass."),
+    batch_size: int = batch_size_option(16),
     plot: str = typer.Option(None, "--plot", help="Write a PNG bar chart of both relative errors per method."),
     json_path: str = JsonOption,
     debug: bool = DebugOption,

@@ -9,6 +9,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..tune import TuneSettings, state_directory, tune_checkpoint
 from .common import DebugOption, JsonOption, check_json_path, handle_errors, interruption_message, log, results_console, write_json_report
+from .options import (batch_size_option, device_option, log_every_option, max_length_option, max_steps_option, output_option,
+                      overwrite_option, seed_option, text_column_option, text_pair_column_option)
 
 
 @contextmanager
@@ -48,21 +50,21 @@ def tune(
     fused: str = typer.Argument(..., help="Fused checkpoint directory (output of `mlpfuse fuse`)."),
     teacher: str = typer.Option(..., "--teacher", help="The original checkpoint the fused one came from ('minilm' for the bundled model)."),
     data: str = typer.Option(..., "--data", help="Task text: .tsv/.csv/.jsonl file (labels not needed), or hub:NAME."),
-    output: str = typer.Option(..., "-o", "--output", help="Directory to write the tuned fused checkpoint to."),
-    text_column: str = typer.Option("sentence", "--text-column", help="Column with the text."),
-    pair_column: str = typer.Option(None, "--text-pair-column", help="Second text column for sentence pairs."),
+    output: str = output_option(required=True),
+    text_column: str = text_column_option(),
+    pair_column: str = text_pair_column_option(),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Sentences per step."),
-    max_length: int = typer.Option(128, "--max-length", help="Tokens per sentence (longer ones are truncated)."),
+    batch_size: int = batch_size_option(32),
+    max_length: int = max_length_option(128),
     epochs: int = typer.Option(1, "--epochs", help="Passes over the data."),
-    max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many steps (default: all epochs)."),
+    max_steps: int = max_steps_option(),
     limit: int = typer.Option(None, "--limit", help="Use only the first N rows of --data."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the data order."),
+    seed: int = seed_option(0),
     save_every: int = typer.Option(100, "--save-every", help="Save resumable state every N steps (0: only on Ctrl-C)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUTPUT.tune-state/."),
-    device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N. [default: cuda if available]"),
-    log_every: int = typer.Option(10, "--log-every", help="Without a terminal: one progress line per N steps."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    device: str = device_option(),
+    log_every: int = log_every_option(10),
+    overwrite: bool = overwrite_option(),
     json_path: str = JsonOption,
     debug: bool = DebugOption,
 ):
