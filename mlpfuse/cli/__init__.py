@@ -28,6 +28,7 @@ app.command()(bench)
 app.command()(tune)
 app.command()(finetune)
 app.command(name="ntk-check")(ntk_check_command)
+app.command()(__import__("mlpfuse.cli.export_cmd", fromlist=["export"]).export)
 
 
 def main() -> None:
