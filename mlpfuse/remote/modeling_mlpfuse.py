@@ -341,6 +341,9 @@ def apply_fusion_layout(root, module_specs):
         first = spec["path"].split(".")[0]
         if not hasattr(root, first):
             continue
+        if spec["type"] in ("stacked_experts", "expert_list") and int(transformers.__version__.split(".")[0]) < 5:
+            raise ValueError(f"mlpfuse: fused Mixture-of-Experts checkpoints need transformers >= 5 (stacked experts); "
+                             f"this is transformers {transformers.__version__}")
         parent = root.get_submodule(parent_path) if parent_path else root
         old = getattr(parent, name)
         setattr(parent, name, _build_module(spec, old))
