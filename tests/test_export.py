@@ -237,3 +237,25 @@ def test_experts_of_differing_widths_need_pad(tmp_path):
     fused = mlpfuse.load(tmp_path / "fused", task="causal-lm").eval()
     inputs = _inputs("mixtral", model)
     assert (outputs_of(plain, inputs) - outputs_of(fused, inputs)).abs().max() < 1e-5
+
+
+def test_inspect_says_what_deployment_needs(gpt2_mixed, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["inspect", str(gpt2_mixed), "--json", "-"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.stdout)
+    assert facts["kind"] == "fused" and facts["remote_code"] is True and facts["model_type"] == "gpt2"
+    assert [(layer["before"], layer["after"]) for layer in facts["layers"]] == [(128, 20), (128, 30)]
+    flops = facts["flops"]
+    hidden = 32  # GPT-2 MLP: 2 products of hidden x width per token, 2 FLOPs per multiply-add
+    assert flops["before"]["mlp_flops_per_token"] == 4 * hidden * (128 + 128)
+    assert flops["after"]["mlp_flops_per_token"] == 4 * hidden * (20 + 30)
+    assert flops["before"]["parameters"] - flops["after"]["parameters"] == (
+        facts["parameters"]["before"] - facts["parameters"]["after"])
+    assert runner.invoke(app, ["export", str(gpt2_mixed), "-o", str(tmp_path / "plain"), "--pad"]).exit_code == 0
+    result = runner.invoke(app, ["inspect", str(tmp_path / "plain"), "--json", "-"])
+    facts = json.loads(result.stdout)
+    assert facts["kind"] == "exported" and facts["remote_code"] is False
+    assert facts["width_fields"] == {"n_inner": 30} and facts["export"]["padded"] is True
+    text = runner.invoke(app, ["inspect", str(tmp_path / "plain")]).output
+    assert "exported by mlpfuse" in text and "remote code: not needed" in text
