@@ -35,7 +35,8 @@ def width_fields(config: dict) -> dict[str, int]:
 def _batch(config, length: int = 128) -> dict[str, torch.Tensor]:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or length
     vocab = int(getattr(config, "vocab_size", 0) or 100)
-    ids = torch.randint(0, vocab, (1, min(length, int(limit))), generator=torch.Generator().manual_seed(0))
+    # two positions short of the table: RoBERTa's position ids start after the padding index
+    ids = torch.randint(0, vocab, (1, max(1, min(length, int(limit) - 2))), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(config, "is_encoder_decoder", False):
         batch["decoder_input_ids"] = ids
