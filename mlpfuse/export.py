@@ -349,6 +349,8 @@ def export_checkpoint(model: str, output: str | Path, pad: bool = False, adapter
     max_shard = parse_size(max_shard_size)
     if target.exists() and not overwrite:
         raise InputError(f"output {target} already exists; pass --overwrite to replace it or choose another -o")
+    if target.exists() and not _is_mlpfuse_output(target):
+        raise InputError(f"--overwrite replaces only an earlier mlpfuse output, and {target} is not one; choose another -o")
     fused = load_fused_for_export(source, adapter)
     base_config = fused.config
     cls = type(fused).__mro__[1]  # the fused class is a direct subclass of the plain one
@@ -389,6 +391,15 @@ def export_checkpoint(model: str, output: str | Path, pad: bool = False, adapter
     report.files = sorted(p.name for p in target.iterdir())
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _is_mlpfuse_output(directory: Path) -> bool:
+    """Whether ``directory`` holds a checkpoint written by mlpfuse (fused, or exported by this module)."""
+    try:
+        config = read_config(directory)
+    except InputError:
+        return False
+    return isinstance(config, dict) and bool(config.get("mlpfuse") or config.get(EXPORT_SECTION))
 
 
 def _assemble(cls, config, state: dict, fused: nn.Module) -> nn.Module:

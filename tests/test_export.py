@@ -259,3 +259,15 @@ def test_inspect_says_what_deployment_needs(gpt2_mixed, tmp_path):
     assert facts["width_fields"] == {"n_inner": 30} and facts["export"]["padded"] is True
     text = runner.invoke(app, ["inspect", str(tmp_path / "plain")]).output
     assert "exported by mlpfuse" in text and "remote code: not needed" in text
+
+
+def test_overwrite_replaces_only_an_earlier_mlpfuse_output(gpt2_mixed, tmp_path):
+    runner = CliRunner()
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("keep me")
+    result = runner.invoke(app, ["export", str(gpt2_mixed), "-o", str(stranger), "--pad", "--overwrite"])
+    assert result.exit_code == 2 and (stranger / "notes.txt").read_text() == "keep me"
+    assert runner.invoke(app, ["export", str(gpt2_mixed), "-o", str(tmp_path / "plain"), "--pad"]).exit_code == 0
+    again = runner.invoke(app, ["export", str(gpt2_mixed), "-o", str(tmp_path / "plain"), "--pad", "--overwrite"])
+    assert again.exit_code == 0, again.output
