@@ -21,8 +21,7 @@ from mlpfuse.fuse import FuseSettings, fuse_checkpoint
 
 from .conftest import TINY, build_tiny, model_inputs, outputs_of, tree_digest
 
-AUTO = {"masked-lm": "AutoModelForMaskedLM", "sequence-classification": "AutoModelForSequenceClassification",
-        "causal-lm": "AutoModelForCausalLM", "seq2seq-lm": "AutoModelForSeq2SeqLM"}
+AUTO = mlpfuse.TASKS  # task -> transformers Auto class name
 
 
 def _moe_families() -> dict:
