@@ -36,6 +36,10 @@ def _tiny_roberta_12():
 
 
 def _tiny_mixtral():
+    from .conftest import TINY
+
+    if "mixtral" in TINY:
+        return build_tiny("mixtral")
     from .test_moe import _model
 
     return _model("mixtral"), "causal-lm"
