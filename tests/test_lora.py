@@ -88,3 +88,30 @@ def test_dora_merge_on_a_fused_projection_is_refused():
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, use_dora=True, target_modules=["down_proj"]))
     with pytest.raises(ValueError, match="fused projection"):
         lora.merge_and_unload()
+
+
+def test_exact_merge_with_only_transformers_and_peft_through_trust_remote_code(tmp_path):
+    """The hook ships in the checkpoint's own code: no mlpfuse import needed for an exact merge."""
+    import subprocess
+    import sys
+
+    model, _ = _fused("gpt2")
+    model.save_pretrained(tmp_path / "fused")
+    code = (
+        "import sys, torch, transformers, peft\n"
+        "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
+        "assert 'mlpfuse' not in sys.modules\n"
+        "lora = peft.get_peft_model(m, peft.LoraConfig(r=2, target_modules=['c_proj'], fan_in_fan_out=True))\n"
+        "torch.manual_seed(0)\n"
+        "for n, p in lora.named_parameters():\n"
+        "    if 'lora_B' in n: torch.nn.init.normal_(p, std=0.5)\n"
+        "ids = torch.tensor([[5, 6, 7, 8]])\n"
+        "with torch.no_grad():\n"
+        "    before = lora(input_ids=ids).logits\n"
+        "    after = lora.merge_and_unload()(input_ids=ids).logits\n"
+        "print((after - before).abs().max().item())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fused")], capture_output=True, text=True,
+                            cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip().splitlines()[-1]) < 1e-5
