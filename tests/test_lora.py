@@ -111,7 +111,7 @@ def test_exact_merge_with_only_transformers_and_peft_through_trust_remote_code(t
         "    after = lora.merge_and_unload()(input_ids=ids).logits\n"
         "print((after - before).abs().max().item())\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fused")], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fused")], check=False, capture_output=True, text=True,
                             cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip().splitlines()[-1]) < 1e-5

@@ -125,14 +125,13 @@ _SCALED_LORA_CLASSES = {}
 def _adopt_scaled_lora(module, name, submodule):
     """Global module-registration hook: a PEFT LoRA layer given a scaled base layer merges exactly."""
     if name != "base_layer" or not isinstance(submodule, (ScaledLinear, ScaledConv1D)):
-        return None
+        return
     cls = type(module)
     if isinstance(module, _ScaledLoraMergeMixin) or not _is_peft_lora_linear(module):
-        return None
+        return
     if cls not in _SCALED_LORA_CLASSES:
         _SCALED_LORA_CLASSES[cls] = type(f"Scaled{cls.__name__}", (_ScaledLoraMergeMixin, cls), {"__module__": cls.__module__})
     module.__class__ = _SCALED_LORA_CLASSES[cls]
-    return None
 
 
 _LORA_HOOK_FLAG = f"_mlpfuse_lora_hook_{__name__}"  # once per copy of this file (mlpfuse's, each checkpoint's)
