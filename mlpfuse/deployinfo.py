@@ -15,9 +15,9 @@ import torch
 from .checkpoint import read_config
 from .remote.modeling_mlpfuse import FUSED_MODEL_TYPE, base_config_from, fused_model_class
 
-EXPORT_SECTION = "mlpfuse_export"
+EXPORT_SECTION = "mlpfuse_export"  # provenance key in an exported config.json (plain configs keep extra keys)
 FLOPS_AUTO_LIMIT = 1_000_000_000  # parameters: above this, FLOPs are counted only when asked (the model is built)
-_WIDTH_FIELD = re.compile(r"(intermediate|inner|d_ff|ffn)", re.IGNORECASE)
+WIDTH_FIELD = re.compile(r"(intermediate|inner|d_ff|ffn)", re.IGNORECASE)  # config fields that hold MLP widths
 
 
 def checkpoint_kind(config: dict) -> str:
@@ -29,7 +29,7 @@ def checkpoint_kind(config: dict) -> str:
 
 def width_fields(config: dict) -> dict[str, int]:
     """The config's MLP width fields (intermediate_size, n_inner, d_ff, moe_intermediate_size...)."""
-    return {k: v for k, v in config.items() if _WIDTH_FIELD.search(k) and isinstance(v, int) and not isinstance(v, bool)}
+    return {k: v for k, v in config.items() if WIDTH_FIELD.search(k) and isinstance(v, int) and not isinstance(v, bool)}
 
 
 def _batch(config, length: int = 128) -> dict[str, torch.Tensor]:

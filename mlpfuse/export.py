@@ -16,7 +16,6 @@ parameters, which the report gives.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import parse_size, read_config, staging_directory
+from .deployinfo import EXPORT_SECTION, WIDTH_FIELD
 from .errors import EnvironmentProblem, InputError, MlpfuseError
 from .fuse import _copy_side_files
 from .modeling import _model_class_for
@@ -43,8 +43,6 @@ from .remote.modeling_mlpfuse import (
 )
 from .source import resolve_model
 
-EXPORT_SECTION = "mlpfuse_export"  # provenance key in the exported config.json (plain configs keep extra keys)
-_WIDTH_FIELD = re.compile(r"(intermediate|inner|d_ff|ffn)", re.IGNORECASE)
 _PROBES = (11, 13)  # two values given to a width field to see which tensors it sizes (and by how much)
 
 
@@ -181,7 +179,7 @@ def _width_fields(cls, config) -> dict[str, dict[str, tuple[int, int]]]:
     data = config.to_dict()
     fields = {}
     for name, value in data.items():
-        if not _WIDTH_FIELD.search(name) or isinstance(value, bool) or not (value is None or isinstance(value, int)):
+        if not WIDTH_FIELD.search(name) or isinstance(value, bool) or not (value is None or isinstance(value, int)):
             continue
         shapes = []
         for probe in _PROBES:
