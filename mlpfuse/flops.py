@@ -44,7 +44,8 @@ def mlp_sites(model: torch.nn.Module) -> list[MLPSite] | None:
         spec = lookup(model.config.model_type)
     except InputError:
         return None
-    return resolve_sites(spec, model.config.to_dict())
+    sites = resolve_sites(spec, model.config.to_dict())
+    return None if any(site.experts for site in sites) else sites  # MoE: totals only (routing decides the MLP share)
 
 
 def _site_modules(model: torch.nn.Module, sites: list[MLPSite]) -> dict[str, torch.nn.Module]:

@@ -34,6 +34,7 @@ from .remote.modeling_mlpfuse import (  # noqa: F401  (re-exported)
 )
 
 SECTION = "mlpfuse"  # the config.json key of the section
+EXPORT_SECTION = "mlpfuse_export"  # provenance key of an exported (plain, P folded) config.json
 MODULE_TYPES = (LINEAR_MODULE, CONV1D_MODULE, LOW_RANK_MODULE, ZERO_MODULE, STACKED_EXPERTS_MODULE, EXPERT_LIST_MODULE)
 # Class-name endings of ``architectures`` -> the task of ``mlpfuse.load`` that rebuilds that class.
 _TASK_SUFFIXES = {

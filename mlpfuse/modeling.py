@@ -83,6 +83,19 @@ class UncleanCheckpoint(MlpfuseError):
     exit_code = 1
 
 
+def model_class_for(base_config) -> type:
+    """The transformers class named first in ``architectures`` if transformers has it, else AutoModel's class.
+
+    ``base_config``: a base-architecture config object (e.g. ``LlamaConfig``). Raises KeyError when
+    neither names a class transformers knows.
+    """
+    for name in getattr(base_config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel._model_mapping[type(base_config)]
+
+
 def verify_checkpoint(directory: str | Path, reference: torch.nn.Module | None = None) -> int:
     """Load a just-written checkpoint the way a user will and check that it loads clean.
 

@@ -104,8 +104,9 @@ def forget_written() -> None:
 def is_mlpfuse_output(directory: Path) -> bool:
     """True when ``directory`` is an earlier output of mlpfuse, the only kind ``--overwrite`` may replace.
 
-    That is: its config.json is a mapping with an ``mlpfuse`` section, or (a plain checkpoint
-    written by ``finetune``) it holds config.json and ``mlpfuse_finetune.json``.
+    That is: its config.json is a mapping with an ``mlpfuse`` section (fused) or an
+    ``mlpfuse_export`` section (exported), or (a plain checkpoint written by ``finetune``) it holds
+    config.json and ``mlpfuse_finetune.json``.
     """
     config = Path(directory) / "config.json"
     try:
@@ -114,7 +115,10 @@ def is_mlpfuse_output(directory: Path) -> bool:
         return False
     if not isinstance(data, dict):
         return False
-    return isinstance(data.get("mlpfuse"), dict) or (Path(directory) / FINETUNE_REPORT).is_file()
+    from .format import EXPORT_SECTION, SECTION  # the format's own names (imported late: format loads torch)
+
+    return (isinstance(data.get(SECTION), dict) or isinstance(data.get(EXPORT_SECTION), dict)
+            or (Path(directory) / FINETUNE_REPORT).is_file())
 
 
 def resolve_target(output) -> Path:

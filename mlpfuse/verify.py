@@ -186,9 +186,22 @@ def _loaded_mlp(base, site, x: torch.Tensor) -> torch.Tensor:
     return base.get_submodule(site.module_path("down"))(hidden)
 
 
+def _checkpoint_prefix(keys: set, sites) -> str:
+    """What the checkpoint puts before base-model paths (``""``, ``"model."``...), found from any MLP
+    module's weight, dense or low-rank (a fully svd-compressed model has no plain MLP weight)."""
+    for site in sites:
+        for module in site.modules:
+            for suffix in (f"{module.path}.weight", f"{module.path}.lowrank_a.weight"):
+                found = sorted(k[: -len(suffix)] for k in keys
+                               if k.endswith(suffix) and (k == suffix or k[-len(suffix) - 1] == "."))
+                if found:
+                    return min(found, key=len)
+    return ""
+
+
 def _compare_sites(loaded, config: dict, reader: CheckpointReader) -> int:
     """Each fused, tied or merged dense MLP of ``loaded`` against its tensors' reference forward."""
-    from .arch import find_prefix, lookup, resolve_sites
+    from .arch import lookup, resolve_sites
     from .format import base_config_dict
 
     section = section_of(config)
@@ -205,7 +218,7 @@ def _compare_sites(loaded, config: dict, reader: CheckpointReader) -> int:
         return 0
     sites = [s for s in resolve_sites(spec, base_config) if not s.experts]
     keys = set(reader.keys())
-    prefix = next((p for p in (find_prefix(keys, s) for s in sites) if p is not None), "")
+    prefix = _checkpoint_prefix(keys, sites)
     base = loaded.base_model
     generator = torch.Generator().manual_seed(0)
     checked = 0

@@ -18,12 +18,13 @@ from .common import EXIT_INTERRUPTED, TERMINATION, log
 # name: (module in mlpfuse.cli, function, one-line help shown by `mlpfuse --help`: the docstring's first line)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "fuse": ("fuse_cmd", "fuse", "Fuse the MLPs of a Hugging Face checkpoint (MLP Fusion) and write a loadable checkpoint."),
-    "inspect": ("info_cmd", "inspect", "Show whether a checkpoint is fused, and how (method, layers, widths, provenance)."),
+    "inspect": ("info_cmd", "inspect", "What to know before deploying: fused or exported, widths per layer, remote code, parameter and FLOP savings."),
     "architectures": ("info_cmd", "architectures", "List the supported architectures and where their MLPs live."),
     "merge-layers": ("merge_cmd", "merge_layers", "Merge adjacent feed-forward sublayers into one shared (tied) MLP and write a loadable checkpoint."),
     "bench": ("bench_cmd", "bench", "Measure training-step time, inference time, peak memory, parameters and FLOPs: fused vs original."),
     "tune": ("tune_cmd", "tune", "Tune the fused MLPs so each layer's hidden states match the original model's (paper Sec. 4.4)."),
     "finetune": ("finetune_cmd", "finetune", "Fine-tune (classification, regression, causal LM) and evaluate an original or fused checkpoint."),
+    "export": ("export_cmd", "export", "Fold P into the weights and write the base architecture (llama, bert, gpt2...): loads with plain transformers."),
     "ntk-check": ("ntk_cmd", "ntk_check_command", "Compare compression methods by MLP output error and Adam-NTK error (paper Table 1)."),
 }
 

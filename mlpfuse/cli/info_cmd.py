@@ -11,38 +11,76 @@ from .common import DebugOption, JsonOption, check_json_path, console, handle_er
 
 @handle_errors
 def inspect(
-    model: str = typer.Argument(..., help="Checkpoint directory (fused or not), hub id or 'minilm'."),
+    model: str = typer.Argument(..., help="Checkpoint directory (fused, exported or plain), hub id or 'minilm'."),
+    flops: bool = typer.Option(None, "--flops/--no-flops", help="Count forward FLOPs per token (builds the model with "
+                               "random weights). [default: when the model has at most 1e9 parameters]"),
     json_path: str = JsonOption,
     debug: bool = DebugOption,
 ):
-    """Show whether a checkpoint is fused, and how (method, layers, widths, provenance)."""
+    """What to know before deploying: fused or exported, widths per layer, remote code, parameter and FLOP savings."""
     from ..checkpoint import read_config  # heavy (torch): imported here so `architectures` starts light
-    from ..remote.modeling_mlpfuse import FUSED_MODEL_TYPE
+    from ..deployinfo import describe
     from ..source import resolve_model
+
     check_json_path(json_path, model)
 
     directory = resolve_model(model)
     config = read_config(directory)
-    fused = config.get("model_type") == FUSED_MODEL_TYPE
+    facts = describe(directory, flops)
     section = config.get("mlpfuse") or {}
     out = results_console(json_path)
-    if not fused:
-        out.print(f"{directory}: a plain {config.get('model_type')} checkpoint (not fused)", highlight=False)
-    else:
-        table = Table(title=f"{directory}: {config.get('base_model_type')} fused with {section.get('method')}")
+    kind, model_type = facts["kind"], facts["model_type"]
+    if kind == "fused":
+        table = Table(title=f"{directory}: {model_type} fused with {section.get('method')}")
         table.add_column("layer", justify="right")
         table.add_column("width before", justify="right")
         table.add_column("width after", justify="right")
-        for layer, label in zip(section.get("layers", []), section.get("layer_labels", section.get("layers", []))):
-            key = str(layer)
-            table.add_row(str(label), str(section.get("original_widths", {}).get(key, "?")), str(section["widths"][key]))
+        for layer in facts["layers"]:
+            table.add_row(layer["label"], str(layer["before"] if layer["before"] is not None else "?"), str(layer["after"]))
         out.print(table)
-        params = section.get("parameters", {})
-        out.print(f"parameters {params.get('before', '?'):,} -> {params.get('after', '?'):,}; seed {section.get('seed')}, "
-                  f"backend {section.get('backend')}, source {section.get('source')} (sha256 {str(section.get('source_sha256'))[:12]}...)",
-                  highlight=False)
-    write_json_report(json_path, {"path": str(directory), "fused": fused, "model_type": config.get("model_type"),
-                                  "mlpfuse": section})
+        out.print("remote code: needed: load with mlpfuse.load(path) or transformers' AutoModel...from_pretrained(path, "
+                  "trust_remote_code=True); `mlpfuse export` writes a plain checkpoint that needs none", highlight=False)
+        out.print(f"seed {section.get('seed')}, backend {section.get('backend')}, source {section.get('source')} "
+                  f"(sha256 {str(section.get('source_sha256'))[:12]}...)", highlight=False)
+    elif kind == "exported":
+        export = facts["export"] or {}
+        out.print(f"{directory}: a plain {model_type} checkpoint exported by mlpfuse from {export.get('source')} "
+                  f"(method {export.get('method')}{', zero-padded' if export.get('padded') else ''}"
+                  f"{', adapter ' + str(export.get('adapter')) if export.get('adapter') else ''})", highlight=False)
+        out.print("remote code: not needed (plain transformers loads it)", highlight=False)
+    else:
+        out.print(f"{directory}: a plain {model_type} checkpoint (not fused)", highlight=False)
+        out.print("remote code: not needed", highlight=False)
+    if facts["width_fields"] and kind != "fused":
+        out.print("MLP widths: " + ", ".join(f"{k}={v}" for k, v in facts["width_fields"].items()), highlight=False)
+    params = facts["parameters"]
+    if "before" in params and "after" in params:
+        before, after = params["before"], params["after"]
+        out.print(f"parameters {before:,} -> {after:,} ({_fewer(before, after)} fewer)", highlight=False)
+    elif "after" in params:
+        out.print(f"parameters {params['after']:,}", highlight=False)
+    counts = facts.get("flops")
+    if counts:
+        after = counts["after"]
+        line = f"forward FLOPs per token ({counts['sequence_length']}-token sequence): "
+        if "before" in counts:
+            before = counts["before"]
+            line += (f"{before['flops_per_token']:,.0f} -> {after['flops_per_token']:,.0f} "
+                     f"({_fewer(before['flops_per_token'], after['flops_per_token'])} fewer)")
+            if before.get("mlp_flops_per_token"):
+                line += (f"; in the MLPs {before['mlp_flops_per_token']:,.0f} -> {after['mlp_flops_per_token']:,.0f} "
+                         f"({_fewer(before['mlp_flops_per_token'], after['mlp_flops_per_token'])} fewer)")
+        else:
+            line += f"{after['flops_per_token']:,.0f}"
+        out.print(line, highlight=False)
+    elif facts["kind"] == "fused":
+        out.print("FLOPs: pass --flops to count them (builds the model)", highlight=False)
+    write_json_report(json_path, {"path": str(directory), "fused": kind == "fused", "model_type": config.get("model_type"),
+                                  "mlpfuse": section, **facts})
+
+
+def _fewer(before: float, after: float) -> str:
+    return f"{100 * (before - after) / before:.1f}%" if before else "0%"
 
 
 @handle_errors

@@ -98,6 +98,84 @@ class ScaledConv1D(_ExactScale, Conv1D):
         return x.view(size_out)
 
 
+# --- LoRA (PEFT) on scaled projections: exact merges (docs/deploy.md) --------------------------------
+# PEFT's LoRA layer adds ``B A x`` beside the scaled module and merges by ``W += B A``; the scaled
+# forward then multiplies that update by P, so a merged model would differ from the unmerged one.
+# Whenever a PEFT LoRA layer takes a scaled module as its base layer, its class becomes a subclass
+# that merges ``B A / P`` instead (exact: ``(W + B A / P) P = W P + B A``). Forward, training,
+# saving adapters and every other PEFT method are unchanged. peft is never imported here.
+
+def _is_peft_lora_linear(module):
+    return any(c.__name__ == "Linear" and c.__module__.startswith("peft.tuners.lora") for c in type(module).__mro__)
+
+
+class _ScaledLoraMergeMixin:
+    """Mixed into PEFT's LoRA ``Linear`` wrapping a ScaledLinear / ScaledConv1D: merges divide by P."""
+
+    _mlpfuse_merging = False
+
+    def _mlpfuse_check(self, adapter_names):
+        names = adapter_names if adapter_names is not None else getattr(self, "active_adapters", [])
+        variants = [n for n in names if n in getattr(self, "lora_variant", {})]
+        if variants:
+            raise ValueError(
+                f"mlpfuse: cannot merge the LoRA variant (e.g. DoRA) adapter(s) {variants} into a fused projection "
+                "(its cluster-size scale P is not part of the variant's maths); use plain LoRA on fused projections, "
+                "or keep this adapter unmerged"
+            )
+        scale = self.get_base_layer().fusion_scale
+        if bool((scale == 0).any()):
+            raise ValueError("mlpfuse: cannot merge a LoRA adapter into a fused projection with a zero scale entry")
+
+    def merge(self, safe_merge=False, adapter_names=None):
+        self._mlpfuse_check(adapter_names)
+        self._mlpfuse_merging = True
+        try:
+            return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        finally:
+            self._mlpfuse_merging = False
+
+    def unmerge(self):
+        self._mlpfuse_merging = True
+        try:
+            return super().unmerge()
+        finally:
+            self._mlpfuse_merging = False
+
+    def get_delta_weight(self, adapter):
+        delta = super().get_delta_weight(adapter)
+        if not self._mlpfuse_merging:
+            return delta
+        scale = self.get_base_layer().fusion_scale.to(device=delta.device, dtype=torch.float32)
+        # Linear weight [out, in]: P scales the columns; Conv1D weight [in, out] (fan_in_fan_out): the rows
+        scale = scale[:, None] if getattr(self, "fan_in_fan_out", False) else scale[None, :]
+        return (delta.float() / scale).to(delta.dtype)
+
+
+_SCALED_LORA_CLASSES = {}
+
+
+def _adopt_scaled_lora(module, name, submodule):
+    """Global module-registration hook: a PEFT LoRA layer given a scaled base layer merges exactly."""
+    if name != "base_layer" or not isinstance(submodule, (ScaledLinear, ScaledConv1D)):
+        return
+    cls = type(module)
+    if isinstance(module, _ScaledLoraMergeMixin) or not _is_peft_lora_linear(module):
+        return
+    if cls not in _SCALED_LORA_CLASSES:
+        _SCALED_LORA_CLASSES[cls] = type(f"Scaled{cls.__name__}", (_ScaledLoraMergeMixin, cls), {"__module__": cls.__module__})
+    module.__class__ = _SCALED_LORA_CLASSES[cls]
+
+
+_LORA_HOOK_FLAG = f"_mlpfuse_lora_hook_{__name__}"  # once per copy of this file (mlpfuse's, each checkpoint's)
+if not getattr(nn.Module, _LORA_HOOK_FLAG, False):
+    torch.nn.modules.module.register_module_module_registration_hook(_adopt_scaled_lora)
+    setattr(nn.Module, _LORA_HOOK_FLAG, True)
+
+
+ZERO_MODULE = "zero"
+
+
 class ZeroProjection(nn.Module):
     """A projection removed by ``merge-layers --drop``: no parameters, outputs zeros of width ``out_features``.
 
@@ -294,6 +372,9 @@ def apply_fusion_layout(root, module_specs):
         first = spec["path"].split(".")[0]
         if not hasattr(root, first):
             continue
+        if spec["type"] in ("stacked_experts", "expert_list") and int(transformers.__version__.split(".")[0]) < 5:
+            raise ValueError(f"mlpfuse: fused Mixture-of-Experts checkpoints need transformers >= 5 (stacked experts); "
+                             f"this is transformers {transformers.__version__}")
         parent = root.get_submodule(parent_path) if parent_path else root
         old = getattr(parent, name)
         setattr(parent, name, _build_module(spec, old))
