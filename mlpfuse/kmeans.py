@@ -140,7 +140,7 @@ def _kmeanspp(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Generator, s
     B, n, d = x.shape
     trials = 2 + int(math.log(k))
     rows = torch.arange(B, device=x.device)
-    centers = torch.empty(B, k, dtype=torch.long, device=x.device)
+    centers = torch.zeros(B, k, dtype=torch.long, device=x.device)
     centers[:, 0] = torch.randint(n, (B,), generator=gen, device=x.device)
     closest = _sq_dist_to(x, sq, centers[:, :1])[:, 0]  # [B, n]
     for i in range(1, k if steps is None else min(k, steps)):
