@@ -23,6 +23,7 @@ from .arch.moe import expert_width
 from .arch.spec import CONV1D
 from .card import model_card
 from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, staging_directory, write_json
+from .distributed import gather_in_order, is_worker, rank_device, serve
 from .errors import InputError
 from .fuse_moe import expert_parameter_count, fuse_moe_layer, layer_report_fields
 from .kmeans import resolve_backend
@@ -221,11 +222,12 @@ def fuse_checkpoint(
     overwrite: bool = False,
     on_layer: Callable[[LayerReport], None] | None = None,
     on_start: Callable[[list[LayerPlan]], None] | None = None,
-) -> FuseReport:
+) -> FuseReport | None:
     """Fuse the chosen MLPs of checkpoint ``model`` and write a loadable checkpoint to ``output``.
 
     Streams: reads one layer's tensors at a time from memory-mapped files and writes shards as
-    they fill; the output appears only when complete (temporary directory + rename).
+    they fill; the output appears only when complete (temporary directory + rename). Under
+    torchrun the layers are split over the ranks (mlpfuse/distributed.py); ranks > 0 return None.
     """
     start = time.perf_counter()
     source_dir = resolve_model(model)
@@ -256,9 +258,13 @@ def fuse_checkpoint(
     plans = plan_layers(sites, widths, chosen, settings.dim, settings.ratio,
                         settings.per_layer, settings.allow_full_width)
     _check_experts_flag(settings, plans)
+    options = MethodOptions(seed=settings.seed, backend=settings.backend, device=rank_device(settings.device))
+    compute = lambda plan: fuse_layer(plan, settings, options, prefix, keys, reader.get, dtype)  # noqa: E731
+    if is_worker():  # torchrun: ranks > 0 compress their share of the layers for rank 0, which writes
+        serve(plans, compute)
+        return None
     if on_start:
         on_start(plans)
-    options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device)
 
     params_before = sum(_numel(reader.shape(k)) for k in keys if _is_float_param(reader, k))
     layers: list[LayerReport] = []
@@ -266,8 +272,7 @@ def fuse_checkpoint(
     with staging_directory(target, overwrite) as staging:
         writer = ShardedWriter(staging, max_shard)
         fused_keys: set[str] = set()
-        for plan in plans:
-            layer = fuse_layer(plan, settings, options, prefix, keys, reader.get, dtype)
+        for layer in gather_in_order(plans, compute):
             for name, tensor in layer.tensors.items():
                 writer.add(name, tensor)
             fused_keys |= layer.consumed

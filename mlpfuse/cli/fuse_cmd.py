@@ -70,6 +70,8 @@ def fuse(
             advance[0](f"layer {layer.label} {layer.original_width} -> {layer.width} ({layer.seconds:.2f}s)")
 
         report = fuse_checkpoint(model, output, settings, overwrite=overwrite, on_layer=on_layer, on_start=on_start)
+    if report is None:  # a torchrun rank > 0: its layers went to rank 0, which writes and reports
+        return
     out = results_console(json_path)
     out.print(_summary_table(report))
     before, after = report.parameters["before"], report.parameters["after"]
