@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import InputError
 
@@ -150,8 +151,8 @@ class ShardedWriter:
     cache holds what was written, as file-backed memory). The header goes in a space reserved at
     the start of the shard (``_HEADER_SPACE``, padded with spaces as the safetensors format allows)
     and is written when the shard is finished; a shard whose header would overflow that space is
-    finished early. Shards with little data are rewritten with an exact header, so small checkpoints
-    carry no padding. Raises InputError for a tensor dtype safetensors cannot store.
+    finished early. Shards with less than ``_COMPACT_BELOW`` bytes of data are rewritten by
+    safetensors' ``save_file`` (no padding, the same bytes as writing them in one go). Raises InputError for a tensor dtype safetensors cannot store.
     """
 
     def __init__(self, directory: Path, max_shard_bytes: int):
@@ -200,23 +201,22 @@ class ShardedWriter:
         header = self._header()
         path = self._shards[-1][0]
         self._shards[-1][1].extend(self._entries)
-        if self._offset < _COMPACT_BELOW:  # small: rewrite without the reserved space
-            self._file.close()
-            pad = b" " * (-len(header) % 8)
-            compact = path.with_suffix(".compact")
-            with open(path, "rb") as src, open(compact, "wb") as dst:
-                dst.write(len(header + pad).to_bytes(8, "little") + header + pad)
-                src.seek(8 + _HEADER_SPACE)
-                shutil.copyfileobj(src, dst, 1 << 22)
-            compact.replace(path)
-        else:
-            if len(header) > _HEADER_SPACE:
-                raise RuntimeError(f"safetensors header of {path} outgrew its reserved space")
-            self._file.seek(0)
-            self._file.write(_HEADER_SPACE.to_bytes(8, "little") + header.ljust(_HEADER_SPACE, b" "))
-            self._file.close()
-        path.chmod(0o644)
+        if len(header) > _HEADER_SPACE:
+            raise RuntimeError(f"safetensors header of {path} outgrew its reserved space")
+        self._file.seek(0)
+        self._file.write(_HEADER_SPACE.to_bytes(8, "little") + header.ljust(_HEADER_SPACE, b" "))
+        self._file.close()
         self._file = None
+        if self._offset < _COMPACT_BELOW:
+            # Small shard: rewrite it as safetensors' own save_file would (exact header, its tensor
+            # order and alignment), holding at most _COMPACT_BELOW bytes for a moment.
+            with safe_open(str(path), framework="pt") as handle:
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            compact = path.with_suffix(".compact")
+            save_file(tensors, str(compact), metadata={"format": "pt"})
+            del tensors
+            compact.replace(path)
+        path.chmod(0o644)  # safetensors may create the file private
 
     def close(self) -> list[str]:
         """Finish the last shard, name the shards ``model-0000i-of-0000n.safetensors``, write the index."""

@@ -309,7 +309,8 @@ def _finish(x_cpu: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Te
     inertia = 0.0
     chunk = 4096
     for s in range(0, x_cpu.shape[0], chunk):
-        sums.index_add_(0, labels[s:s + chunk], x_cpu[s:s + chunk].double())
+        # index_put_ accumulates in the same order as index_add_, several times faster on CPU
+        sums.index_put_((labels[s:s + chunk],), x_cpu[s:s + chunk].double(), accumulate=True)
     means = sums / counts[:, None].double()
     for s in range(0, x_cpu.shape[0], chunk):
         diff = x_cpu[s:s + chunk].double() - means[labels[s:s + chunk]]

@@ -45,3 +45,34 @@ def test_neuron_features_layout():
     want = torch.cat([mlp.w_gate.float(), mlp.w_in.float(), mlp.b_in[:, None], mlp.w_out.float().T], 1)
     got = mlp.neuron_features()
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("gated", [True, False])
+def test_fused_weights_from_centroids_equal_cluster_averages(dtype, gated):
+    from mlpfuse.methods import MethodOptions
+    from mlpfuse.methods.fusion import centroid_mlp
+
+    g = torch.Generator().manual_seed(3)
+    n, p, k = 64, 8, 12
+    mlp = MLPWeights(w_in=torch.randn(n, p, generator=g).to(dtype), w_out=torch.randn(p, n, generator=g).to(dtype),
+                     b_in=None if gated else torch.randn(n, generator=g).to(dtype),
+                     w_gate=torch.randn(n, p, generator=g).to(dtype) if gated else None,
+                     b_out=torch.randn(p, generator=g).to(dtype))
+    fused, sizes = centroid_mlp(mlp, k, MethodOptions(seed=1, backend="torch", device="cpu"))
+    from mlpfuse.kmeans import kmeans
+
+    labels = kmeans(  # the same call centroid_mlp makes: the same labels
+        mlp.neuron_features(), k, seed=1, backend="torch", device="cpu").labels
+    assert torch.equal(sizes, torch.bincount(labels, minlength=k).float())
+    tol = torch.finfo(dtype).eps
+    for name, dim in (("w_in", 0), ("w_gate", 0), ("b_in", 0), ("w_out", 1)):
+        src = getattr(mlp, name)
+        if src is None:
+            assert getattr(fused, name) is None
+            continue
+        want = reference_average(src, labels, k, dim)
+        got = getattr(fused, name)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert torch.allclose(got.float(), want.float(), rtol=tol, atol=1e-7), name
+    assert torch.equal(fused.b_out, mlp.b_out)

@@ -99,3 +99,17 @@ def test_twice_the_same_name_is_a_bug(tmp_path):
     writer.add("x", torch.zeros(2))
     with pytest.raises(RuntimeError, match="twice"):
         writer.add("x", torch.zeros(2))
+
+
+def test_small_shard_is_byte_identical_to_save_file(tmp_path):
+    from safetensors.torch import save_file
+
+    src = {k: v.contiguous() for k, v in tensors().items()}
+    writer = ShardedWriter(tmp_path / "w", 10**9)
+    (tmp_path / "w").mkdir()
+    for name, t in src.items():
+        writer.add(name, t)
+    writer.close()
+    save_file(src, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    # same bytes, so the same alignment of every tensor once memory-mapped by a loader
+    assert (tmp_path / "w" / checkpoint.SAFE_SINGLE).read_bytes() == (tmp_path / "ref.safetensors").read_bytes()

@@ -32,15 +32,40 @@ def cluster_average(tensor: torch.Tensor, labels: torch.Tensor, k: int, dim: int
     return sums.div_(counts).to(tensor.dtype).movedim(0, dim)
 
 
+def _from_centroids(mlp: MLPWeights, centroids, k: int) -> MLPWeights | None:
+    """The averaged MLP read off k-means' centroids (the exact float64 member means of the neuron
+    features, stored as float32), split back into weights; None when they cannot stand in for
+    :func:`cluster_average` (float64 weights, or centroids of another shape)."""
+    parts = [t for t in (mlp.w_gate, mlp.b_gate, mlp.w_in, mlp.b_in, mlp.w_out) if t is not None]
+    width = sum(1 if t.dim() == 1 else t.shape[1] for t in parts[:-1]) + mlp.w_out.shape[0]
+    if not isinstance(centroids, torch.Tensor) or tuple(centroids.shape) != (k, width) \
+            or any(t.dtype == torch.float64 for t in parts):
+        return None
+    fields, start = {}, 0
+    for name in ("w_gate", "b_gate", "w_in", "b_in"):
+        t = getattr(mlp, name)
+        if t is None:
+            continue
+        size = 1 if t.dim() == 1 else t.shape[1]
+        block = centroids[:, start:start + size]
+        fields[name] = (block[:, 0] if t.dim() == 1 else block).to(t.device, t.dtype)
+        start += size
+    fields["w_out"] = centroids[:, start:].T.to(mlp.w_out.device, mlp.w_out.dtype)
+    return MLPWeights(w_in=fields["w_in"], w_out=fields["w_out"], b_in=fields.get("b_in"),
+                      w_gate=fields.get("w_gate"), b_gate=fields.get("b_gate"), b_out=mlp.b_out)
+
+
 def centroid_mlp(mlp: MLPWeights, k: int, options: MethodOptions) -> tuple[MLPWeights, torch.Tensor]:
     """Cluster the sub-MLPs and return the averaged (k-wide) MLP and the cluster sizes P."""
     result = options.clustering or kmeans(mlp.neuron_features(), k, seed=options.seed, backend=options.backend,
                                           device=options.device)
     labels = result.labels
-    averaged = mlp.map_neurons(
-        lambda t: cluster_average(t, labels, k, dim=0),
-        lambda w: cluster_average(w, labels, k, dim=1),
-    )
+    averaged = _from_centroids(mlp, result.centroids, k)
+    if averaged is None:
+        averaged = mlp.map_neurons(
+            lambda t: cluster_average(t, labels, k, dim=0),
+            lambda w: cluster_average(w, labels, k, dim=1),
+        )
     averaged.stats = {
         "inertia": result.inertia,
         "kmeans_seconds": result.seconds,
