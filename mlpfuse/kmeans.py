@@ -307,7 +307,7 @@ def _finish(x_cpu: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Te
         counts[j] = 1
     sums = torch.zeros(k, x_cpu.shape[1], dtype=torch.float64)
     inertia = 0.0
-    chunk = 4096
+    chunk = max(1, (16 << 20) // (8 * x_cpu.shape[1]))  # rows per float64 block of about 16 MB
     for s in range(0, x_cpu.shape[0], chunk):
         # index_put_ accumulates in the same order as index_add_, several times faster on CPU
         sums.index_put_((labels[s:s + chunk],), x_cpu[s:s + chunk].double(), accumulate=True)
