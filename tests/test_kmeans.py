@@ -264,7 +264,7 @@ def test_unknown_init():
         km.kmeans(torch.randn(20, 3), 4, init="random")
 
 
-@pytest.mark.parametrize("n", [800, 300])  # m = 1 + 5k < n: real oversampling; m >= n: every point a candidate
+@pytest.mark.parametrize("n", [800, 150])  # m = 1 + 5k = 201 < n: oversampling; m >= n: every point a candidate
 def test_parallel_seeding_deterministic_and_non_empty(n):
     x = structured(n=n, d=16, blobs=60)
     a = km.kmeans(x, 40, seed=2, backend="torch", device="cpu", init="kmeans-parallel")
@@ -281,7 +281,7 @@ def test_parallel_seeding_draws_distinct_centres_on_duplicates():
     assert torch.unique(seeds[0], dim=0).shape[0] == 12  # one centre on each distinct row
 
 
-@pytest.mark.parametrize("n", [1200, 400])
+@pytest.mark.parametrize("n", [1200, 250])  # m = 301: the oversampling path, then every point a candidate
 def test_parallel_seeding_quality_close_to_greedy(n):
     x = structured(n=n, d=24, blobs=120)
     k = 60
