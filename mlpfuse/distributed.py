@@ -14,7 +14,8 @@ Without ``torchrun`` (no ``WORLD_SIZE`` > 1 in the environment) nothing here sta
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 

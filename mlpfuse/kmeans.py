@@ -170,7 +170,6 @@ def _kmeans_parallel(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Gener
     Memory: the [B, min(m, n), min(m, n)] float32 matrix on top of the input.
     """
     B, n, d = x.shape
-    rows = torch.arange(B, device=x.device)
     per_round = math.ceil(oversampling * k)
     m = 1 + rounds * per_round
     if m >= n:

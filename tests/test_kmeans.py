@@ -276,7 +276,7 @@ def test_parallel_seeding_deterministic_and_non_empty(n):
 
 
 def test_parallel_seeding_draws_distinct_centres_on_duplicates():
-    x, ids = duplicated(m=12, r=40)  # n = 480 > 1 + 5k: the oversampling path, many duplicate candidates
+    x, _ = duplicated(m=12, r=40)  # n = 480 > 1 + 5k: the oversampling path, many duplicate candidates
     seeds = km._kmeans_parallel(x[None], (x * x).sum(1)[None], 12, torch.Generator().manual_seed(0))
     assert torch.unique(seeds[0], dim=0).shape[0] == 12  # one centre on each distinct row
 
