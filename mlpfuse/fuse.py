@@ -26,7 +26,7 @@ from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config
 from .distributed import gather_in_order, is_worker, rank_device, serve
 from .errors import InputError
 from .fuse_moe import expert_parameter_count, fuse_moe_layer, layer_report_fields
-from .kmeans import resolve_backend
+from .kmeans import check_init, resolve_backend
 from .methods import MethodOptions, get_method
 from .mlp import MLPWeights
 from .modeling import verify_checkpoint
@@ -64,6 +64,7 @@ class FuseSettings:
     max_shard_size: str = "5GB"
     allow_full_width: bool = False
     experts: str | list | None = None  # MoE: experts to fuse in each chosen sparse layer (None = all)
+    kmeans_init: str = "kmeans-parallel"  # k-means seeding: kmeans-parallel (k-means||) or greedy (k-means++)
 
 
 @dataclass
@@ -238,6 +239,7 @@ def fuse_checkpoint(
     if target == source_dir.resolve() or source_dir.resolve() in target.parents and target.exists():
         raise InputError("the output directory must not be the input checkpoint; choose another -o")
     get_method(settings.method)  # an unknown method fails before any work
+    check_init(settings.kmeans_init)
     backend = resolve_backend(settings.backend, settings.device)
     dtype = _resolve_dtype(settings.dtype)
     max_shard = parse_size(settings.max_shard_size)
@@ -258,7 +260,8 @@ def fuse_checkpoint(
     plans = plan_layers(sites, widths, chosen, settings.dim, settings.ratio,
                         settings.per_layer, settings.allow_full_width)
     _check_experts_flag(settings, plans)
-    options = MethodOptions(seed=settings.seed, backend=settings.backend, device=rank_device(settings.device))
+    options = MethodOptions(seed=settings.seed, backend=settings.backend, device=rank_device(settings.device),
+                            kmeans_init=settings.kmeans_init)
     compute = lambda plan: fuse_layer(plan, settings, options, prefix, keys, reader.get, dtype)  # noqa: E731
     if is_worker():  # torchrun: ranks > 0 compress their share of the layers for rank 0, which writes
         serve(plans, compute)
@@ -348,7 +351,8 @@ def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
                         settings.per_layer, settings.allow_full_width)
     _check_experts_flag(settings, plans)
     backend = resolve_backend(settings.backend, settings.device)
-    options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device)
+    options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device,
+                            kmeans_init=settings.kmeans_init)
     params_before = sum(p.numel() for p in model.parameters())
     layers, modules = [], []
     for plan in plans:

@@ -370,7 +370,8 @@ def _check_x(x, dims: int) -> None:
         raise InputError("k-means input contains NaN or inf values: check the weights being clustered")
 
 
-def _check_init(init) -> str:
+def check_init(init) -> str:
+    """The seeding name ``init`` stands for (None = ``DEFAULT_INIT``); InputError if unknown."""
     init = DEFAULT_INIT if init is None else init
     if init not in INITS:
         raise InputError(f"unknown k-means seeding {init!r}: choose one of {', '.join(INITS)}")
@@ -395,7 +396,7 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, backend: str = "auto", dev
     _check_x(x, 2)
     k = _check_k(k, x.shape[0])
     _check_iters(max_iter, n_init)
-    init = _check_init(init)
+    init = check_init(init)
     name, dev = _resolve(backend, device)
     x_cpu = x.detach().to("cpu", torch.float32).contiguous()
     xd = x_cpu.to(dev)[None]  # [1, n, d] on the compute device
@@ -429,7 +430,7 @@ def kmeans_batched(xs: torch.Tensor, k: int, *, seed: int = 0, device=None,
     _check_x(xs, 3)
     k = _check_k(k, xs.shape[1])
     _check_iters(max_iter)
-    init = _check_init(init)
+    init = check_init(init)
     name, dev = _resolve("torch", device)
     x_cpu = xs.detach().to("cpu", torch.float32).contiguous()
     xd = x_cpu.to(dev)

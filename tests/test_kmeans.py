@@ -305,3 +305,22 @@ def test_parallel_seeding_batched_equals_single():
     assert torch.equal(one.labels, single.labels)
     for b, res in enumerate(batched):
         check_result(res, xs[b], 20)
+
+
+def test_fuse_kmeans_init_option(tiny_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from mlpfuse.cli import app
+
+    source, _, _ = tiny_checkpoint("llama")
+    runner = CliRunner()
+    bad = runner.invoke(app, ["fuse", str(source), "-o", str(tmp_path / "x"), "--ratio", "0.5", "--kmeans-init", "random"])
+    assert bad.exit_code == 2 and "seeding" in bad.output and not (tmp_path / "x").exists()
+    outs = {}
+    for init in km.INITS:
+        res = runner.invoke(app, ["fuse", str(source), "-o", str(tmp_path / init), "--ratio", "0.5", "--backend", "torch",
+                                  "--kmeans-init", init])
+        assert res.exit_code == 0, res.output
+        outs[init] = (tmp_path / init / "model.safetensors").read_bytes()
+        assert f"kmeans_init: {init}" in (tmp_path / init / "mlpfuse_recipe.yaml").read_text()
+    assert outs["greedy"] != outs["kmeans-parallel"]  # the option reaches k-means

@@ -58,7 +58,7 @@ def _from_centroids(mlp: MLPWeights, centroids, k: int) -> MLPWeights | None:
 def centroid_mlp(mlp: MLPWeights, k: int, options: MethodOptions) -> tuple[MLPWeights, torch.Tensor]:
     """Cluster the sub-MLPs and return the averaged (k-wide) MLP and the cluster sizes P."""
     result = options.clustering or kmeans(mlp.neuron_features(), k, seed=options.seed, backend=options.backend,
-                                          device=options.device)
+                                          device=options.device, init=options.kmeans_init)
     labels = result.labels
     averaged = _from_centroids(mlp, result.centroids, k)
     if averaged is None:
