@@ -163,36 +163,96 @@ def parse_size(text: str | int) -> int:
     raise InputError(f"bad size {text!r}: {hint}")
 
 
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_HEADER_SPACE = 1 << 20  # bytes reserved for each shard's JSON header while its data is written
+_COMPACT_BELOW = 64 << 20  # shards with less data than this are rewritten with an exact header on close
+
+
 class ShardedWriter:
-    """Write tensors into safetensors shards of at most ``max_shard_bytes`` as they come."""
+    """Write tensors into safetensors shards of at most ``max_shard_bytes``, one tensor at a time.
+
+    Each tensor's bytes go to the open shard file as soon as it is added and the writer keeps no
+    reference to it, so memory stays flat whatever the model size (nothing is buffered; the OS page
+    cache holds what was written, as file-backed memory). The header goes in a space reserved at
+    the start of the shard (``_HEADER_SPACE``, padded with spaces as the safetensors format allows)
+    and is written when the shard is finished; a shard whose header would overflow that space is
+    finished early. Shards with less than ``_COMPACT_BELOW`` bytes of data are rewritten by
+    safetensors' ``save_file`` (no padding, the same bytes as writing them in one go). Raises InputError for a tensor dtype safetensors cannot store.
+    """
 
     def __init__(self, directory: Path, max_shard_bytes: int):
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._file = None  # the open shard
+        self._entries: dict[str, dict] = {}
+        self._offset = 0  # data bytes written to the open shard
+        self._header_bytes = 0  # estimate of the open shard's header size
         self._shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` (any device, any layout) under ``name`` to the current shard."""
+        if tensor.dtype not in _ST_DTYPES:
+            raise InputError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
+        if name in self._entries or any(name in keys for _, keys in self._shards):
+            raise RuntimeError(f"tensor {name} written twice")
         size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += size
+        entry_bytes = len(json.dumps(name)) + 96 + 21 * tensor.dim()  # upper bound of its header entry
+        if self._file is not None and self._entries and (
+                self._offset + size > self.max_shard_bytes
+                or self._header_bytes + entry_bytes > _HEADER_SPACE - 256):
+            self._finish_shard()
+        if self._file is None:
+            self._open_shard()
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._entries[name] = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [self._offset, self._offset + size]}
+        self._offset += size
+        self._header_bytes += entry_bytes
         self.total_bytes += size
 
-    def _flush(self) -> None:
+    def _open_shard(self) -> None:
         path = self.directory / f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
+        self._file = open(path, "wb")
+        self._file.seek(8 + _HEADER_SPACE)
+        self._shards.append((path, []))
+        self._entries, self._offset, self._header_bytes = {}, 0, 64
+
+    def _header(self) -> bytes:
+        return json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+
+    def _finish_shard(self) -> None:
+        header = self._header()
+        path = self._shards[-1][0]
+        self._shards[-1][1].extend(self._entries)
+        if len(header) > _HEADER_SPACE:
+            raise RuntimeError(f"safetensors header of {path} outgrew its reserved space")
+        self._file.seek(0)
+        self._file.write(_HEADER_SPACE.to_bytes(8, "little") + header.ljust(_HEADER_SPACE, b" "))
+        self._file.close()
+        self._file = None
+        if self._offset < _COMPACT_BELOW:
+            # Small shard: rewrite it as safetensors' own save_file would (exact header, its tensor
+            # order and alignment), holding at most _COMPACT_BELOW bytes for a moment.
+            with safe_open(str(path), framework="pt") as handle:
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            compact = path.with_suffix(".compact")
+            save_file(tensors, str(compact), metadata={"format": "pt"})
+            del tensors
+            compact.replace(path)
         path.chmod(0o644)  # safetensors may create the file private
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
 
     def close(self) -> list[str]:
-        """Flush, name the shards ``model-0000i-of-0000n.safetensors`` and write the index."""
-        if self._pending or not self._shards:
-            self._flush()
+        """Finish the last shard, name the shards ``model-0000i-of-0000n.safetensors``, write the index."""
+        if self._file is None and not self._shards:
+            self._open_shard()  # no tensors at all: one empty, valid file
+        if self._file is not None:
+            self._finish_shard()
         if len(self._shards) == 1:
             self._shards[0][0].rename(self.directory / SAFE_SINGLE)
             return [SAFE_SINGLE]

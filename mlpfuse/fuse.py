@@ -21,10 +21,11 @@ from .arch.io import module_specs, read_mlp, site_width, tensor_names, write_mlp
 from .arch.moe import expert_width, parse_experts
 from .card import model_card
 from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, write_json
+from .distributed import gather_in_order, is_worker, rank_device, serve
 from .errors import InputError
 from .format import SCALE_BUFFER, fuse_section
 from .fuse_moe import expert_parameter_count, fuse_moe_layer, layer_report_fields
-from .kmeans import resolve_backend
+from .kmeans import check_init, resolve_backend
 from .methods import MethodOptions, check_can_write, get_method
 from .mlp import MLPWeights
 from .modeling import verify_checkpoint
@@ -60,6 +61,7 @@ class FuseSettings:
     max_shard_size: str = "5GB"
     allow_full_width: bool = False
     experts: str | list | None = None  # MoE: experts to fuse in each chosen sparse layer (None = all)
+    kmeans_init: str = "kmeans-parallel"  # k-means seeding: kmeans-parallel (k-means||) or greedy (k-means++)
 
 
 @dataclass
@@ -197,11 +199,12 @@ def fuse_checkpoint(
     overwrite: bool = False,
     on_layer: Callable[[LayerReport], None] | None = None,
     on_start: Callable[[list[LayerPlan]], None] | None = None,
-) -> FuseReport:
+) -> FuseReport | None:
     """Fuse the chosen MLPs of checkpoint ``model`` and write a loadable checkpoint to ``output``.
 
     Streams: reads one layer's tensors at a time from memory-mapped files and writes shards as
-    they fill; the output appears only when complete (temporary directory + rename).
+    they fill; the output appears only when complete (temporary directory + rename). Under
+    torchrun the layers are split over the ranks (mlpfuse/distributed.py); ranks > 0 return None.
     """
     start = time.perf_counter()
     check_seed(settings.seed)
@@ -210,11 +213,13 @@ def fuse_checkpoint(
     config, merged_layout = fusable_input(config, model)  # a merged checkpoint: tied/dropped MLPs are skipped
     spec = lookup(config.get("model_type"))
     get_method(settings.method)  # an unknown method fails before any work
+    check_init(settings.kmeans_init)
     backend = resolve_backend(settings.backend, settings.device)
     settings.dtype = dtype_name(settings.dtype, allow_auto=True)  # one vocabulary: bf16 is bfloat16
     dtype = torch_dtype(settings.dtype, allow_auto=True)
     max_shard = parse_size(settings.max_shard_size)
-    target = claim_output(output, [source_dir], overwrite).target  # checks, lock, staging: before any work
+    # checks, lock, staging: before any work (under torchrun only rank 0, the writer, claims the output)
+    target = None if is_worker() else claim_output(output, [source_dir], overwrite).target
 
     reader = CheckpointReader(source_dir)
     keys = set(reader.keys())
@@ -230,9 +235,14 @@ def fuse_checkpoint(
     plans = plan_layers(sites, widths, chosen, settings.dim, settings.ratio,
                         settings.per_layer, settings.allow_full_width)
     _check_plans(settings, plans)
+    options = MethodOptions(seed=settings.seed, backend=settings.backend, device=rank_device(settings.device),
+                            kmeans_init=settings.kmeans_init)
+    compute = lambda plan: fuse_layer(plan, settings, options, prefix, keys, reader.get, dtype)  # noqa: E731
+    if is_worker():  # torchrun: ranks > 0 compress their share of the layers for rank 0, which writes
+        serve(plans, compute)
+        return None
     if on_start:
         on_start(plans)
-    options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device)
 
     params_before = sum(_numel(reader.shape(k)) for k in keys if _is_float_param(reader, k))
     layers: list[LayerReport] = []
@@ -240,8 +250,7 @@ def fuse_checkpoint(
     with staging_directory(target, overwrite) as staging:
         writer = ShardedWriter(staging, max_shard)
         fused_keys: set[str] = set()
-        for plan in plans:
-            layer = fuse_layer(plan, settings, options, prefix, keys, reader.get, dtype)
+        for layer in gather_in_order(plans, compute):
             for name, tensor in layer.tensors.items():
                 writer.add(name, tensor)
             fused_keys |= layer.consumed
@@ -316,7 +325,8 @@ def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
                         settings.per_layer, settings.allow_full_width)
     _check_plans(settings, plans)
     backend = resolve_backend(settings.backend, settings.device)
-    options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device)
+    options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device,
+                            kmeans_init=settings.kmeans_init)
     params_before = sum(p.numel() for p in model.parameters())
     layers, modules = [], []
     for plan in plans:

@@ -79,7 +79,7 @@ def batched_clusterings(mlps: list[MLPWeights], k: int, method: str, options: Me
     results = []
     for first in range(0, len(features), chunk):
         batch = torch.stack(features[first:first + chunk])
-        results.extend(kmeans_batched(batch, k, seed=options.seed, device=options.device))
+        results.extend(kmeans_batched(batch, k, seed=options.seed, device=options.device, init=options.kmeans_init))
     return results
 
 

@@ -1,6 +1,7 @@
 """k-means behind one call: FAISS (CPU/GPU) or native torch (CPU/CUDA), same seeding, same finish.
 
-Every backend starts from the same greedy k-means++ seeding (torch, on the compute device) and
+Every backend starts from the same seeding (k-means|| by default, or greedy k-means++; torch, on
+the compute device) and
 ends the same way: nearest-centroid labels, empty clusters repaired, centroids and inertia
 recomputed from the members in float64 on the CPU. Only the Lloyd iterations in between differ.
 """
@@ -23,6 +24,10 @@ BACKENDS = ("auto", "faiss", "torch")
 DEFAULT_MAX_ITER = 100
 DEFAULT_N_INIT = 1
 TOL = 1e-4  # centroid-shift tolerance, relative to the mean per-feature variance (as scikit-learn)
+INITS = ("greedy", "kmeans-parallel")
+DEFAULT_INIT = "kmeans-parallel"  # chosen from benchmarks/seeding_bench.py (docs/kmeans.md)
+PARALLEL_ROUNDS = 5  # k-means|| oversampling passes (Bahmani et al. 2012 use about 5)
+PARALLEL_OVERSAMPLING = 1.0  # candidates drawn per pass, as a multiple of k (their l = k)
 FAISS_CHUNK = 10  # FAISS has no stopping rule: run it this many iterations at a time, then test the shift
 
 
@@ -111,20 +116,21 @@ def _sq_dist_to(x: torch.Tensor, sq: torch.Tensor, idx: torch.Tensor) -> torch.T
     return dist.clamp_min_(0.0)
 
 
-def _kmeanspp(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+def _kmeanspp(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Generator, steps: int | None = None) -> torch.Tensor:
     """Greedy k-means++ seeding; returns initial centroids [B, k, d].
 
     Each step draws 2 + int(log k) candidates with probability proportional to the squared
     distance to the nearest chosen centre and keeps the one that lowers the potential most.
     The loop only queues device work (no .item()), so on a GPU it is not held up by the host.
+    ``steps`` stops after that many centres (benchmarks time the first steps; the rest stay 0).
     """
     B, n, d = x.shape
     trials = 2 + int(math.log(k))
     rows = torch.arange(B, device=x.device)
-    centers = torch.empty(B, k, dtype=torch.long, device=x.device)
+    centers = torch.zeros(B, k, dtype=torch.long, device=x.device)
     centers[:, 0] = torch.randint(n, (B,), generator=gen, device=x.device)
     closest = _sq_dist_to(x, sq, centers[:, :1])[:, 0]  # [B, n]
-    for i in range(1, k):
+    for i in range(1, k if steps is None else min(k, steps)):
         # When every point already sits on a centre (fewer distinct points than k), draw uniformly.
         weights = torch.where(closest.sum(1, keepdim=True) > 0, closest, 1.0)
         cand = torch.multinomial(weights, trials, replacement=True, generator=gen)  # [B, t]
@@ -133,6 +139,82 @@ def _kmeanspp(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Generator) -
         closest = dist[rows, best]
         centers[:, i] = cand[rows, best]
     return torch.gather(x, 1, centers[..., None].expand(-1, -1, d))
+
+
+def _kmeans_parallel(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Generator,
+                     rounds: int = PARALLEL_ROUNDS, oversampling: float = PARALLEL_OVERSAMPLING) -> torch.Tensor:
+    """k-means|| seeding (Bahmani et al. 2012); returns initial centroids [B, k, d].
+
+    1. Oversampling: one centre drawn uniformly, then ``rounds`` passes that each draw
+       ``l = ceil(oversampling * k)`` candidates (with replacement, a fixed count so shapes stay
+       static and nothing is read back to the host) with probability proportional to the squared
+       distance to the nearest candidate so far. One [l, n] distance block per pass.
+    2. Each candidate is weighted by the number of points nearest to it.
+    3. Weighted greedy k-means++ on the ``m = 1 + rounds * l`` candidates, from their [m, m]
+       squared-distance matrix computed once: each of the k steps is then a gather over m values.
+    When ``m >= n`` the oversampling would cover the data anyway: every point is a candidate of
+    weight 1 and step 3 is greedy k-means++ on the points, from the [n, n] distance matrix.
+    Memory: the [B, min(m, n), min(m, n)] float32 matrix on top of the input.
+    """
+    B, n, d = x.shape
+    per_round = math.ceil(oversampling * k)
+    m = 1 + rounds * per_round
+    if m >= n:
+        cand = torch.arange(n, device=x.device).expand(B, n)
+        weight = torch.ones(B, n, dtype=x.dtype, device=x.device)
+    else:
+        cand = torch.empty(B, m, dtype=torch.long, device=x.device)
+        cand[:, 0] = torch.randint(n, (B,), generator=gen, device=x.device)
+        closest = _sq_dist_to(x, sq, cand[:, :1])[:, 0]  # [B, n]
+        nearest = torch.zeros(B, n, dtype=torch.long, device=x.device)  # index into cand
+        for r in range(rounds):
+            lo = 1 + r * per_round
+            weights = torch.where(closest.sum(1, keepdim=True) > 0, closest, 1.0)
+            new = torch.multinomial(weights, per_round, replacement=True, generator=gen)  # [B, l]
+            cand[:, lo:lo + per_round] = new
+            dmin, arg = _sq_dist_to(x, sq, new).min(1)  # [B, n]
+            better = dmin < closest
+            nearest = torch.where(better, arg + lo, nearest)
+            closest = torch.where(better, dmin, closest)
+        weight = torch.zeros(B, m, dtype=x.dtype, device=x.device)
+        weight.scatter_add_(1, nearest, torch.ones_like(closest))
+    xc, sqc = (x, sq) if m >= n else (torch.gather(x, 1, cand[..., None].expand(-1, -1, d)), torch.gather(sq, 1, cand))
+    dist = torch.baddbmm(sqc[:, :, None] + sqc[:, None, :], xc, xc.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
+    dist.diagonal(dim1=1, dim2=2).zero_()
+    del xc, sqc
+    chosen = _weighted_kmeanspp(dist, weight, k, gen)  # [B, k] indices into cand
+    return torch.gather(x, 1, torch.gather(cand, 1, chosen)[..., None].expand(-1, -1, d))
+
+
+def _weighted_kmeanspp(dist: torch.Tensor, weight: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ over m weighted points given their squared distances [B, m, m].
+
+    Returns the chosen indices [B, k]. The same rule as :func:`_kmeanspp` (2 + int(log k) trials
+    per step, keep the one that lowers the weighted potential most), each step a gather of rows.
+    """
+    B, m, _ = dist.shape
+    trials = 2 + int(math.log(k))
+    rows = torch.arange(B, device=dist.device)
+    chosen = torch.empty(B, k, dtype=torch.long, device=dist.device)
+    chosen[:, 0] = torch.multinomial(weight, 1, generator=gen)[:, 0]
+    closest = dist[rows, chosen[:, 0]]  # [B, m]
+    for i in range(1, k):
+        pot = closest * weight
+        # When every weighted candidate already sits on a centre, draw by weight alone.
+        probs = torch.where(pot.sum(1, keepdim=True) > 0, pot, weight)
+        tried = torch.multinomial(probs, trials, replacement=True, generator=gen)  # [B, t]
+        d = torch.minimum(torch.gather(dist, 1, tried[..., None].expand(-1, -1, m)), closest[:, None, :])
+        best = (d * weight[:, None, :]).sum(2).argmin(1)
+        closest = d[rows, best]
+        chosen[:, i] = tried[rows, best]
+    return chosen
+
+
+def _seed(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Generator, init: str) -> torch.Tensor:
+    """Initial centroids [B, k, d] by the named seeding."""
+    if init == "greedy":
+        return _kmeanspp(x, sq, k, gen)
+    return _kmeans_parallel(x, sq, k, gen)
 
 
 def _assign(x: torch.Tensor, sq: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,9 +293,10 @@ def _finish(x_cpu: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Te
         counts[j] = 1
     sums = torch.zeros(k, x_cpu.shape[1], dtype=torch.float64)
     inertia = 0.0
-    chunk = 4096
+    chunk = max(1, (16 << 20) // (8 * x_cpu.shape[1]))  # rows per float64 block of about 16 MB
     for s in range(0, x_cpu.shape[0], chunk):
-        sums.index_add_(0, labels[s:s + chunk], x_cpu[s:s + chunk].double())
+        # index_put_ accumulates in the same order as index_add_, several times faster on CPU
+        sums.index_put_((labels[s:s + chunk],), x_cpu[s:s + chunk].double(), accumulate=True)
     means = sums / counts[:, None].double()
     for s in range(0, x_cpu.shape[0], chunk):
         diff = x_cpu[s:s + chunk].double() - means[labels[s:s + chunk]]
@@ -274,23 +357,33 @@ def _check_x(x, dims: int) -> None:
         raise InputError("k-means input contains NaN or inf values: check the weights being clustered")
 
 
+def check_init(init) -> str:
+    """The seeding name ``init`` stands for (None = ``DEFAULT_INIT``); InputError if unknown."""
+    init = DEFAULT_INIT if init is None else init
+    if init not in INITS:
+        raise InputError(f"unknown k-means seeding {init!r}: choose one of {', '.join(INITS)}")
+    return init
+
+
 def _check_iters(max_iter, n_init=1) -> None:
     if max_iter < 1 or n_init < 1:
         raise InputError(f"max_iter and n_init must be >= 1, got max_iter={max_iter}, n_init={n_init}")
 
 
 def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, backend: str = "auto", device=None,
-           max_iter: int = DEFAULT_MAX_ITER, n_init: int = DEFAULT_N_INIT) -> KMeansResult:
+           max_iter: int = DEFAULT_MAX_ITER, n_init: int = DEFAULT_N_INIT, init: str | None = None) -> KMeansResult:
     """Cluster the rows of ``x`` [n, d] into ``k`` non-empty clusters.
 
     ``backend`` is "auto", "faiss" or "torch" (see :func:`resolve_backend`); ``n_init`` runs with
-    seeds seed, seed+1, ... and keeps the lowest inertia. Same input, seed and backend give the
-    same labels.
+    seeds seed, seed+1, ... and keeps the lowest inertia. ``init`` is the seeding, "greedy"
+    (greedy k-means++) or "kmeans-parallel" (k-means||); None means ``DEFAULT_INIT``. Same input,
+    seed, init and backend give the same labels. Raises InputError on bad k, input or names.
     """
     start = time.perf_counter()
     _check_x(x, 2)
     k = _check_k(k, x.shape[0])
     _check_iters(max_iter, n_init)
+    init = check_init(init)
     name, dev = _resolve(backend, device)
     x_cpu = x.detach().to("cpu", torch.float32).contiguous()
     xd = x_cpu.to(dev)[None]  # [1, n, d] on the compute device
@@ -299,7 +392,7 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, backend: str = "auto", dev
     best = None
     for run in range(n_init):
         gen = torch.Generator(device=dev).manual_seed(seed + run)
-        c = _kmeanspp(xd, sq, k, gen)
+        c = _seed(xd, sq, k, gen, init)
         if name.startswith("faiss"):
             c, iters = _faiss_lloyd(xd[0], c[0], max_iter, seed + run, dev, float(tol[0]))
             c = c.to(dev)[None]
@@ -314,7 +407,7 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, backend: str = "auto", dev
 
 
 def kmeans_batched(xs: torch.Tensor, k: int, *, seed: int = 0, device=None,
-                   max_iter: int = DEFAULT_MAX_ITER) -> list[KMeansResult]:
+                   max_iter: int = DEFAULT_MAX_ITER, init: str | None = None) -> list[KMeansResult]:
     """Cluster B independent problems ``xs`` [B, n, d] at once with torch (e.g. MoE experts).
 
     Same seeding, Lloyd and finish as ``kmeans(..., backend="torch")``, batched with bmm.
@@ -324,12 +417,13 @@ def kmeans_batched(xs: torch.Tensor, k: int, *, seed: int = 0, device=None,
     _check_x(xs, 3)
     k = _check_k(k, xs.shape[1])
     _check_iters(max_iter)
+    init = check_init(init)
     name, dev = _resolve("torch", device)
     x_cpu = xs.detach().to("cpu", torch.float32).contiguous()
     xd = x_cpu.to(dev)
     sq = (xd * xd).sum(2)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    c = _kmeanspp(xd, sq, k, gen)
+    c = _seed(xd, sq, k, gen, init)
     c, iters = _lloyd(xd, sq, c, max_iter, _tolerance(xd))
     labels = _assign(xd, sq, c)[0].cpu()
     iters = iters.tolist()

@@ -47,11 +47,17 @@ class MLPWeights:
         parts = []
         for weight, bias in ((self.w_gate, self.b_gate), (self.w_in, self.b_in)):
             if weight is not None:
-                parts.append(weight.float())
+                parts.append(weight)
             if bias is not None:
-                parts.append(bias.float()[:, None])
-        parts.append(self.w_out.float().T)
-        return torch.cat(parts, dim=1)
+                parts.append(bias[:, None])
+        parts.append(self.w_out.T)
+        # One float32 buffer filled slice by slice: each input is read and converted once.
+        out = torch.empty(self.width, sum(p.shape[1] for p in parts), dtype=torch.float32, device=self.w_in.device)
+        start = 0
+        for part in parts:
+            out[:, start:start + part.shape[1]].copy_(part)
+            start += part.shape[1]
+        return out
 
     def num_parameters(self) -> int:
         """Trainable parameters (the scale P is a constant buffer and is not counted)."""

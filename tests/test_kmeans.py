@@ -254,3 +254,73 @@ def test_batched_fewer_distinct_points_than_k():
     xs = torch.stack([duplicated(m=3, r=4, seed=s)[0] for s in range(3)])
     for res, x in zip(km.kmeans_batched(xs, 6, device="cpu"), xs):
         check_result(res, x, 6)
+
+
+# ---- seeding: k-means|| (default) and greedy k-means++
+
+
+def test_unknown_init():
+    with pytest.raises(InputError, match="seeding"):
+        km.kmeans(torch.randn(20, 3), 4, init="random")
+
+
+@pytest.mark.parametrize("n", [800, 150])  # m = 1 + 5k = 201 < n: oversampling; m >= n: every point a candidate
+def test_parallel_seeding_deterministic_and_non_empty(n):
+    x = structured(n=n, d=16, blobs=60)
+    a = km.kmeans(x, 40, seed=2, backend="torch", device="cpu", init="kmeans-parallel")
+    b = km.kmeans(x, 40, seed=2, backend="torch", device="cpu", init="kmeans-parallel")
+    assert torch.equal(a.labels, b.labels) and a.inertia == b.inertia
+    check_result(a, x, 40)
+    c = km.kmeans(x, 40, seed=3, backend="torch", device="cpu", init="kmeans-parallel")
+    assert not torch.equal(a.labels, c.labels)
+
+
+def test_parallel_seeding_draws_distinct_centres_on_duplicates():
+    x, _ = duplicated(m=12, r=40)  # n = 480 > 1 + 5k: the oversampling path, many duplicate candidates
+    seeds = km._kmeans_parallel(x[None], (x * x).sum(1)[None], 12, torch.Generator().manual_seed(0))
+    assert torch.unique(seeds[0], dim=0).shape[0] == 12  # one centre on each distinct row
+
+
+@pytest.mark.parametrize("n", [1200, 250])  # m = 301: the oversampling path, then every point a candidate
+def test_parallel_seeding_quality_close_to_greedy(n):
+    x = structured(n=n, d=24, blobs=120)
+    k = 60
+    greedy = [km.kmeans(x, k, seed=s, backend="torch", device="cpu", init="greedy").inertia for s in range(3)]
+    par = [km.kmeans(x, k, seed=s, backend="torch", device="cpu", init="kmeans-parallel").inertia for s in range(3)]
+    assert sum(par) < 1.02 * sum(greedy)
+    # and far better than seeding with random rows
+    g = torch.Generator().manual_seed(0)
+    rows = x[torch.randperm(n, generator=g)[:k]][None]
+    x3 = x[None]
+    sq = (x3 * x3).sum(2)
+    seeds = km._kmeans_parallel(x3, sq, k, torch.Generator().manual_seed(0))
+    assert km._assign(x3, sq, seeds)[1].sum() < 0.8 * km._assign(x3, sq, rows)[1].sum()
+
+
+def test_parallel_seeding_batched_equals_single():
+    xs = torch.stack([structured(n=400, d=12, blobs=30, seed=s) for s in range(3)])
+    batched = km.kmeans_batched(xs, 20, seed=5, init="kmeans-parallel")
+    one = km.kmeans_batched(xs[:1], 20, seed=5, init="kmeans-parallel")[0]
+    single = km.kmeans(xs[0], 20, seed=5, backend="torch", device="cpu", init="kmeans-parallel")
+    assert torch.equal(one.labels, single.labels)
+    for b, res in enumerate(batched):
+        check_result(res, xs[b], 20)
+
+
+def test_fuse_kmeans_init_option(tiny_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from mlpfuse.cli import app
+
+    source, _, _ = tiny_checkpoint("llama")
+    runner = CliRunner()
+    bad = runner.invoke(app, ["fuse", str(source), "-o", str(tmp_path / "x"), "--ratio", "0.5", "--kmeans-init", "random"])
+    assert bad.exit_code == 2 and "seeding" in bad.output and not (tmp_path / "x").exists()
+    outs = {}
+    for init in km.INITS:
+        res = runner.invoke(app, ["fuse", str(source), "-o", str(tmp_path / init), "--ratio", "0.5", "--backend", "torch",
+                                  "--kmeans-init", init])
+        assert res.exit_code == 0, res.output
+        outs[init] = (tmp_path / init / "model.safetensors").read_bytes()
+        assert f"kmeans_init: {init}" in (tmp_path / init / "mlpfuse_recipe.yaml").read_text()
+    assert outs["greedy"] != outs["kmeans-parallel"]  # the option reaches k-means

@@ -32,6 +32,7 @@ def fuse(
     ratio: float = typer.Option(None, "--ratio", help="Fused width as a fraction of the original (instead of --dim)."),
     method: str = typer.Option(None, "--method", help=f"Compression method: {METHODS_HELP}", show_default="fusion"),
     backend: str = backend_option(None),
+    kmeans_init: str = typer.Option(None, "--kmeans-init", help="k-means seeding: kmeans-parallel (k-means||) or greedy (k-means++).", show_default="kmeans-parallel"),
     device: str = device_option(),
     seed: int = seed_option(None),
     experts: str = typer.Option(None, "--experts", help="MoE models: experts to fuse in each chosen sparse layer, e.g. 0,3 or 0-7,shared.", show_default="all"),
@@ -60,6 +61,7 @@ def fuse(
         ratio=merge(ratio, recipe, "ratio"),
         method=merge(method, recipe, "method", "fusion"),
         backend=merge(backend, recipe, "backend", "auto"),
+        kmeans_init=merge(kmeans_init, recipe, "kmeans_init", "kmeans-parallel"),
         device=merge(device, recipe, "device"),
         seed=merge(seed, recipe, "seed", 0),
         experts=merge(experts, recipe, "experts"),
@@ -79,6 +81,8 @@ def fuse(
             advance[0](f"layer {layer.label} {layer.original_width} -> {layer.width} ({layer.seconds:.2f}s)")
 
         report = fuse_checkpoint(model, output, settings, overwrite=overwrite, on_layer=on_layer, on_start=on_start)
+    if report is None:  # a torchrun rank > 0: its layers went to rank 0, which writes and reports
+        return
     out = results_console(json_path)
     out.print(_summary_table(report))
     before, after = report.parameters["before"], report.parameters["after"]

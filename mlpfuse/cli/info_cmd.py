@@ -13,7 +13,7 @@ from .common import DebugOption, JsonOption, check_json_path, console, handle_er
 def inspect(
     model: str = typer.Argument(..., help="Checkpoint directory (fused, exported or plain), hub id or 'minilm'."),
     flops: bool = typer.Option(None, "--flops/--no-flops", help="Count forward FLOPs per token (builds the model with "
-                               "random weights). [default: when the model has at most 1e9 parameters]"),
+                               "random weights).", show_default="when the model has at most 1e9 parameters"),
     json_path: str = JsonOption,
     debug: bool = DebugOption,
 ):

@@ -24,6 +24,7 @@ class MethodOptions:
     seed: int = 0
     backend: str = "auto"
     device: str | None = None
+    kmeans_init: str | None = None  # k-means seeding: "kmeans-parallel" or "greedy"; None = kmeans.DEFAULT_INIT
     clustering: object | None = None  # a precomputed KMeansResult (batched MoE k-means) to use instead of k-means
 
 
