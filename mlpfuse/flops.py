@@ -44,8 +44,7 @@ def mlp_sites(model: torch.nn.Module) -> list[MLPSite] | None:
         spec = lookup(model.config.model_type)
     except InputError:
         return None
-    sites = resolve_sites(spec, model.config.to_dict())
-    return None if any(site.experts for site in sites) else sites  # MoE: totals only (routing decides the MLP share)
+    return resolve_sites(spec, model.config.to_dict())
 
 
 def _site_modules(model: torch.nn.Module, sites: list[MLPSite]) -> dict[str, torch.nn.Module]:
