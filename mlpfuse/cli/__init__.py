@@ -28,6 +28,7 @@ app.command()(bench)
 app.command()(tune)
 app.command()(finetune)
 app.command(name="ntk-check")(ntk_check_command)
+app.command(name="eval")(__import__("mlpfuse.cli.eval_cmd", fromlist=["evaluate"]).evaluate)
 
 
 def main() -> None:
