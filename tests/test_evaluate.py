@@ -115,3 +115,10 @@ def test_a_text_too_short_is_a_one_line_error(llama, tmp_path):
     data = tmp_path / "short.tsv"
     data.write_text("sentence\nw1\n")
     _one_line(run("eval", llama[0], "--data", data), "at least 2")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_a_gpu_exits_3(llama):
+    result = run("eval", llama[0], "--data", llama[3], "--device", "cuda")
+    assert result.exit_code == 3, result.output
+    assert "no CUDA GPU is available here" in result.stderr and "Traceback" not in result.output
