@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("bench_cmd", "bench", "Measure training-step time, inference time, peak memory, parameters and FLOPs: fused vs original."),
     "tune": ("tune_cmd", "tune", "Tune the fused MLPs so each layer's hidden states match the original model's (paper Sec. 4.4)."),
     "finetune": ("finetune_cmd", "finetune", "Fine-tune (classification, regression, causal LM) and evaluate an original or fused checkpoint."),
+    "eval": ("eval_cmd", "evaluate", "Perplexity on a text file: one protocol (windows, no overlap, mean next-token NLL), see docs/llm.md."),
     "export": ("export_cmd", "export", "Fold P into the weights and write the base architecture (llama, bert, gpt2...): loads with plain transformers."),
     "ntk-check": ("ntk_cmd", "ntk_check_command", "Compare compression methods by MLP output error and Adam-NTK error (paper Table 1)."),
 }

@@ -1,0 +1,148 @@
+"""Perplexity of a causal language model on a text file: the one protocol every command uses.
+
+Protocol (``mlpfuse eval``, and the numbers in ``docs/llm.md``):
+
+1. the text column's rows are joined with newlines into one text;
+2. the text is tokenised without special tokens (no BOS/EOS added) and cut to its first
+   ``limit_tokens`` tokens;
+3. those tokens are split into consecutive, non-overlapping windows of ``max_length`` tokens (the
+   last one may be shorter; a final window of a single token predicts nothing and is dropped);
+4. each window is run on its own (batch 1, no padding, no context carried over) and every position
+   but the last predicts the next token: the mean negative log-likelihood (natural log, computed
+   in float32) over all predicted tokens is ``mean_nll`` and the perplexity is ``exp(mean_nll)``.
+
+With 4,096 tokens and 512-token windows that is 8 windows and 8 x 511 = 4,088 predicted tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+from .errors import InputError
+
+GROW_MARGIN = 64  # extra tokens tokenised past the limit, so the cut never falls on a row's partial tokenisation
+
+
+@dataclass
+class Perplexity:
+    """The result of :func:`perplexity`: ``exp(mean_nll)`` over ``predicted_tokens`` tokens."""
+
+    perplexity: float
+    mean_nll: float
+    tokens: int  # tokens fed to the model (after the limit)
+    predicted_tokens: int
+    windows: int
+    max_length: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_protocol(max_length: int, limit_tokens: int | None) -> None:
+    """Refuse window and limit values the protocol cannot use. Raises InputError (exit 2)."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise InputError(f"--max-length must be an integer >= 2 (a window predicts max_length - 1 tokens), "
+                         f"got {max_length!r}")
+    if limit_tokens is not None and (isinstance(limit_tokens, bool) or not isinstance(limit_tokens, int)
+                                     or limit_tokens < 2):
+        raise InputError(f"--limit-tokens must be an integer >= 2, got {limit_tokens!r}")
+
+
+def token_ids(tokenizer, texts: list[str], limit_tokens: int | None) -> list[int]:
+    """The token ids of ``texts`` joined with newlines, cut to ``limit_tokens`` (all when None).
+
+    Only as many rows as the limit needs are tokenised (doubling the row count until there are
+    ``GROW_MARGIN`` tokens to spare), so a large file costs no more than its first few rows.
+    """
+    rows = max(1, min(len(texts), 64))
+    while True:
+        ids = tokenizer("\n".join(texts[:rows]), add_special_tokens=False)["input_ids"]
+        if limit_tokens is None or rows >= len(texts) or len(ids) >= limit_tokens + GROW_MARGIN:
+            return list(ids if limit_tokens is None else ids[:limit_tokens])
+        rows = min(len(texts), rows * 2)
+
+
+def windows_of(ids: list[int], max_length: int) -> list[list[int]]:
+    """Consecutive non-overlapping windows of ``max_length`` ids; a trailing 1-id window is dropped."""
+    chunks = [ids[start:start + max_length] for start in range(0, len(ids), max_length)]
+    return [chunk for chunk in chunks if len(chunk) >= 2]
+
+
+def perplexity(model, tokenizer, texts: list[str], max_length: int = 512, limit_tokens: int | None = 4096,
+               device=None) -> Perplexity:
+    """Perplexity of an in-memory causal LM on ``texts`` with the module's protocol.
+
+    ``model``: a transformers causal LM (its ``logits`` are [1, window, vocab]); it is put in eval
+    mode and run without gradients on ``device`` (default: where its parameters are). ``texts``: the
+    rows of the text column. Raises InputError when the text gives fewer than 2 tokens.
+    """
+    import torch
+
+    check_protocol(max_length, limit_tokens)
+    ids = token_ids(tokenizer, [str(t) for t in texts], limit_tokens)
+    windows = windows_of(ids, max_length)
+    if not windows:
+        raise InputError(f"the text gives {len(ids)} token(s); perplexity needs at least 2")
+    device = device or next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for window in windows:
+            input_ids = torch.tensor([window], dtype=torch.long, device=device)
+            logits = model(input_ids=input_ids).logits[0, :-1].float()
+            targets = input_ids[0, 1:]
+            total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            count += targets.numel()
+    mean_nll = total / count
+    return Perplexity(perplexity=math.exp(mean_nll) if mean_nll < 700 else math.inf, mean_nll=mean_nll,
+                      tokens=sum(len(w) for w in windows), predicted_tokens=count, windows=len(windows),
+                      max_length=max_length)
+
+
+def require_causal_lm(directory) -> None:
+    """Refuse a checkpoint whose config records no causal-LM class (an encoder, a seq2seq model).
+
+    Raises InputError (exit 2) naming the recorded class.
+    """
+    from .checkpoint import read_config
+    from .format import base_config_dict, checkpoint_task
+
+    config = base_config_dict(read_config(directory))
+    if checkpoint_task(config) != "causal-lm":
+        recorded = ", ".join(config.get("architectures") or []) or "no architecture"
+        raise InputError(f"{directory} is not a causal language model ({recorded}); perplexity needs a causal LM "
+                         f"(a *ForCausalLM / *LMHeadModel checkpoint)")
+
+
+def evaluate_checkpoint(model: str, data: str, text_column: str = "sentence", max_length: int = 512,
+                        limit_tokens: int | None = 4096, device: str | None = None) -> dict:
+    """Perplexity of the checkpoint ``model`` (original, fused or tuned) on the text file ``data``.
+
+    Loads the model in float32 as its causal-LM class and its tokenizer from the same directory;
+    returns a JSON-able report: the :class:`Perplexity` fields plus ``model``, ``data``,
+    ``text_column``, ``limit_tokens``, ``device`` and ``seconds``. Raises InputError for a bad
+    file, column, value or a checkpoint that is not a causal LM, EnvironmentProblem for a device
+    that is not there.
+    """
+    import torch
+
+    from .data import read_table
+    from .modeling import load
+    from .runtime import load_tokenizer, resolve_device
+    from .source import resolve_model
+
+    check_protocol(max_length, limit_tokens)
+    target = resolve_device(device)
+    texts = read_table(data).texts(text_column)
+    directory = resolve_model(model)
+    require_causal_lm(directory)
+    tokenizer = load_tokenizer(directory)
+    started = time.perf_counter()
+    network = load(directory, task="causal-lm", dtype=torch.float32).to(target)
+    result = perplexity(network, tokenizer, texts, max_length, limit_tokens, device=target)
+    report = {"model": str(model), "data": str(data), "text_column": text_column, "limit_tokens": limit_tokens,
+              "device": str(target), "seconds": round(time.perf_counter() - started, 3)}
+    report.update(result.as_dict())
+    return report

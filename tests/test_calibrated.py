@@ -1,0 +1,121 @@
+"""Data-aware fusion maths (mlpfuse.methods.calibrated) on tiny random MLPs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlpfuse.errors import InputError
+from mlpfuse.methods import MethodOptions
+from mlpfuse.methods.calibrated import (
+    calibrated_fusion,
+    importance,
+    neuron_activations,
+    protected_neurons,
+    ridge_refit,
+    weighted_average,
+    weighted_kmeans,
+)
+from mlpfuse.methods.fusion import fusion
+from mlpfuse.mlp import MLPWeights
+
+SILU, GELU = torch.nn.functional.silu, torch.nn.functional.gelu
+
+
+def tiny_mlp(gated: bool, width: int = 48, hidden: int = 12, seed: int = 0) -> MLPWeights:
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    if gated:
+        return MLPWeights(w_in=rand(width, hidden) / 3, w_out=rand(hidden, width) / 6, w_gate=rand(width, hidden) / 3)
+    return MLPWeights(w_in=rand(width, hidden) / 3, w_out=rand(hidden, width) / 6, b_in=rand(width) / 5,
+                      b_out=rand(hidden) / 5)
+
+
+def inputs(tokens: int, hidden: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def error(mlp, fused, x, act) -> float:
+    return float((mlp.forward(x, act) - fused.forward(x, act)).pow(2).mean())
+
+
+@pytest.mark.parametrize("gated,act", [(True, SILU), (False, GELU)])
+@pytest.mark.parametrize("protect", [0, 48])
+def test_full_width_and_protect_all_are_exact(gated, act, protect):
+    mlp, x = tiny_mlp(gated), inputs(200)
+    fused = calibrated_fusion(mlp, mlp.width, x, act, protect=protect)
+    held_out = inputs(50, seed=7)
+    torch.testing.assert_close(fused.forward(held_out, act), mlp.forward(held_out, act), rtol=0, atol=1e-12)
+    assert torch.equal(fused.scale, torch.ones(mlp.width))
+
+
+@pytest.mark.parametrize("gated,act", [(True, SILU), (False, GELU)])
+def test_refit_lowers_the_calibration_error_and_keeps_p(gated, act):
+    mlp, x = tiny_mlp(gated), inputs(600)
+    plain = calibrated_fusion(mlp, 16, x, act, protect=2, refit=False)
+    refit = calibrated_fusion(mlp, 16, x, act, protect=2, refit=True)
+    paper = fusion(mlp, 16, MethodOptions(seed=0, backend="torch"))
+    assert error(mlp, refit, x, act) < 0.9 * error(mlp, plain, x, act)
+    assert error(mlp, refit, x, act) < 0.9 * error(mlp, paper, x, act)
+    held_out = inputs(600, seed=9)  # the refit generalises to fresh inputs of the same distribution
+    assert error(mlp, refit, held_out, act) < error(mlp, plain, held_out, act)
+    # P is the cluster sizes, unchanged by the refit; only W_out moved, and it is stored divided by P
+    torch.testing.assert_close(refit.scale, plain.scale, rtol=0, atol=0)
+    assert float(refit.scale.sum()) == mlp.width and refit.scale.min() >= 1
+    assert torch.equal(refit.w_in, plain.w_in) and torch.equal(refit.w_gate if gated else refit.b_in,
+                                                                plain.w_gate if gated else plain.b_in)
+    assert not torch.allclose(refit.w_out, plain.w_out)
+
+
+def test_ridge_refit_stores_the_solution_divided_by_p():
+    mlp, x = tiny_mlp(True), inputs(400)
+    fused = calibrated_fusion(mlp, 12, x, SILU, refit=False)
+    target = mlp.forward(x, SILU)
+    refit = ridge_refit(fused, x, target, SILU, alpha=0.0)
+    h = neuron_activations(fused, x, SILU)
+    least_squares = torch.linalg.lstsq(h, target).solution.T  # the effective weight, independently
+    torch.testing.assert_close(refit.w_out * refit.scale[None, :], least_squares, rtol=1e-6, atol=1e-8)
+
+
+def test_a_massive_activation_neuron_survives_as_a_singleton():
+    mlp, x = tiny_mlp(False), inputs(300)
+    mlp.w_in[5] *= 30  # neuron 5 fires far harder than the rest
+    score = importance(mlp, neuron_activations(mlp, x, GELU))
+    assert int(torch.argmax(score)) == 5
+    fused = calibrated_fusion(mlp, 10, x, GELU, protect=1, refit=False)
+    rows = torch.isclose(fused.w_in, mlp.w_in[5], rtol=1e-12, atol=0).all(dim=1)  # kept, not averaged
+    assert int(rows.sum()) == 1
+    assert float(fused.scale[rows]) == 1.0
+    assert fused.stats["protected"] == 1
+
+
+def test_protection_threshold_and_counts():
+    score = torch.tensor([1.0, 50.0, 2.0, 1.0, 30.0, 1.0])
+    assert protected_neurons(score, 1).tolist() == [1]
+    assert protected_neurons(score, 0, threshold=2.0).tolist() == [1, 4]  # mean 14.17, 2x = 28.3
+    assert protected_neurons(score, 0, threshold=3.0).tolist() == [1]  # 3x = 42.5
+    assert protected_neurons(score, 1, threshold=2.0).tolist() == [1, 4]  # the union
+    with pytest.raises(InputError):
+        protected_neurons(score, -1)
+    with pytest.raises(InputError):
+        protected_neurons(score, 0, threshold=0)
+
+
+def test_weighted_kmeans_centroids_follow_the_weights():
+    x = torch.tensor([[0.0], [1.0], [10.0], [11.0]], dtype=torch.float64)
+    weights = torch.tensor([1.0, 3.0, 1.0, 1.0])
+    labels = weighted_kmeans(x, weights, 2, seed=0)
+    assert labels[0] == labels[1] and labels[2] == labels[3] and labels[0] != labels[2]
+    means = weighted_average(x, labels, weights, 2)
+    assert sorted(means.flatten().tolist()) == pytest.approx([0.75, 10.5])
+    assert torch.equal(weighted_kmeans(x, weights, 2, seed=0), labels)  # deterministic
+
+
+def test_bad_values_are_input_errors():
+    mlp, x = tiny_mlp(True), inputs(50)
+    with pytest.raises(InputError, match="protect fewer"):
+        calibrated_fusion(mlp, 4, x, SILU, protect=5)
+    with pytest.raises(InputError, match="between 1 and 48"):
+        calibrated_fusion(mlp, 0, x, SILU)
+    with pytest.raises(InputError, match=r"\[tokens, 12\]"):
+        calibrated_fusion(mlp, 8, inputs(50, hidden=7), SILU)
