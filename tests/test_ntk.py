@@ -73,7 +73,7 @@ def test_full_width_gives_zero_errors_for_fusion_and_cluster():
 def slow_kernels(model, site, inputs, scalar):
     """Adam and SGD NTK by one plain autograd pass per sample."""
     base = model.base_model
-    params = [p for role in site.roles for p in base.get_submodule(site.module_path(role)).parameters()]
+    params = [p for module in site.modules for p in base.get_submodule(module.path).parameters()]
     rows = []
     for i in range(inputs["input_ids"].shape[0]):
         sample = {k: v[i:i + 1] for k, v in inputs.items()}

@@ -32,10 +32,11 @@ from mlpfuse.flops import count_model
 from mlpfuse.fuse import FuseSettings, fuse_checkpoint, fuse_model
 from mlpfuse.merge import MergeSettings, merge_checkpoint
 from mlpfuse.methods import get_method, method_names
-from mlpfuse.ntk import ScalarOutput, _forward, chosen_site, ntk_check_model, probe
+from mlpfuse.ntk import ScalarOutput, chosen_site, ntk_check_model, probe
 from mlpfuse.tune import TuneSettings, tune_checkpoint
 
 from .conftest import TINY, WORDS, build_tiny, model_inputs, outputs_of, save_tokenizer, tiny_config
+from .test_ntk import slow_kernels
 
 FAMILIES = list(TINY)
 AUTO = {"masked-lm": "AutoModelForMaskedLM", "sequence-classification": "AutoModelForSequenceClassification",
@@ -167,20 +168,6 @@ def _dense_layer_0(name: str) -> bool:
     return not resolve_sites(lookup(config["model_type"]), config)[0].experts
 
 
-def _autograd_kernels(model, site, inputs, scalar):
-    """Adam and SGD NTK by one plain autograd pass per sample."""
-    base = model.base_model
-    parameters = [p for module in site.modules for p in base.get_submodule(module.path).parameters()]
-    rows = []
-    for i in range(inputs["input_ids"].shape[0]):
-        sample = {k: v[i:i + 1] for k, v in inputs.items()}
-        outputs, hidden = _forward(model, sample)
-        value = scalar(outputs, hidden, sample["attention_mask"])[0]
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, parameters)]))
-    g = torch.stack(rows).double()
-    return g @ g.sign().T, g @ g.T
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_ntk_check_kernels_equal_plain_autograd(name):
     model, _ = build_tiny(name)
@@ -197,7 +184,7 @@ def test_ntk_check_kernels_equal_plain_autograd(name):
     fast = probe(model, site, [{k: v[:2] for k, v in inputs.items()}, {k: v[2:] for k, v in inputs.items()}], scalar)
     for p in model.parameters():
         p.requires_grad_(True)
-    adam, sgd = _autograd_kernels(model, site, inputs, scalar)
+    adam, sgd = slow_kernels(model, site, inputs, scalar)
     assert fast.adam.abs().max() > 0
     assert torch.allclose(fast.adam, adam, rtol=1e-7, atol=1e-10 * adam.abs().max())
     assert torch.allclose(fast.sgd, sgd, rtol=1e-7, atol=1e-10 * sgd.abs().max())
