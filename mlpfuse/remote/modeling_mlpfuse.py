@@ -488,7 +488,9 @@ def fused_model_class(base_cls):
         shared, missing = getattr(self, "_mlpfuse_shared_keys", {}), loading_info.missing_keys
         loading_info.missing_keys = {k for k in missing if k not in shared or shared[k] in missing}
 
-    strict = set(getattr(base_cls, "_keep_in_fp32_modules_strict", None) or ()) | {SCALE_BUFFER}
+    strict = set(getattr(base_cls, "_keep_in_fp32_modules_strict", None) or ())
+    if int(transformers.__version__.split(".")[0]) >= 5:  # 4.x checks this list against parameter names only,
+        strict.add(SCALE_BUFFER)  # where the P buffer is not found (it then refuses to build the model)
     cls = type(
         base_cls.__name__, (base_cls,),
         {"__init__": __init__, "save_pretrained": save_pretrained, "_adjust_bias": _adjust_bias, "_mlpfuse_fused": True,
