@@ -203,6 +203,8 @@ def _training_arguments(settings: FinetuneSettings, output_dir: str):
         logging_strategy="no", disable_tqdm=True, bf16=settings.bf16, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         prediction_loss_only=settings.task == "causal-lm",
+        # torchrun without GPUs: accelerate joins the ranks (gloo) only when told it runs on CPUs
+        use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
 
 

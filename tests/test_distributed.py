@@ -81,3 +81,29 @@ def test_tune_on_two_ranks_matches_one_process(tmp_path):
     multi_report = json.loads((tmp_path / "r.json").read_text())
     assert multi_report["steps"] == report.steps == 4
     assert multi_report["final_loss"] == pytest.approx(report.final_loss, rel=1e-4)
+
+
+def test_finetune_on_two_cpu_ranks_is_data_parallel(tmp_path):
+    """Trainer under torchrun without GPUs: the ranks join (gloo), so 32 rows at --batch-size 4 per
+    rank take 4 steps (global batch 8), not 8 steps each in two unrelated runs; rank 0 alone writes."""
+    pytest.importorskip("torch.distributed.run")
+    import json
+
+    import mlpfuse
+
+    from .test_finetune import write_keyword_texts
+    from .test_tune import make_checkpoints
+
+    _, fused = make_checkpoints(tmp_path)
+    train = write_keyword_texts(tmp_path / "train.tsv", rows=32, seed=1, targets={"excellent": "pos", "terrible": "neg"})
+    out = tmp_path / "ft"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "mlpfuse", "finetune", str(fused), "--train", str(train), "-o", str(out), "--epochs", "1",
+           "--batch-size", "4", "--max-length", "16", "--lr", "1e-3", "--json", str(tmp_path / "r.json")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["train_steps"] == 4
+    assert json.loads((out / "mlpfuse_finetune.json").read_text())["metrics"]["train_steps"] == 4
+    assert mlpfuse.load(out, task="sequence-classification").config.mlpfuse["modules"]
