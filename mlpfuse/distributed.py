@@ -1,4 +1,6 @@
-"""Several processes for ``fuse``: under ``torchrun`` the layers are split over the ranks.
+"""Several processes for ``fuse`` and ``tune`` under ``torchrun``.
+
+``fuse``: the layers are split over the ranks.
 
 ``torchrun --nproc-per-node N -m mlpfuse fuse ...`` starts N copies of the command. Each rank
 plans the same layers; the planned layer at position i belongs to rank ``i % N``. Ranks other
@@ -7,6 +9,11 @@ order); rank 0 compresses its own, receives the others in plan order and is the 
 Every layer's k-means is seeded the same way as in one process, so the weights written are
 byte-identical to a single-process run with the same seed. With GPUs, rank r runs its k-means
 on ``cuda:LOCAL_RANK`` unless a device is given.
+
+``tune``: data parallel. Every rank walks the same seeded batches and takes its share of each
+(``batch[rank::N]``); the loss is normalised by the token count of the whole batch and the
+gradients are summed over the ranks, so each step is the single-process step on the same batch.
+Only rank 0 saves state and writes the output.
 
 Without ``torchrun`` (no ``WORLD_SIZE`` > 1 in the environment) nothing here starts a process group.
 """
@@ -103,4 +110,34 @@ def serve(items: list[P], compute: Callable[[P], T]) -> None:
                 raise
             dist.send_object_list([result], dst=0)
     finally:
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the ranks (gloo, through the CPU), on its own device; itself in one process."""
+    if world()[1] == 1:
+        return tensor
+    buffer = tensor.detach().cpu().clone()
+    _group().all_reduce(buffer)
+    return buffer.to(tensor.device)
+
+
+def all_reduce_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Sum the parameters' gradients over the ranks in place (a missing gradient counts as zeros)."""
+    if world()[1] == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = all_reduce_sum(torch.cat([g.detach().reshape(-1).float() for g in grads]))
+    start = 0
+    for parameter in parameters:
+        size = parameter.numel()
+        parameter.grad = flat[start:start + size].view_as(parameter).to(parameter.dtype)
+        start += size
+
+
+def leave() -> None:
+    """Leave the process group if this process joined one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

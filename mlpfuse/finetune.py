@@ -203,7 +203,23 @@ def _training_arguments(settings: FinetuneSettings, output_dir: str):
         logging_strategy="no", disable_tqdm=True, bf16=settings.bf16, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         prediction_loss_only=settings.task == "causal-lm",
+        # torchrun without GPUs: accelerate joins the ranks (gloo) only when told it runs on CPUs
+        use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        **_loss_scaling(settings),
     )
+
+
+def _loss_scaling(settings: FinetuneSettings) -> dict:
+    """Only a causal LM's loss divides by the token count the Trainer gives it; for the other tasks
+    the Trainer's multiplication by the number of ranks would scale the loss (and so the gradient
+    clipping) away from one process. The option exists from transformers 4.46 (none before)."""
+    import dataclasses
+
+    import transformers
+
+    if "average_tokens_across_devices" not in {f.name for f in dataclasses.fields(transformers.TrainingArguments)}:
+        return {}
+    return {"average_tokens_across_devices": settings.task == "causal-lm"}
 
 
 def finetune_model(model, tokenizer, train: Table | None, evaluation: Table | None, settings: FinetuneSettings,

@@ -37,7 +37,7 @@ from .remote.modeling_mlpfuse import (
     fused_model_class,
     write_remote_code,
 )
-from .runtime import dtype_name, torch_dtype
+from .runtime import InBackground, dtype_name, torch_dtype
 from .source import resolve_model
 from .output import carry_side_files, claim_output, guarded_outputs, staging_directory
 from .tied import absent_paths, carry_merge_layout, fusable_input, sites_touching
@@ -185,9 +185,9 @@ def _copy_side_files(source: Path, target: Path) -> None:
     carry_side_files(source, target)  # tokenizer, generation config, sentence-transformers modules
 
 
-def _section(report: FuseReport, settings: FuseSettings, modules: list, reader: CheckpointReader, dtype: str) -> dict:
+def _section(report: FuseReport, settings: FuseSettings, modules: list, source_sha256: str, dtype: str) -> dict:
     return fuse_section(version=__version__, method=report.method, layers=report.layers, seed=settings.seed,
-                        backend=report.backend, dtype=dtype, source=report.source, source_sha256=reader.sha256(),
+                        backend=report.backend, dtype=dtype, source=report.source, source_sha256=source_sha256,
                         parameters=report.parameters, packages=package_versions(), modules=modules)
 
 
@@ -243,6 +243,8 @@ def fuse_checkpoint(
         return None
     if on_start:
         on_start(plans)
+    source_sha256 = InBackground(reader.sha256)  # a second full read of the source, overlapping the fusing
+
 
     params_before = sum(_numel(reader.shape(k)) for k in keys if _is_float_param(reader, k))
     layers: list[LayerReport] = []
@@ -277,7 +279,7 @@ def fuse_checkpoint(
         if dtype is not None:
             out_config["dtype"] = settings.dtype
             out_config.pop("torch_dtype", None)
-        section = carry_merge_layout(_section(report, settings, modules, reader, settings.dtype), merged_layout)
+        section = carry_merge_layout(_section(report, settings, modules, source_sha256.result(), settings.dtype), merged_layout)
         write_json(staging / "config.json", fused_config_dict(out_config, section))
         write_remote_code(staging)
         _copy_side_files(source_dir, staging)

@@ -81,6 +81,34 @@ def file_sha256(*paths: str | Path) -> str:
     return digest.hexdigest()
 
 
+class InBackground:
+    """``function()`` run in a daemon thread from construction on; :meth:`result` waits for it.
+
+    For work that releases the GIL (hashing large blocks, file reads) and overlaps the caller's
+    compute. A daemon thread: an interrupted run does not wait for it at exit. ``result`` returns
+    the value or re-raises the exception the function raised.
+    """
+
+    def __init__(self, function):
+        import threading
+
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(function,), daemon=True)
+        self._thread.start()
+
+    def _run(self, function) -> None:
+        try:
+            self._value = function()
+        except BaseException as exc:  # handed to the caller of result()
+            self._error = exc
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
                    "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")
 

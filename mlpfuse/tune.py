@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import CheckpointReader, read_config
 from .output import carry_side_files, check_target, claim_output, guarded_outputs, staging_directory
 from .data import encode_texts, read_table
+from .distributed import all_reduce_gradients, all_reduce_sum, is_worker, leave, world
 from .errors import InputError
 from .modeling import TASKS, is_fused, load
 from .options import check_optional_positive, check_positive, check_seed
@@ -124,10 +125,14 @@ def _hidden_states(model: torch.nn.Module, encoded: dict) -> tuple:
     return model(**encoded, output_hidden_states=True).hidden_states
 
 
-def layerwise_loss(student_states, teacher_states, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over layers of the MSE between hidden states, averaged over non-padding tokens."""
+def layerwise_loss(student_states, teacher_states, mask: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over layers of the MSE between hidden states, averaged over non-padding tokens.
+
+    ``tokens``: the number of tokens to average over (default: the mask's); under torchrun the
+    whole batch's, so that the ranks' losses and gradients add up to the whole batch's.
+    """
     weights = mask.unsqueeze(-1).to(student_states[-1].dtype)
-    count = weights.sum() * student_states[-1].shape[-1]
+    count = (weights.sum() if tokens is None else tokens.to(weights.dtype)) * student_states[-1].shape[-1]
     total = student_states[-1].new_zeros(())
     for student, teacher in zip(student_states[1:], teacher_states[1:]):  # [0] is the embeddings
         total = total + (((student - teacher) ** 2) * weights).sum() / count
@@ -181,29 +186,40 @@ def tune_model(
     if state_dir is not None and resume:
         start_step, losses = _restore(state_dir, identity, named, optimizer)
 
+    rank, size = world()
+    writes = state_dir is not None and rank == 0  # under torchrun only rank 0 saves state
     step = start_step
     try:
         for step in range(start_step, len(batches)):
-            encoded = _encode(tokenizer, [texts[i] for i in batches[step]], settings.max_length, device)
-            with torch.no_grad():
-                target = _hidden_states(teacher, encoded)
-            states = _hidden_states(student, encoded)
-            loss = layerwise_loss(states, target, encoded["attention_mask"])
-            if not math.isfinite(loss.item()):
-                raise InputError(f"the tuning loss became {loss.item()} at step {step + 1}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if size == 1:
+                encoded = _encode(tokenizer, [texts[i] for i in batches[step]], settings.max_length, device)
+                with torch.no_grad():
+                    target = _hidden_states(teacher, encoded)
+                loss = layerwise_loss(_hidden_states(student, encoded), target, encoded["attention_mask"])
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise InputError(f"the tuning loss became {value} at step {step + 1}; lower --lr")
+                loss.backward()
+            else:
+                value = _distributed_step(student, teacher, tokenizer, [texts[i] for i in batches[step][rank::size]],
+                                          settings.max_length, device, list(named.values()))
+                if not math.isfinite(value):  # the same summed value on every rank: all stop
+                    raise InputError(f"the tuning loss became {value} at step {step + 1}; lower --lr")
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(value)
             if on_step:
                 on_step(step + 1, len(batches), losses[-1])
-            if state_dir is not None and settings.save_every and (step + 1) % settings.save_every == 0 \
+            if writes and settings.save_every and (step + 1) % settings.save_every == 0 \
                     and step + 1 < len(batches):
                 _save_state(state_dir, identity, named, optimizer, step + 1, losses)
     except KeyboardInterrupt:
-        if state_dir is not None and len(losses) > start_step:
+        if writes and len(losses) > start_step:
             _save_state(state_dir, identity, named, optimizer, len(losses), losses)
         raise
+    finally:
+        if size > 1:
+            leave()
     for parameter in student.parameters():
         parameter.requires_grad_(True)
     tail = losses[-min(len(losses), 10):]
@@ -213,6 +229,22 @@ def tune_model(
         "final_loss": sum(tail) / len(tail) if tail else float("nan"),
         "losses": losses, "trainable_parameters": sum(p.numel() for p in named.values()),
     }
+
+
+def _distributed_step(student, teacher, tokenizer, texts: list, max_length: int, device, parameters: list) -> float:
+    """One torchrun step on this rank's share ``texts`` of the batch (may be empty): backward, then
+    the gradients summed over the ranks. Returns the whole batch's loss (the same on every rank)."""
+    encoded = _encode(tokenizer, texts, max_length, device) if texts else None
+    tokens = all_reduce_sum(encoded["attention_mask"].sum().double() if texts else torch.zeros((), dtype=torch.float64))
+    value = torch.zeros((), dtype=torch.float64)
+    if texts:
+        with torch.no_grad():
+            target = _hidden_states(teacher, encoded)
+        loss = layerwise_loss(_hidden_states(student, encoded), target, encoded["attention_mask"], tokens=tokens)
+        loss.backward()
+        value = loss.detach().double().cpu()
+    all_reduce_gradients(parameters)
+    return float(all_reduce_sum(value))
 
 
 def _encode(tokenizer, texts: list, max_length: int, device) -> dict:
@@ -302,8 +334,10 @@ def tune_checkpoint(
     overwrite: bool = False,
     resume: bool = False,
     on_step: Callable[[int, int, float], None] | None = None,
-) -> TuneReport:
+) -> TuneReport | None:
     """Tune fused checkpoint ``fused`` against original ``teacher`` on text file ``data``; write ``output``.
+
+    Under torchrun the batches are split over the ranks (mlpfuse/distributed.py); ranks > 0 return None.
 
     The output is a fused checkpoint (same format) whose ``mlpfuse.tuning`` records the data file
     and its sha256, steps, losses and settings. It appears only when complete. If interrupted, the
@@ -319,8 +353,12 @@ def tune_checkpoint(
     if is_fused(teacher_dir):
         raise InputError(f"--teacher {teacher} is a fused checkpoint; the teacher must be the original model")
     inputs = [fused_dir, teacher_dir] + ([data] if not str(data).startswith("hub:") else [])
-    target = claim_output(output, inputs, overwrite).target  # checks, lock, staging: before any work
-    check_target(state_directory(target), inputs)  # the resumable state beside it is deleted at the end
+    worker = is_worker()  # torchrun: ranks > 0 compute their share of each batch; rank 0 writes
+    if worker:
+        target = Path(output).expanduser().resolve()
+    else:
+        target = claim_output(output, inputs, overwrite).target  # checks, lock, staging: before any work
+        check_target(state_directory(target), inputs)  # the resumable state beside it is deleted at the end
     config = read_config(fused_dir)
     check_teacher(config, read_config(teacher_dir), fused, teacher)
     state_dir = state_directory(target)
@@ -335,11 +373,13 @@ def tune_checkpoint(
     dtype = next(student.parameters()).dtype
     student.float()
     teacher_model = load(teacher_dir, task="base").float()
-    if state_dir.exists() and not resume:
+    if state_dir.exists() and not resume and not worker:
         shutil.rmtree(state_dir)
     identity = {"fused": CheckpointReader(fused_dir).sha256(), "data_sha256": data_sha}
-    result = tune_model(student, teacher_model, tokenizer, texts, settings, on_step=on_step,
+    result = tune_model(student, teacher_model, tokenizer, texts, settings, on_step=None if worker else on_step,
                         state_dir=state_dir, resume=resume, identity=identity)
+    if worker:
+        return None
     record = {
         "data": str(data), "data_sha256": data_sha, "text_column": settings.text_column,
         "pair_column": settings.pair_column, "rows": len(texts), "teacher": str(teacher),

@@ -83,6 +83,8 @@ def tune(
                 if (state / "state.json").is_file() else "no state to resume from yet")
         log.print(f"[bold red]interrupted[/]: {interruption_message()}; {kept}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
+    if report is None:  # a torchrun rank > 0: rank 0 writes and reports
+        return
     out = results_console(json_path)
     resumed = f" (resumed at step {report.resumed_from})" if report.resumed_from else ""
     out.print(f"tuned {report.trainable_parameters:,} MLP parameters for {report.steps} steps{resumed}: "
