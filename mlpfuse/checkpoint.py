@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 
 from .errors import InputError
 from .runtime import file_sha256
-from .output import staging_directory  # noqa: F401  (its home is mlpfuse.output; kept importable)
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"

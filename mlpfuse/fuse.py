@@ -181,10 +181,6 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, name: str = "") -> to
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
-def _copy_side_files(source: Path, target: Path) -> None:
-    carry_side_files(source, target)  # tokenizer, generation config, sentence-transformers modules
-
-
 def _section(report: FuseReport, settings: FuseSettings, modules: list, source_sha256: str, dtype: str) -> dict:
     return fuse_section(version=__version__, method=report.method, layers=report.layers, seed=settings.seed,
                         backend=report.backend, dtype=dtype, source=report.source, source_sha256=source_sha256,
@@ -282,7 +278,7 @@ def fuse_checkpoint(
         section = carry_merge_layout(_section(report, settings, modules, source_sha256.result(), settings.dtype), merged_layout)
         write_json(staging / "config.json", fused_config_dict(out_config, section))
         write_remote_code(staging)
-        _copy_side_files(source_dir, staging)
+        carry_side_files(source_dir, staging)  # tokenizer, generation config, sentence-transformers modules
         recipe = {"model": model, **{k: v for k, v in asdict(settings).items() if k != "allow_full_width"}}
         (staging / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=True), encoding="utf-8")
         report.seconds = time.perf_counter() - start

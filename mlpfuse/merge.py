@@ -29,8 +29,8 @@ from .arch.io import SCALE_BUFFER, module_specs, read_mlp, site_hidden, tensor_n
 from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, write_json
 from .data import read_table
 from .errors import InputError
-from .fuse import _copy_side_files, package_versions
-from .output import claim_output, guarded_outputs, staging_directory
+from .fuse import package_versions
+from .output import carry_side_files, claim_output, guarded_outputs, staging_directory
 from .mlp import MLPWeights
 from .options import check_seed
 from .plan import parse_layers
@@ -521,7 +521,7 @@ def _write_checkpoint(source_dir, config, base_config, section, sites, window, m
                                     source_sha256=section.get("source_sha256") or reader.sha256())
         write_json(staging / "config.json", fused_config_dict(base_config, new_section))
         write_remote_code(staging)
-        _copy_side_files(source_dir, staging)
+        carry_side_files(source_dir, staging)
         recipe = {"model": model, **asdict(settings)}
         (staging / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=True), encoding="utf-8")
         verify_checkpoint(staging)

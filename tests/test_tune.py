@@ -15,7 +15,8 @@ import mlpfuse
 from mlpfuse.cli import app
 from mlpfuse.fuse import FuseSettings, fuse_model
 from mlpfuse.source import bundled_model_path
-from mlpfuse.tune import TuneSettings, file_sha256, layerwise_loss, state_directory, tune_checkpoint, tune_model
+from mlpfuse.runtime import file_sha256
+from mlpfuse.tune import TuneSettings, layerwise_loss, state_directory, tune_checkpoint, tune_model
 
 from .conftest import tiny_config, tree_digest
 
