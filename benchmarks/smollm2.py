@@ -72,7 +72,7 @@ def dequantise(target: Path, dtype: str = "float32") -> Path:
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     """Run ``python -m mlpfuse ARGS`` (the environment's PYTHONPATH is kept), failing loudly."""
-    result = subprocess.run([sys.executable, "-m", "mlpfuse", *args], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "mlpfuse", *args], check=False, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"mlpfuse {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
@@ -90,6 +90,32 @@ def perplexity(model: Path, args, report: Path) -> dict:
     return json.loads(report.read_text())
 
 
+def fuse_row(original: Path, work: Path, layers: str, method: str, args) -> dict:
+    """One table row: fuse (data-free or with ``--calibration``), eval; with ``--tune``, tune and eval again."""
+    tag = "cal" if args.calibration else "free"
+    name = f"{method}-{layers}-r{args.ratio}-{tag}"
+    output = work / name
+    row = {"layers": layers, "method": method, "ratio": args.ratio, "calibration": bool(args.calibration)}
+    began = time.perf_counter()
+    if not output.exists():
+        extra = ["--calibration", args.calibration] if args.calibration else []
+        cli("fuse", str(original), "-o", str(output), "--layers", layers, "--ratio", str(args.ratio),
+            "--method", method, "--device", args.device, "--json", str(work / f"{name}.fuse.json"), *extra)
+        row["fuse_seconds"] = round(time.perf_counter() - began, 1)
+    row.update(perplexity(output, args, work / f"{name}.json"))
+    if args.tune:
+        tuned = work / f"{name}-tuned"
+        began = time.perf_counter()
+        if not tuned.exists():
+            cli("tune", str(output), "--teacher", str(original), "--data", args.tune_data, "-o", str(tuned),
+                "--limit", str(args.tune_limit), "--batch-size", str(args.tune_batch_size),
+                "--max-length", str(args.tune_max_length), "--device", args.device, "--eval-rows", "0",
+                "--json", str(work / f"{name}-tuned.tune.json"), *args.tune_args.split())
+            row["tune_seconds"] = round(time.perf_counter() - began, 1)
+        row["tuned_perplexity"] = perplexity(tuned, args, work / f"{name}-tuned.json")["perplexity"]
+    return row
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="smollm2-work", help="Folder for the model and fused outputs.")
@@ -97,6 +123,13 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", default="fusion,cluster,svd,prune")
     parser.add_argument("--layers", nargs="*", default=["29", "26-29"], help="Layer sets (mlpfuse fuse --layers).")
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--calibration", default=None, help="fuse --calibration FILE (data-aware methods).")
+    parser.add_argument("--tune", action="store_true", help="Also tune each fused model and measure it again.")
+    parser.add_argument("--tune-data", default="../shared/data/sst2/train.tsv")
+    parser.add_argument("--tune-limit", type=int, default=1000)
+    parser.add_argument("--tune-batch-size", type=int, default=16)
+    parser.add_argument("--tune-max-length", type=int, default=64)
+    parser.add_argument("--tune-args", default="", help="More tune flags, space-separated.")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--limit-tokens", type=int, default=4096)
     parser.add_argument("--device", default="cpu")
@@ -113,30 +146,23 @@ def main(argv=None) -> None:
     print(f"original: perplexity {base['perplexity']:.4g} ({base['seconds']:.0f} s)", flush=True)
     for layers in args.layers:
         for method in args.methods.split(","):
-            name = f"{method}-{layers}-r{args.ratio}"
-            output = work / name
-            began = time.perf_counter()
             try:
-                if not output.exists():
-                    cli("fuse", str(original), "-o", str(output), "--layers", layers, "--ratio", str(args.ratio),
-                        "--method", method, "--device", args.device)
-                fuse_seconds = time.perf_counter() - began
-                result = perplexity(output, args, work / f"{name}.json")
+                row = fuse_row(original, work, layers, method, args)
             except RuntimeError as exc:  # one failing row must not lose the others
-                print(f"{name}: {exc}", flush=True)
-                rows.append({"layers": layers, "method": method, "ratio": args.ratio, "error": str(exc),
-                             "perplexity": float("nan")})
-                save(args.json, rows, started)
-                continue
-            rows.append({"layers": layers, "method": method, "ratio": args.ratio, "fuse_seconds": round(fuse_seconds, 1),
-                         **result})
+                print(f"{method} {layers}: {exc}", flush=True)
+                row = {"layers": layers, "method": method, "ratio": args.ratio, "error": str(exc),
+                       "perplexity": float("nan")}
+            rows.append(row)
             save(args.json, rows, started)
-            print(f"{name}: perplexity {result['perplexity']:.4g} (fuse {fuse_seconds:.0f} s, eval "
-                  f"{result['seconds']:.0f} s)", flush=True)
-    print("\n| layers | method | ratio | perplexity | x original |\n|---|---|---:|---:|---:|")
+            print(json.dumps({k: row.get(k) for k in ("layers", "method", "perplexity", "fuse_seconds",
+                                                      "tuned_perplexity", "tune_seconds")}), flush=True)
+    print("\n| layers | method | ratio | one-shot perplexity | x original | after tune | x original |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
+        tuned = row.get("tuned_perplexity")
+        after = f"{tuned:,.1f} | {tuned / base['perplexity']:.2f}" if tuned else "- | -"
         print(f"| {row['layers']} | {row['method']} | {row['ratio']} | {row['perplexity']:,.1f} | "
-              f"{row['perplexity'] / base['perplexity']:.1f} |")
+              f"{row['perplexity'] / base['perplexity']:.2f} | {after} |")
     save(args.json, rows, started)
 
 
