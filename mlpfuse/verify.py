@@ -158,29 +158,30 @@ def _compare_with_reference(loaded, reference: torch.nn.Module) -> None:
         _fail("the loaded model's outputs differ from the model in memory", [f"max difference {difference}"])
 
 
-def _site_weights(site, prefix: str, reader: CheckpointReader, source_of: dict) -> MLPWeights:
+def _site_weights(site, prefix: str, reader, source_of: dict, dtype: torch.dtype = torch.float64) -> MLPWeights:
     """One dense site's MLP read straight from the files (tied targets from their source's tensors).
 
     Module by module, as ``site.modules`` lists them: a packed ``[gate; up]`` module is split in two,
-    a low-rank module is expanded to its dense product, Conv1D weights are transposed.
+    a low-rank module is expanded to its dense product, Conv1D weights are transposed. ``reader``:
+    anything with ``get(name)`` and ``in``; tensors come back in ``dtype``.
     """
     values = {}
     for module in site.modules:
         base = f"{prefix}{source_of.get(module.path, module.path)}"
         if f"{base}.lowrank_a.weight" in reader:
-            weight = reader.get(f"{base}.lowrank_b.weight").double() @ reader.get(f"{base}.lowrank_a.weight").double()
+            weight = reader.get(f"{base}.lowrank_b.weight").to(dtype) @ reader.get(f"{base}.lowrank_a.weight").to(dtype)
             bias_key = f"{base}.lowrank_b.bias"
         else:
-            weight = reader.get(f"{base}.weight").double()
+            weight = reader.get(f"{base}.weight").to(dtype)
             weight = weight.T if module.layout == CONV1D_MODULE else weight
             bias_key = f"{base}.bias"
         count = len(module.roles)
         values.update(zip((ROLE_FIELDS[r][0] for r in module.roles), weight.chunk(count, 0) if module.packed else (weight,)))
         if bias_key in reader:
-            bias = reader.get(bias_key).double()
+            bias = reader.get(bias_key).to(dtype)
             values.update(zip((ROLE_FIELDS[r][1] for r in module.roles), bias.chunk(count, 0) if module.packed else (bias,)))
         if "down" in module.roles and f"{base}.{SCALE_BUFFER}" in reader:
-            values["scale"] = reader.get(f"{base}.{SCALE_BUFFER}").double()
+            values["scale"] = reader.get(f"{base}.{SCALE_BUFFER}").to(dtype)
     return MLPWeights(**values)
 
 
@@ -197,8 +198,25 @@ def _loaded_mlp(base, site, x: torch.Tensor) -> torch.Tensor:
     return base.get_submodule(site.module_path("down"))(hidden)
 
 
+class _ReadOnce:
+    """A reader that keeps what it read, in float32 (one site's tensors: dropped with the site)."""
+
+    def __init__(self, reader: CheckpointReader):
+        self.reader, self.read = reader, {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor, floating point ones in float32 (P is stored so; lower precisions widen exactly)."""
+        if name not in self.read:
+            tensor = self.reader.get(name)
+            self.read[name] = tensor.float() if tensor.is_floating_point() else tensor
+        return self.read[name]
+
+
 @contextmanager
-def _filled_from_files(base, site, prefix: str, reader: CheckpointReader, source_of: dict):
+def _filled_from_files(base, site, prefix: str, reader: "_ReadOnce", source_of: dict):
     """Fill a meta-loaded site's modules in float32 from their file tensors, and empty them after.
 
     Modules already holding data (a whole-model load) are left as they are. A tied target is the
@@ -210,11 +228,10 @@ def _filled_from_files(base, site, prefix: str, reader: CheckpointReader, source
             loaded = base.get_submodule(module.path)
             if not any(t.is_meta for t in loaded.state_dict().values()) or any(loaded is m for m in filled):
                 continue
-            names = list(loaded.state_dict())
-            loaded.to_empty(device="cpu").float()
-            filled.append(loaded)
             base_name = f"{prefix}{source_of.get(module.path, module.path)}"
-            loaded.load_state_dict({n: reader.get(f"{base_name}.{n}") for n in names}, strict=True)
+            tensors = {n: reader.get(f"{base_name}.{n}") for n in loaded.state_dict()}
+            filled.append(loaded)
+            loaded.load_state_dict(tensors, strict=True, assign=True)
         yield
     finally:
         for loaded in filled:
@@ -261,11 +278,12 @@ def _compare_sites(loaded, config: dict, reader: CheckpointReader) -> int:
         paths = {site.module_path(role) for role in site.roles}
         if not paths & touched or paths & zero or not hasattr(base, site.module_path("up").split(".")[0]):
             continue
-        mlp = _site_weights(site, prefix, reader, source_of)
-        x = torch.randn(5, mlp.hidden, generator=generator, dtype=torch.float64)
-        expected = mlp.forward(x, torch.tanh).float()
-        with torch.no_grad(), _filled_from_files(base, site, prefix, reader, source_of):
-            got = _loaded_mlp(base, site, x.float()).float().cpu()
+        files = _ReadOnce(reader)  # the reference and the filled modules share each tensor, read once
+        mlp = _site_weights(site, prefix, files, source_of, torch.float32)
+        x = torch.randn(5, mlp.hidden, generator=generator, dtype=torch.float64).float()
+        expected = mlp.forward(x, torch.tanh)
+        with torch.no_grad(), _filled_from_files(base, site, prefix, files, source_of):
+            got = _loaded_mlp(base, site, x).float().cpu()
         scale = expected.abs().max().item() + 1.0
         if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * scale):
             _fail("a fused MLP's loaded forward differs from its tensors' reference forward", [site.label])
@@ -379,7 +397,7 @@ def _check_whole(directory: Path, config: dict, reader: CheckpointReader, refere
     if not torch.isfinite(output).all():
         _fail("the loaded model's forward is not finite", ["output"])
     if is_fused_config(config):
-        loaded.float()  # the site check runs in float32 against float64 references (P stays float32)
+        loaded.float()  # the site check runs in float32, as its references (P stays float32)
         _compare_sites(loaded, config, reader)
     return compared
 
