@@ -429,7 +429,10 @@ def weight_bytes(reader: CheckpointReader) -> int:
 def check_loads_clean(directory: Path, reference: torch.nn.Module | None = None) -> int:
     """See :func:`mlpfuse.modeling.verify_checkpoint`."""
     config = read_config(directory)
-    reader = CheckpointReader(directory)
+    try:
+        reader = CheckpointReader(directory)
+    except InputError as exc:  # unreadable files we wrote: our bug, as a failed load
+        _fail("it does not load", [str(exc)])
     if reader.is_safetensors and weight_bytes(reader) >= FULL_LOAD_BELOW:
         return _check_streaming(directory, config, reader, reference)
     return _check_whole(directory, config, reader, reference)

@@ -140,3 +140,19 @@ def test_small_checkpoints_are_loaded_whole(bert, tmp_path, monkeypatch):
     """Below the threshold the check is the real from_pretrained load (the streaming path is not taken)."""
     monkeypatch.setattr(verify, "_check_streaming", lambda *_: pytest.fail("streaming below the threshold"))
     assert run("fuse", bert, "--dim", "7", "-o", tmp_path / "out").exit_code == 0
+
+
+def test_an_unreadable_written_file_fails_as_our_bug(bert, tmp_path, monkeypatch):
+    close = checkpoint.ShardedWriter.close
+
+    def truncating(self):
+        files = close(self)
+        path = self.directory / files[0]
+        path.write_bytes(path.read_bytes()[:100])
+        return files
+
+    monkeypatch.setattr(checkpoint.ShardedWriter, "close", truncating)
+    result = run("fuse", bert, "--dim", "7", "-o", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert "does not load clean" in result.stderr and "cannot read weights file" in result.stderr, result.stderr
+    assert not [p for p in tmp_path.iterdir() if "out" in p.name]
