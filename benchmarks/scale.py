@@ -12,6 +12,8 @@ one per ``--layers`` count, sharded), then, interleaved per size and repeat, in 
 Each child samples its own /proc/self/status RssAnon (anonymous, non-file-backed resident memory;
 memory-mapped checkpoint pages are file-backed and not counted) every 10 ms and reports the peak;
 the end-of-fuse load check (verify_checkpoint) is timed on its own and the peak before it is kept.
+``--threads N`` sets torch's thread count in the children (on a shared, loaded machine torch's
+OpenMP threads wait for each other: small kernels run many times slower with 2 threads than 1).
 """
 
 from __future__ import annotations
@@ -102,9 +104,13 @@ def build(directory: Path, layers: int, hidden: int, intermediate: int, vocab: i
     tmp.rename(directory)
 
 
-def child(mode: str, src: str, dst: str, shard: str, kmeans: str) -> dict:
+def child(mode: str, src: str, dst: str, shard: str, kmeans: str, threads: str = "0") -> dict:
     """One measured run in this (fresh) process; returns seconds, peak RssAnon and k-means seconds."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the mlpfuse command line sets it (cli.main)
     import torch
+
+    if int(threads):
+        torch.set_num_threads(int(threads))
 
     from mlpfuse.checkpoint import CheckpointReader, ShardedWriter, parse_size
 
@@ -114,7 +120,7 @@ def child(mode: str, src: str, dst: str, shard: str, kmeans: str) -> dict:
     from mlpfuse.modeling import verify_checkpoint  # imports transformers' modelling code outside the timing
 
     shutil.rmtree(dst, ignore_errors=True)
-    out = {"mode": mode, "torch_threads": torch.get_num_threads()}
+    out = {"mode": mode, "torch_threads": torch.get_num_threads(), "thp": os.environ["THP_MEM_ALLOC_ENABLE"]}
     with PeakSampler() as mem:
         start = time.perf_counter()
         if mode == "io":
@@ -153,8 +159,8 @@ def child(mode: str, src: str, dst: str, shard: str, kmeans: str) -> dict:
     return out
 
 
-def run_child(mode, src, dst, shard, kmeans) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, str(src), str(dst), shard, kmeans]
+def run_child(mode, src, dst, shard, kmeans, threads=0) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, str(src), str(dst), shard, kmeans, str(threads)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
@@ -172,8 +178,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--kmeans", choices=["trivial", "real"], default="trivial")
     p.add_argument("--work", default="/tmp/mlpfuse-scale", help="where the synthetic checkpoints go")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in the children (0: torch's default)")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    load_before = os.getloadavg()
     work = Path(args.work)
     sizes = {n: work / f"llama-h{args.hidden}-i{args.intermediate}-l{n}" for n in args.layers}
     for n, path in sizes.items():
@@ -182,7 +190,7 @@ def main(argv=None):
     for _ in range(args.repeats):
         for n, path in sizes.items():
             for mode in ("io", "fuse"):
-                r = run_child(mode, path, work / "out", args.shard, args.kmeans)
+                r = run_child(mode, path, work / "out", args.shard, args.kmeans, args.threads)
                 runs[n][mode].append(r)
                 print(f"layers {n:>3} {mode:<5} {r['seconds']:7.2f} s  peak RssAnon {r['peak_anon_bytes'] / 2**20:7.1f} MiB",
                       flush=True)
@@ -214,7 +222,8 @@ def main(argv=None):
         info = {"date": datetime.datetime.utcnow().isoformat(timespec="minutes") + "Z", "machine": platform.platform(),
                 "cpu_count": os.cpu_count(), "torch": torch.__version__, "hidden": args.hidden,
                 "intermediate": args.intermediate, "vocab": args.vocab, "shard": args.shard, "kmeans": args.kmeans,
-                "repeats": args.repeats, "rows": rows}
+                "repeats": args.repeats, "threads": args.threads, "load_average_before": load_before,
+                "load_average_after": os.getloadavg(), "rows": rows}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
     return rows
@@ -222,6 +231,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(child(*sys.argv[2:7])))
+        print(json.dumps(child(*sys.argv[2:8])))
     else:
         main()

@@ -181,9 +181,14 @@ class ShardedWriter:
     and is written when the shard is finished; a shard whose header would overflow that space is
     finished early. Shards with less than ``_COMPACT_BELOW`` bytes of data are rewritten by
     safetensors' ``save_file`` (no padding, the same bytes as writing them in one go). Raises InputError for a tensor dtype safetensors cannot store.
+
+    ``background=True`` writes in a thread, overlapping the caller's compute: ``add`` queues the
+    tensor (the caller must not modify it afterwards) and returns; at most ``_QUEUE_BYTES`` of
+    tensors (or one tensor, if larger) wait in the queue, more blocks ``add``. The bytes written are
+    the same, in the same order. An error in the thread is raised by the next ``add`` or ``close``.
     """
 
-    def __init__(self, directory: Path, max_shard_bytes: int):
+    def __init__(self, directory: Path, max_shard_bytes: int, background: bool = False):
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
         self._file = None  # the open shard
@@ -191,14 +196,23 @@ class ShardedWriter:
         self._offset = 0  # data bytes written to the open shard
         self._header_bytes = 0  # estimate of the open shard's header size
         self._shards: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
         self.total_bytes = 0
+        self._queue = _WriteQueue(self._write) if background else None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor`` (any device, any layout) under ``name`` to the current shard."""
         if tensor.dtype not in _ST_DTYPES:
             raise InputError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
-        if name in self._entries or any(name in keys for _, keys in self._shards):
+        if name in self._names:
             raise RuntimeError(f"tensor {name} written twice")
+        self._names.add(name)
+        if self._queue is not None:
+            self._queue.put(name, tensor)
+        else:
+            self._write(name, tensor)
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
         entry_bytes = len(json.dumps(name)) + 96 + 21 * tensor.dim()  # upper bound of its header entry
         if self._file is not None and self._entries and (
@@ -248,6 +262,8 @@ class ShardedWriter:
 
     def close(self) -> list[str]:
         """Finish the last shard, name the shards ``model-0000i-of-0000n.safetensors``, write the index."""
+        if self._queue is not None:
+            self._queue.join()  # every queued tensor written (or the thread's error raised)
         if self._file is None and not self._shards:
             self._open_shard()  # no tensors at all: one empty, valid file
         if self._file is not None:
@@ -265,6 +281,65 @@ class ShardedWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         return names + [SAFE_INDEX]
+
+
+_QUEUE_BYTES = 256 << 20  # tensors waiting for a background ShardedWriter's thread
+
+
+class _WriteQueue:
+    """One daemon thread calling ``write(name, tensor)`` in order, at most ``_QUEUE_BYTES`` queued."""
+
+    def __init__(self, write):
+        import collections
+        import threading
+
+        self._write, self._items, self._bytes, self._error = write, collections.deque(), 0, None
+        self._condition = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="mlpfuse-writer")
+        self._thread.start()
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        with self._condition:
+            while self._items and self._bytes + size > _QUEUE_BYTES and self._error is None:
+                self._condition.wait()
+            self._raise()
+            self._items.append((name, tensor, size))
+            self._bytes += size
+            self._condition.notify_all()
+
+    def join(self) -> None:
+        with self._condition:
+            self._items.append(None)  # the end
+            self._condition.notify_all()
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._items:
+                    self._condition.wait()
+                item = self._items[0]
+            if item is None:
+                return
+            name, tensor, size = item
+            try:
+                self._write(name, tensor)
+            except BaseException as exc:  # handed to the caller's next put or join
+                with self._condition:
+                    self._error = exc
+                    self._items.clear()
+                    self._condition.notify_all()
+                return
+            with self._condition:
+                self._items.popleft()
+                self._bytes -= size
+                self._condition.notify_all()
 
 
 def write_json(path: Path, data: dict) -> None:

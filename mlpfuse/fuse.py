@@ -246,7 +246,7 @@ def fuse_checkpoint(
     layers: list[LayerReport] = []
     modules: list[dict] = []
     with staging_directory(target, overwrite) as staging:
-        writer = ShardedWriter(staging, max_shard)
+        writer = ShardedWriter(staging, max_shard, background=True)  # shard writes overlap the fusing
         fused_keys: set[str] = set()
         for layer in gather_in_order(plans, compute):
             for name, tensor in layer.tensors.items():

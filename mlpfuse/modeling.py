@@ -111,6 +111,12 @@ def verify_checkpoint(directory: str | Path, reference: torch.nn.Module | None =
       :meth:`MLPWeights.forward` of the tensors read from the files, on random inputs, and the
       whole model runs to finite outputs.
 
+    Checkpoints of ``verify.FULL_LOAD_BELOW`` bytes or more are checked without holding the model
+    (memory independent of its size): transformers loads the files' headers onto the meta device
+    (same loading report, names, shapes, dtypes), and each fused MLP's modules are filled from the
+    files one site at a time for the forward check; with ``reference``, its tensors are compared
+    with the files one at a time (docs/checkpoint-format.md, "The load check").
+
     Returns the number of tensors compared. Raises :class:`UncleanCheckpoint` (exit 1) with one
     line naming the offending keys; callers raise it inside their staging directory, so nothing is
     left behind.

@@ -4,10 +4,18 @@ A checkpoint is checked the way a user will load it: ``mlpfuse.load`` for the ch
 with transformers' loading report. Then what transformers did after reading the files is compared
 with the files themselves, and the loaded model's forward with a reference that does not go
 through transformers' loading.
+
+Checkpoints whose weight files hold ``FULL_LOAD_BELOW`` bytes or more are checked without holding
+the model (memory independent of the model size): transformers builds the model on the meta device
+from the files' headers (same class, config, key renames, tie pass, dtype rules as a real load),
+its loading report and its tensors' names, shapes and dtypes are compared with the headers, and the
+fused MLPs' forward is checked one site at a time, each site's modules filled from the files and
+emptied again.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,6 +27,9 @@ from .format import CONV1D_MODULE, SCALE_BUFFER, ZERO_MODULE, checkpoint_task, i
 from .mlp import MLPWeights
 
 SHOWN_KEYS = 4  # keys named in the one-line message
+# Weight files of this many bytes or more are checked streaming (the model is never held whole);
+# smaller ones are loaded whole with from_pretrained, exactly as a user loads them.
+FULL_LOAD_BELOW = 128 * 2**20
 
 
 def _fail(what: str, keys) -> None:
@@ -147,29 +158,30 @@ def _compare_with_reference(loaded, reference: torch.nn.Module) -> None:
         _fail("the loaded model's outputs differ from the model in memory", [f"max difference {difference}"])
 
 
-def _site_weights(site, prefix: str, reader: CheckpointReader, source_of: dict) -> MLPWeights:
+def _site_weights(site, prefix: str, reader, source_of: dict, dtype: torch.dtype = torch.float64) -> MLPWeights:
     """One dense site's MLP read straight from the files (tied targets from their source's tensors).
 
     Module by module, as ``site.modules`` lists them: a packed ``[gate; up]`` module is split in two,
-    a low-rank module is expanded to its dense product, Conv1D weights are transposed.
+    a low-rank module is expanded to its dense product, Conv1D weights are transposed. ``reader``:
+    anything with ``get(name)`` and ``in``; tensors come back in ``dtype``.
     """
     values = {}
     for module in site.modules:
         base = f"{prefix}{source_of.get(module.path, module.path)}"
         if f"{base}.lowrank_a.weight" in reader:
-            weight = reader.get(f"{base}.lowrank_b.weight").double() @ reader.get(f"{base}.lowrank_a.weight").double()
+            weight = reader.get(f"{base}.lowrank_b.weight").to(dtype) @ reader.get(f"{base}.lowrank_a.weight").to(dtype)
             bias_key = f"{base}.lowrank_b.bias"
         else:
-            weight = reader.get(f"{base}.weight").double()
+            weight = reader.get(f"{base}.weight").to(dtype)
             weight = weight.T if module.layout == CONV1D_MODULE else weight
             bias_key = f"{base}.bias"
         count = len(module.roles)
         values.update(zip((ROLE_FIELDS[r][0] for r in module.roles), weight.chunk(count, 0) if module.packed else (weight,)))
         if bias_key in reader:
-            bias = reader.get(bias_key).double()
+            bias = reader.get(bias_key).to(dtype)
             values.update(zip((ROLE_FIELDS[r][1] for r in module.roles), bias.chunk(count, 0) if module.packed else (bias,)))
         if "down" in module.roles and f"{base}.{SCALE_BUFFER}" in reader:
-            values["scale"] = reader.get(f"{base}.{SCALE_BUFFER}").double()
+            values["scale"] = reader.get(f"{base}.{SCALE_BUFFER}").to(dtype)
     return MLPWeights(**values)
 
 
@@ -184,6 +196,46 @@ def _loaded_mlp(base, site, x: torch.Tensor) -> torch.Tensor:
     up = outputs["up"]
     hidden = torch.tanh(up) if "gate" not in outputs else torch.tanh(outputs["gate"]) * up
     return base.get_submodule(site.module_path("down"))(hidden)
+
+
+class _ReadOnce:
+    """A reader that keeps what it read, in float32 (one site's tensors: dropped with the site)."""
+
+    def __init__(self, reader: CheckpointReader):
+        self.reader, self.read = reader, {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor, floating point ones in float32 (P is stored so; lower precisions widen exactly)."""
+        if name not in self.read:
+            tensor = self.reader.get(name)
+            self.read[name] = tensor.float() if tensor.is_floating_point() else tensor
+        return self.read[name]
+
+
+@contextmanager
+def _filled_from_files(base, site, prefix: str, reader: "_ReadOnce", source_of: dict):
+    """Fill a meta-loaded site's modules in float32 from their file tensors, and empty them after.
+
+    Modules already holding data (a whole-model load) are left as they are. A tied target is the
+    same module object as its source; its tensors are read under the source's names.
+    """
+    filled = []
+    try:
+        for module in site.modules:
+            loaded = base.get_submodule(module.path)
+            if not any(t.is_meta for t in loaded.state_dict().values()) or any(loaded is m for m in filled):
+                continue
+            base_name = f"{prefix}{source_of.get(module.path, module.path)}"
+            tensors = {n: reader.get(f"{base_name}.{n}") for n in loaded.state_dict()}
+            filled.append(loaded)
+            loaded.load_state_dict(tensors, strict=True, assign=True)
+        yield
+    finally:
+        for loaded in filled:
+            loaded.to("meta")
 
 
 def _checkpoint_prefix(keys: set, sites) -> str:
@@ -226,11 +278,12 @@ def _compare_sites(loaded, config: dict, reader: CheckpointReader) -> int:
         paths = {site.module_path(role) for role in site.roles}
         if not paths & touched or paths & zero or not hasattr(base, site.module_path("up").split(".")[0]):
             continue
-        mlp = _site_weights(site, prefix, reader, source_of)
-        x = torch.randn(5, mlp.hidden, generator=generator, dtype=torch.float64)
-        expected = mlp.forward(x, torch.tanh).float()
-        with torch.no_grad():
-            got = _loaded_mlp(base, site, x.float()).float().cpu()
+        files = _ReadOnce(reader)  # the reference and the filled modules share each tensor, read once
+        mlp = _site_weights(site, prefix, files, source_of, torch.float32)
+        x = torch.randn(5, mlp.hidden, generator=generator, dtype=torch.float64).float()
+        expected = mlp.forward(x, torch.tanh)
+        with torch.no_grad(), _filled_from_files(base, site, prefix, files, source_of):
+            got = _loaded_mlp(base, site, x).float().cpu()
         scale = expected.abs().max().item() + 1.0
         if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * scale):
             _fail("a fused MLP's loaded forward differs from its tensors' reference forward", [site.label])
@@ -238,15 +291,100 @@ def _compare_sites(loaded, config: dict, reader: CheckpointReader) -> int:
     return checked
 
 
-def check_loads_clean(directory: Path, reference: torch.nn.Module | None = None) -> int:
-    """See :func:`mlpfuse.modeling.verify_checkpoint`."""
-    config = read_config(directory)
+def _model_class(directory: Path, config: dict):
+    """(class, config object) that :func:`_load` builds for the checkpoint, without loading anything."""
+    import transformers
+
+    from .modeling import TASKS, register_with_transformers
+    from .remote.modeling_mlpfuse import base_config_from, fused_model_class
+
+    register_with_transformers()
+    task = checkpoint_task(config)
+    fused = is_fused_config(config)
+    architecture = next(iter(config.get("architectures") or []), None)
+    cls = getattr(transformers, architecture, None) if architecture else None
+    if cls is None or (task in TASKS and _task_class(task, config) is cls):
+        model_config = base_config_from(config) if fused else transformers.AutoConfig.from_pretrained(str(directory))
+        cls = getattr(transformers, TASKS[task or "base"])._model_mapping[type(model_config)]
+    else:
+        model_config = base_config_from(config) if fused else cls.config_class.from_pretrained(str(directory))
+    return (fused_model_class(cls) if fused else cls), model_config
+
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+
+
+def _header_state(reader: CheckpointReader) -> dict:
+    """The files' tensors as meta tensors of their stored shape and dtype (headers only, no data read)."""
+    state = {}
+    for key in reader.keys():
+        dtype = _TORCH_DTYPES.get(reader.dtype(key))
+        if dtype is None:
+            _fail("tensors of a dtype this check cannot read", [f"{key} ({reader.dtype(key)})"])
+        state[key] = torch.empty(reader.shape(key), dtype=dtype, device="meta")
+    return state
+
+
+def _load_meta(directory: Path, config: dict, reader: CheckpointReader):
+    """(model on the meta device, loading info): transformers' load of the files' headers, no data."""
+    cls, model_config = _model_class(directory, config)
+    return cls.from_pretrained(None, config=model_config, state_dict=_header_state(reader), device_map="meta",
+                               output_loading_info=True, ignore_mismatched_sizes=True)
+
+
+_EXACT_WIDENING = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.float64),
+                   (torch.float16, torch.float64), (torch.float32, torch.float64)}
+
+
+def _compare_headers(model, reader: CheckpointReader) -> int:
+    """Every file tensor found in the meta-loaded model by name has its shape there, and a dtype that
+    holds its stored values exactly (P: its stored dtype). Returns the number compared."""
+    state = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "")
+    reshaped, changed, compared = [], [], 0
+    for key in reader.keys():
+        name = _loaded_name(key, state, prefix)
+        if name is None:  # renamed on load; the loading report covers it
+            continue
+        loaded, stored = state[name], _TORCH_DTYPES[reader.dtype(key)]
+        if tuple(loaded.shape) != reader.shape(key):
+            reshaped.append(f"{key} {reader.shape(key)} -> {tuple(loaded.shape)}")
+        elif loaded.dtype != stored and (key.endswith(SCALE_BUFFER) or (stored, loaded.dtype) not in _EXACT_WIDENING):
+            changed.append(f"{key} ({stored} -> {loaded.dtype})")
+        compared += 1
+    if reshaped:
+        _fail("tensors come back reshaped", reshaped)
+    if changed:
+        _fail("tensors come back with other values", changed)
+    return compared
+
+
+def _compare_with_reference_tensors(reference: torch.nn.Module, reader: CheckpointReader) -> None:
+    """Every file tensor equals the in-memory model's tensor of that name, one tensor at a time."""
+    state = reference.state_dict()
+    prefix = getattr(reference, "base_model_prefix", "")
+    changed = []
+    for key in reader.keys():
+        name = _loaded_name(key, state, prefix)
+        if name is None:
+            continue
+        held = state[name].detach()
+        stored = reader.get(key)
+        if tuple(held.shape) != tuple(stored.shape) or not torch.equal(held.cpu(), stored.to(held.dtype)):
+            changed.append(key)
+    if changed:
+        _fail("the written tensors differ from the model in memory", changed)
+
+
+def _check_whole(directory: Path, config: dict, reader: CheckpointReader, reference) -> int:
+    """The check with the whole model loaded by ``from_pretrained`` (checkpoints below FULL_LOAD_BELOW)."""
     try:
         loaded, info = _load(directory, config)
     except Exception as exc:  # any failure to load what we wrote is our bug
         _fail("it does not load", [f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"])
     _loading_problems(info)
-    reader = CheckpointReader(directory)
     compared = _compare_tensors(loaded, reader)
     loaded.eval()
     if reference is not None:
@@ -259,6 +397,42 @@ def check_loads_clean(directory: Path, reference: torch.nn.Module | None = None)
     if not torch.isfinite(output).all():
         _fail("the loaded model's forward is not finite", ["output"])
     if is_fused_config(config):
-        loaded.float()  # the site check runs in float32 against float64 references (P stays float32)
+        loaded.float()  # the site check runs in float32, as its references (P stays float32)
         _compare_sites(loaded, config, reader)
     return compared
+
+
+def _check_streaming(directory: Path, config: dict, reader: CheckpointReader, reference) -> int:
+    """The check without holding the model: meta load, headers, per-site forwards (and reference tensors)."""
+    from .modeling import UncleanCheckpoint
+
+    try:
+        model, info = _load_meta(directory, config, reader)
+    except UncleanCheckpoint:
+        raise
+    except Exception as exc:  # any failure to load what we wrote is our bug
+        _fail("it does not load", [f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"])
+    _loading_problems(info)
+    compared = _compare_headers(model, reader)
+    if reference is not None:
+        _compare_with_reference_tensors(reference, reader)
+    if is_fused_config(config):
+        _compare_sites(model.eval(), config, reader)
+    return compared
+
+
+def weight_bytes(reader: CheckpointReader) -> int:
+    """Bytes of a checkpoint's weight files."""
+    return sum(file.stat().st_size for file in reader.files)
+
+
+def check_loads_clean(directory: Path, reference: torch.nn.Module | None = None) -> int:
+    """See :func:`mlpfuse.modeling.verify_checkpoint`."""
+    config = read_config(directory)
+    try:
+        reader = CheckpointReader(directory)
+    except InputError as exc:  # unreadable files we wrote: our bug, as a failed load
+        _fail("it does not load", [str(exc)])
+    if reader.is_safetensors and weight_bytes(reader) >= FULL_LOAD_BELOW:
+        return _check_streaming(directory, config, reader, reference)
+    return _check_whole(directory, config, reader, reference)

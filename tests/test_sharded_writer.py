@@ -113,3 +113,36 @@ def test_small_shard_is_byte_identical_to_save_file(tmp_path):
     save_file(src, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     # same bytes, so the same alignment of every tensor once memory-mapped by a loader
     assert (tmp_path / "w" / checkpoint.SAFE_SINGLE).read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("queue_bytes", [1 << 30, 16])  # all queued / add waits for the thread each time
+@pytest.mark.parametrize("compact_below", [64 << 20, 0])
+def test_background_writer_writes_the_same_bytes(tmp_path, monkeypatch, queue_bytes, compact_below):
+    monkeypatch.setattr(checkpoint, "_COMPACT_BELOW", compact_below)
+    monkeypatch.setattr(checkpoint, "_QUEUE_BYTES", queue_bytes)
+    outputs = {}
+    for background in (False, True):
+        directory = tmp_path / str(background)
+        directory.mkdir()
+        writer = ShardedWriter(directory, 60, background=background)
+        for name, t in tensors().items():
+            writer.add(name, t)
+        files = writer.close()
+        outputs[background] = {f: (directory / f).read_bytes() for f in files}
+    assert len(outputs[True]) > 2 and outputs[True] == outputs[False]
+
+
+def test_background_writer_raises_its_thread_error_in_the_caller(tmp_path):
+    directory = tmp_path / "gone"
+    directory.mkdir()
+    writer = ShardedWriter(directory, 60, background=True)
+    directory.rmdir()  # the thread cannot open its shard
+    with pytest.raises(FileNotFoundError):
+        for name, t in tensors().items():
+            writer.add(name, t)
+        writer.close()
+    twice = ShardedWriter(tmp_path, 60, background=True)
+    twice.add("a", torch.ones(1))
+    with pytest.raises(RuntimeError, match="written twice"):
+        twice.add("a", torch.ones(1))
+    twice.close()

@@ -5,6 +5,7 @@ This module imports nothing heavy, so Ctrl-C at any moment of start-up is one li
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -18,6 +19,10 @@ def main() -> None:
     library turns the KeyboardInterrupt into (transformers' lazy imports do) is still reported as
     an interruption.
     """
+    # torch backs CPU tensors of 2 MB and more with transparent huge pages: a fresh 48 MiB buffer
+    # (a layer's feature matrix, k-means' sums) is then filled ~4x faster, page faults being most of
+    # its cost (docs/results.md, fuse at scale). THP_MEM_ALLOC_ENABLE=0 in the environment opts out.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
         from .commands import app
         from .common import terminate
