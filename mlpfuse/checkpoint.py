@@ -260,6 +260,18 @@ class ShardedWriter:
             compact.replace(path)
         path.chmod(0o644)  # safetensors may create the file private
 
+    def abort(self) -> None:
+        """Stop a background writer's thread (queued tensors dropped) before the caller removes the folder."""
+        if self._queue is not None:
+            self._queue.abort()
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:  # a failed or interrupted run: no thread may write on into a removed folder
+            self.abort()
+
     def close(self) -> list[str]:
         """Finish the last shard, name the shards ``model-0000i-of-0000n.safetensors``, write the index."""
         if self._queue is not None:
@@ -315,6 +327,14 @@ class _WriteQueue:
         self._thread.join()
         self._raise()
 
+    def abort(self) -> None:
+        with self._condition:
+            self._items.clear()
+            self._items.append(None)
+            self._bytes = 0
+            self._condition.notify_all()
+        self._thread.join()  # a tensor being written is finished; nothing after it
+
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error
@@ -337,8 +357,9 @@ class _WriteQueue:
                     self._condition.notify_all()
                 return
             with self._condition:
-                self._items.popleft()
-                self._bytes -= size
+                if self._items and self._items[0] is item:  # not when abort() emptied the queue meanwhile
+                    self._items.popleft()
+                    self._bytes -= size
                 self._condition.notify_all()
 
 

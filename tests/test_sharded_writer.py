@@ -2,6 +2,7 @@
 
 import gc
 import json
+import time
 import weakref
 
 import pytest
@@ -146,3 +147,16 @@ def test_background_writer_raises_its_thread_error_in_the_caller(tmp_path):
     with pytest.raises(RuntimeError, match="written twice"):
         twice.add("a", torch.ones(1))
     twice.close()
+
+
+def test_background_writer_abort_stops_the_thread_before_the_folder_goes(tmp_path):
+    """A failed run aborts the writer: its thread ends, so nothing is written into a removed folder."""
+    with pytest.raises(KeyboardInterrupt):
+        with ShardedWriter(tmp_path, 1 << 20, background=True) as writer:
+            for i in range(20):
+                writer.add(f"t{i}", torch.ones(64, 1024))
+            raise KeyboardInterrupt
+    assert not writer._queue._thread.is_alive()
+    files_after_abort = sorted(p.name for p in tmp_path.iterdir())
+    time.sleep(0.2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == files_after_abort
