@@ -29,6 +29,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -169,6 +170,69 @@ def first_changed_state(model: torch.nn.Module) -> int:
     return min(firsts) if firsts else 1
 
 
+def shared_layers(model: torch.nn.Module) -> tuple[str, int] | None:
+    """(path of the layer list under ``base_model``, index of the first fused layer) when every fused
+    module sits in one ``nn.ModuleList`` of layers (``layers.26.mlp`` -> ``("layers", 26)``); None
+    for encoder-decoder models, fused modules in several lists, or a first fused layer of 0.
+
+    The layers before that index are the same in the teacher and the student, so the student can
+    replay the teacher's outputs for them instead of computing them (:func:`_replaying`).
+    """
+    if getattr(model.config, "is_encoder_decoder", False):
+        return None
+    found = set()
+    for path in fused_module_paths(model):
+        parts = path.split(".")
+        digits = [i for i, part in enumerate(parts) if part.isdigit()]
+        if not digits:
+            return None
+        found.add((".".join(parts[:digits[0]]), int(parts[digits[0]])))
+    containers = {container for container, _ in found}
+    if len(containers) != 1:
+        return None
+    container = containers.pop()
+    first = min(index for _, index in found)
+    if not container or first == 0 or not isinstance(model.base_model.get_submodule(container), torch.nn.ModuleList):
+        return None
+    return container, first
+
+
+@contextmanager
+def _recording(model: torch.nn.Module, shared: tuple[str, int] | None):
+    """Yields a list that collects the outputs of layers ``0 .. first - 1`` of ``model`` as it runs."""
+    outputs: list = []
+    if shared is None:
+        yield outputs
+        return
+    container, first = shared
+    layers = model.base_model.get_submodule(container)
+    handles = [layers[i].register_forward_hook(lambda module, args, output: outputs.append(output))
+               for i in range(first)]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _replaying(model: torch.nn.Module, shared: tuple[str, int] | None, outputs: list):
+    """While active, layers ``0 .. first - 1`` of ``model`` return ``outputs`` (the teacher's, the same
+    weights on the same input) instead of computing them: the student runs only from its first fused layer."""
+    if shared is None or len(outputs) != shared[1]:
+        yield
+        return
+    container, first = shared
+    layers = model.base_model.get_submodule(container)
+    for i in range(first):
+        layers[i].forward = (lambda value: lambda *args, **kwargs: value)(outputs[i])
+    try:
+        yield
+    finally:
+        for i in range(first):
+            del layers[i].forward
+
+
 def _forward(model: torch.nn.Module, encoded: dict, logits: bool) -> tuple:
     """(hidden states, logits or None). Without ``logits`` a decoder runs only its base model, never
     the (full-vocabulary) output head. Encoder-decoder models: the encoder's then the decoder's
@@ -263,7 +327,8 @@ def _batch_loss(student, teacher, encoded: dict, settings: TuneSettings, first_l
     """The tuning loss of one batch (or of this rank's share when ``reduce`` sums over the ranks)."""
     kl = settings.kl_weight > 0
     mask = encoded["attention_mask"]
-    with torch.no_grad():
+    shared = shared_layers(student)
+    with torch.no_grad(), _recording(teacher, shared) as early:
         target, target_logits = _forward(teacher, encoded, kl)
     weight_total, token_total, variances = None, None, None
     statistics = None
@@ -275,7 +340,8 @@ def _batch_loss(student, teacher, encoded: dict, settings: TuneSettings, first_l
         statistics = reduce(statistics) if statistics is not None else None
     if statistics is not None:
         variances = layer_variances(statistics)
-    states, logits = _forward(student, encoded, kl)
+    with _replaying(student, shared, early):
+        states, logits = _forward(student, encoded, kl)
     loss = layerwise_loss(states, target, mask, weight_total, first_layer=first_layer,
                           first_token_weight=settings.first_token_weight, layer_loss=settings.layer_loss,
                           variances=variances)

@@ -216,3 +216,28 @@ def test_bad_new_tune_options(extra, fragment, bert_files, tmp_path):
                                  "--batch-size", "8", "--max-steps", "1",
                                  *[str(tmp_path / e) if e == "missing.tsv" else e for e in extra]])
     assert_one_line_error(result, 2, fragment, output)
+
+
+def test_the_student_replays_the_teachers_early_layers_with_the_same_loss(llama_last_layer):
+    """Layers before the first fused one are identical: the student takes the teacher's outputs for
+    them (never runs them), and the loss is exactly the one of a full student forward."""
+    from mlpfuse.tune import _batch_loss, _encode, _forward, shared_layers
+
+    original, fused, _ = llama_last_layer
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(fused))
+    student, teacher = mlpfuse.load(fused, task="causal-lm").eval(), mlpfuse.load(original, task="causal-lm").eval()
+    assert shared_layers(student) == ("layers", 1)
+    encoded = _encode(tokenizer, ["good movie", "a long and dull plot"], 16, "cpu")
+    settings = TuneSettings(first_token_weight=0.5)
+    with torch.no_grad():
+        full = layerwise_loss(_forward(student, encoded, False)[0], _forward(teacher, encoded, False)[0],
+                              encoded["attention_mask"], first_layer=2, first_token_weight=0.5, layer_loss="variance")
+    calls = []
+    student.model.layers[0].self_attn.register_forward_hook(lambda *args: calls.append(0))
+    student.model.layers[1].self_attn.register_forward_hook(lambda *args: calls.append(1))
+    replayed = _batch_loss(student, teacher, encoded, settings, first_layer=2)
+    assert calls == [1]
+    assert replayed.item() == pytest.approx(full.item(), rel=1e-6) and replayed.item() > 0
+    replayed.backward()
+    assert student.model.layers[1].mlp.up_proj.weight.grad is not None
+    assert "forward" not in vars(student.model.layers[0])  # the layer computes again afterwards
