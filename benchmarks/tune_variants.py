@@ -20,10 +20,11 @@ from mlpfuse.data import read_table
 from mlpfuse.evaluate import perplexity
 from mlpfuse.modeling import load
 from mlpfuse.runtime import load_tokenizer
-from mlpfuse.tune import TuneSettings, tune_model
+from mlpfuse.tune import TuneSettings, pack_texts, tune_model
 
 KEYS = {"lr": ("lr", float), "ftw": ("first_token_weight", float), "kl": ("kl_weight", float),
-        "t": ("kl_temperature", float), "steps": ("max_steps", int), "bs": ("batch_size", int)}
+        "t": ("kl_temperature", float), "steps": ("max_steps", int), "bs": ("batch_size", int),
+        "pack": ("pack", int), "len": ("max_length", int)}
 
 
 def parse(variant: str, base: dict) -> TuneSettings:
@@ -72,10 +73,11 @@ def main() -> None:
         settings = parse(variant, base)
         student = load(args.fused, task="causal-lm").float()
         start = time.perf_counter()
-        result = tune_model(student, teacher, tokenizer, texts, settings)
+        rows = pack_texts(tokenizer, texts, settings.max_length) if settings.pack else texts
+        result = tune_model(student, teacher, tokenizer, rows, settings)
         seconds = time.perf_counter() - start
         record({"variant": variant, "perplexity": perplexity(student, tokenizer, dev).perplexity,
-                "tune_seconds": round(seconds, 1), "steps": result["steps"], "rows": len(texts),
+                "tune_seconds": round(seconds, 1), "steps": result["steps"], "rows": len(texts), "sequences": len(rows),
                 "initial_loss": result["initial_loss"], "final_loss": result["final_loss"]})
 
 

@@ -73,6 +73,7 @@ class TuneSettings:
     kl_temperature: float = 1.0
     eval_data: str | None = None
     eval_rows: int = 256
+    pack: bool | None = None  # causal LMs: None packs (see pack_texts); encoders: never
 
 
 LAYER_LOSSES = ("variance", "mse")
@@ -552,7 +553,24 @@ def held_out_texts(data: str, settings: TuneSettings) -> tuple[list, dict]:
     return tail, {"data": str(data), "first_row": len(texts) - len(tail), "rows": len(tail), "held_out": False}
 
 
+def pack_texts(tokenizer, texts: list, max_length: int) -> list[list[int]]:
+    """The rows joined with newlines, tokenised without special tokens and cut into consecutive
+    windows of ``max_length`` token ids (the ``mlpfuse.evaluate`` protocol's windows; a last
+    window of one token is dropped). Packed windows train a decoder on the long contexts it is
+    evaluated and used on, with one attention sink per window, and without padding."""
+    from .evaluate import token_ids, windows_of
+
+    rows = [t if isinstance(t, str) else " ".join(t) for t in texts]
+    return windows_of(token_ids(tokenizer, rows, None), max_length)
+
+
 def _encode(tokenizer, texts: list, max_length: int, device) -> dict:
+    if texts and isinstance(texts[0], list):  # packed windows of token ids: right-pad the shorter last one
+        length = max(len(ids) for ids in texts)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([ids + [pad] * (length - len(ids)) for ids in texts], dtype=torch.long)
+        mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in texts], dtype=torch.long)
+        return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
     encoded = encode_texts(tokenizer, texts, max_length)
     return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
@@ -673,12 +691,19 @@ def tune_checkpoint(
     if settings.kl_weight > 0 and task != "causal-lm":
         raise InputError(f"--kl-weight compares next-token distributions and needs a causal language model; "
                          f"{fused} is saved as a {task} model: leave --kl-weight at 0")
+    if settings.pack and task != "causal-lm":
+        raise InputError(f"--pack joins rows into windows of tokens for a causal language model; {fused} is saved "
+                         f"as a {task} model: leave --pack off")
     table = read_table(data, limit=settings.limit)
     texts = table.texts(settings.text_column, settings.pair_column)
     held_out, evaluation = ([], {"rows": 0}) if worker else held_out_texts(data, settings)
     data_sha = file_sha256(data) if Path(data).expanduser().is_file() else ""
 
     tokenizer = load_tokenizer(fused_dir, fallback=teacher_dir)
+    if task == "causal-lm" and settings.pack is not False:
+        texts = pack_texts(tokenizer, texts, settings.max_length)
+        if not texts:
+            raise InputError(f"--data {data} gives fewer than 2 tokens to tune on")
     student = load(fused_dir, task=task)
     dtype = next(student.parameters()).dtype
     student.float()
@@ -702,7 +727,8 @@ def tune_checkpoint(
     after = held_out_metrics(student, teacher_model, tokenizer, held_out, settings) if held_out else None
     record = {
         "data": str(data), "data_sha256": data_sha, "text_column": settings.text_column,
-        "pair_column": settings.pair_column, "rows": len(texts), "teacher": str(teacher),
+        "pair_column": settings.pair_column, "rows": len(table), "sequences": len(texts),
+        "packed": bool(texts) and isinstance(texts[0], list), "teacher": str(teacher),
         "steps": result["steps"], "total_steps": result["total_steps"],
         "initial_loss": result["initial_loss"], "final_loss": result["final_loss"],
         "lr": settings.lr, "batch_size": settings.batch_size, "max_length": settings.max_length,

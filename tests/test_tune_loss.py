@@ -151,7 +151,7 @@ def test_tune_lowers_the_held_out_error_and_reports_it(llama_last_layer, tmp_pat
     teacher = mlpfuse.load(original, task="causal-lm").eval()
     before = hidden_error(mlpfuse.load(fused, task="causal-lm").eval(), teacher, tokenizer, texts)
     report = tune_checkpoint(str(fused), str(original), str(data), tmp_path / "tuned",
-                             TuneSettings(lr=3e-3, batch_size=8, max_steps=8, eval_data=str(held_out)))
+                             TuneSettings(lr=3e-3, batch_size=8, max_length=16, epochs=3, eval_data=str(held_out)))
     after = hidden_error(mlpfuse.load(tmp_path / "tuned", task="causal-lm").eval(), teacher, tokenizer, texts)
     assert 0 < after < before
     # the report: perplexity of the student before and after (and the teacher's) on the 16 held-out rows
@@ -161,6 +161,23 @@ def test_tune_lowers_the_held_out_error_and_reports_it(llama_last_layer, tmp_pat
     assert report.reference["perplexity"] > 0
     record = json.loads((tmp_path / "tuned" / "config.json").read_text())["mlpfuse"]["tuning"]
     assert record["after"] == report.after and record["layer_loss"] == "variance"
+    # a causal LM tunes on packed 16-token windows of the joined rows by default
+    assert record["packed"] is True and record["sequences"] < record["rows"]
+
+
+def test_pack_texts_gives_the_eval_protocols_windows(llama_last_layer):
+    from mlpfuse.evaluate import token_ids
+    from mlpfuse.tune import _encode, pack_texts
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(llama_last_layer[1]))
+    rows = ["good movie", "a long and dull plot", "fine", "bright funny actor"] * 5
+    windows = pack_texts(tokenizer, rows, 8)
+    ids = token_ids(tokenizer, rows, None)
+    assert [i for w in windows for i in w] == ids[:sum(len(w) for w in windows)]
+    assert all(len(w) == 8 for w in windows[:-1]) and 2 <= len(windows[-1]) <= 8
+    encoded = _encode(tokenizer, windows[-2:], 8, "cpu")
+    assert encoded["attention_mask"][0].sum() == 8 and encoded["attention_mask"][1].sum() == len(windows[-1])
+    assert encoded["input_ids"][1, :len(windows[-1])].tolist() == windows[-1]
 
 
 def test_cli_json_has_before_and_after_for_an_encoder(tmp_path):
@@ -208,6 +225,7 @@ def bert_files(tmp_path_factory):
     (["--eval-rows", "-2"], "--eval-rows must be an integer >= 0"),
     (["--eval-data", "missing.tsv"], "missing.tsv not found"),
     (["--kl-weight", "1"], "needs a causal language model"),  # the tiny BERT is an encoder
+    (["--pack"], "leave --pack off"),
 ])
 def test_bad_new_tune_options(extra, fragment, bert_files, tmp_path):
     original, fused, data = bert_files

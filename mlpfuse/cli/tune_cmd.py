@@ -71,6 +71,8 @@ def tune(
     kl_temperature: float = typer.Option(TuneSettings.kl_temperature, "--kl-temperature", help="Softmax temperature of the KL term."),
     eval_data: str = typer.Option(None, "--eval-data",
                                   help="Held-out text for the before/after report (default: the rows of --data after --limit)."),
+    pack: bool = typer.Option(None, "--pack/--no-pack",
+                              help="Join the rows into windows of --max-length tokens (default: on for causal LMs; encoders: off)."),
     eval_rows: int = typer.Option(TuneSettings.eval_rows, "--eval-rows", help="Held-out rows for the before/after report (0: no report)."),
     device: str = device_option(),
     log_every: int = log_every_option(10),
@@ -84,7 +86,7 @@ def tune(
                             max_length=max_length, epochs=epochs, max_steps=max_steps, seed=seed, limit=limit,
                             save_every=save_every, device=device, layer_loss=layer_loss,
                             first_token_weight=first_token_weight, kl_weight=kl_weight, kl_temperature=kl_temperature,
-                            eval_data=eval_data, eval_rows=eval_rows)
+                            eval_data=eval_data, eval_rows=eval_rows, pack=pack)
     try:
         with step_progress("tuning", log_every) as advance:
             report = tune_checkpoint(fused, teacher, data, output, settings, overwrite=overwrite, resume=resume,
