@@ -374,7 +374,7 @@ def tune_model(
 ) -> dict:
     """Tune ``student``'s fused MLPs towards ``teacher``'s hidden states on ``texts``, in place.
 
-    ``texts`` are strings or (text, pair) tuples. With ``state_dir``, the trainable weights,
+    ``texts`` are strings, (text, pair) tuples, or lists of token ids (packed windows: :func:`pack_texts`). With ``state_dir``, the trainable weights,
     optimizer and step are saved there every ``settings.save_every`` steps and on interruption;
     ``resume=True`` continues from that state when its ``identity`` matches. Returns a dict with
     steps, total_steps, initial_loss, final_loss, losses, resumed_from and trainable_parameters.
@@ -558,10 +558,10 @@ def pack_texts(tokenizer, texts: list, max_length: int) -> list[list[int]]:
     windows of ``max_length`` token ids (the ``mlpfuse.evaluate`` protocol's windows; a last
     window of one token is dropped). Packed windows train a decoder on the long contexts it is
     evaluated and used on, with one attention sink per window, and without padding."""
-    from .evaluate import token_ids, windows_of
+    from .evaluate import windows_of
 
     rows = [t if isinstance(t, str) else " ".join(t) for t in texts]
-    return windows_of(token_ids(tokenizer, rows, None), max_length)
+    return windows_of(list(tokenizer("\n".join(rows), add_special_tokens=False)["input_ids"]), max_length)
 
 
 def _encode(tokenizer, texts: list, max_length: int, device) -> dict:

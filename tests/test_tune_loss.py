@@ -170,10 +170,11 @@ def test_pack_texts_gives_the_eval_protocols_windows(llama_last_layer):
     from mlpfuse.tune import _encode, pack_texts
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(llama_last_layer[1]))
-    rows = ["good movie", "a long and dull plot", "fine", "bright funny actor"] * 5
+    rows = ["good movie", "a long and dull plot", "fine", "bright funny actor"] * 30  # more than 64 rows
     windows = pack_texts(tokenizer, rows, 8)
-    ids = token_ids(tokenizer, rows, None)
-    assert [i for w in windows for i in w] == ids[:sum(len(w) for w in windows)]
+    ids = tokenizer("\n".join(rows), add_special_tokens=False)["input_ids"]
+    assert [i for w in windows for i in w] == ids[:len(ids) // 8 * 8 + (len(ids) % 8 if len(ids) % 8 > 1 else 0)]
+    assert ids[:4096] == token_ids(tokenizer, rows, 4096)[:len(ids)]
     assert all(len(w) == 8 for w in windows[:-1]) and 2 <= len(windows[-1]) <= 8
     encoded = _encode(tokenizer, windows[-2:], 8, "cpu")
     assert encoded["attention_mask"][0].sum() == 8 and encoded["attention_mask"][1].sum() == len(windows[-1])
