@@ -69,7 +69,7 @@ class TuneSettings:
     device: str | None = None
     layer_loss: str = "variance"
     first_token_weight: float = 1.0
-    kl_weight: float = 0.0
+    kl_weight: float | None = None  # None: DEFAULT_KL_WEIGHT for causal LMs, 0 for other models
     kl_temperature: float = 1.0
     eval_data: str | None = None
     eval_rows: int = 256
@@ -77,6 +77,17 @@ class TuneSettings:
 
 
 LAYER_LOSSES = ("variance", "mse")
+DEFAULT_KL_WEIGHT = 1.0  # causal LMs, measured on SmolLM2-135M (docs/tune-finetune.md)
+
+
+def resolve_settings(settings: TuneSettings, causal_lm: bool) -> TuneSettings:
+    """``settings`` with the model-dependent defaults filled in: ``kl_weight`` None becomes
+    DEFAULT_KL_WEIGHT for a causal LM and 0 otherwise; ``pack`` None becomes ``causal_lm``."""
+    from dataclasses import replace
+
+    kl = settings.kl_weight if settings.kl_weight is not None else (DEFAULT_KL_WEIGHT if causal_lm else 0.0)
+    pack = settings.pack if settings.pack is not None else causal_lm
+    return replace(settings, kl_weight=kl, pack=pack)
 
 
 @dataclass
@@ -119,7 +130,8 @@ def check_settings(settings: TuneSettings) -> None:
     if settings.layer_loss not in LAYER_LOSSES:
         raise InputError(f"--layer-loss must be one of {', '.join(LAYER_LOSSES)}, got {settings.layer_loss!r}")
     check_positive(settings.first_token_weight, "--first-token-weight", allow_zero=True)
-    check_positive(settings.kl_weight, "--kl-weight", allow_zero=True)
+    if settings.kl_weight is not None:
+        check_positive(settings.kl_weight, "--kl-weight", allow_zero=True)
     check_positive(settings.kl_temperature, "--kl-temperature")
     check_positive(settings.eval_rows, "--eval-rows", integer=True, allow_zero=True)
 
@@ -382,6 +394,7 @@ def tune_model(
     if not texts:
         raise InputError("no text to tune on")
     check_settings(settings)
+    settings = resolve_settings(settings, is_causal_lm(student))
     device = resolve_device(settings.device)
     student.to(device).eval()  # eval: no dropout, so the target and the run are deterministic
     teacher.to(device).eval()
@@ -688,19 +701,20 @@ def tune_checkpoint(
     if resume and not (state_dir / "state.json").is_file():
         raise _no_saved_state(state_dir)
     task = _task_of(config)
-    if settings.kl_weight > 0 and task != "causal-lm":
+    if settings.kl_weight and task != "causal-lm":
         raise InputError(f"--kl-weight compares next-token distributions and needs a causal language model; "
                          f"{fused} is saved as a {task} model: leave --kl-weight at 0")
     if settings.pack and task != "causal-lm":
         raise InputError(f"--pack joins rows into windows of tokens for a causal language model; {fused} is saved "
                          f"as a {task} model: leave --pack off")
+    settings = resolve_settings(settings, task == "causal-lm")
     table = read_table(data, limit=settings.limit)
     texts = table.texts(settings.text_column, settings.pair_column)
     held_out, evaluation = ([], {"rows": 0}) if worker else held_out_texts(data, settings)
     data_sha = file_sha256(data) if Path(data).expanduser().is_file() else ""
 
     tokenizer = load_tokenizer(fused_dir, fallback=teacher_dir)
-    if task == "causal-lm" and settings.pack is not False:
+    if settings.pack:
         texts = pack_texts(tokenizer, texts, settings.max_length)
         if not texts:
             raise InputError(f"--data {data} gives fewer than 2 tokens to tune on")

@@ -163,6 +163,7 @@ def test_tune_lowers_the_held_out_error_and_reports_it(llama_last_layer, tmp_pat
     assert record["after"] == report.after and record["layer_loss"] == "variance"
     # a causal LM tunes on packed 16-token windows of the joined rows by default
     assert record["packed"] is True and record["sequences"] < record["rows"]
+    assert record["kl_weight"] == 1.0  # the causal-LM default adds the logit KL
 
 
 def test_pack_texts_gives_the_eval_protocols_windows(llama_last_layer):
@@ -193,6 +194,7 @@ def test_cli_json_has_before_and_after_for_an_encoder(tmp_path):
     assert report["evaluation"] == {"data": str(data), "first_row": 32, "rows": 8, "held_out": True}
     assert report["after"]["hidden_error"] < report["before"]["hidden_error"]
     assert report["reference"] is None
+    assert report["settings"]["kl_weight"] == 0.0 and report["settings"]["pack"] is False  # encoder defaults
     assert "hidden-state relative error" in result.stderr  # the human lines go to stderr with --json -
 
     no_report = runner.invoke(app, ["tune", str(fused), "--teacher", str(original), "--data", str(data), "-o",
@@ -247,7 +249,7 @@ def test_the_student_replays_the_teachers_early_layers_with_the_same_loss(llama_
     student, teacher = mlpfuse.load(fused, task="causal-lm").eval(), mlpfuse.load(original, task="causal-lm").eval()
     assert shared_layers(student) == ("layers", 1)
     encoded = _encode(tokenizer, ["good movie", "a long and dull plot"], 16, "cpu")
-    settings = TuneSettings(first_token_weight=0.5)
+    settings = TuneSettings(first_token_weight=0.5, kl_weight=0.0)
     with torch.no_grad():
         full = layerwise_loss(_forward(student, encoded, False)[0], _forward(teacher, encoded, False)[0],
                               encoded["attention_mask"], first_layer=2, first_token_weight=0.5, layer_loss="variance")
