@@ -67,7 +67,7 @@ class TuneSettings:
     limit: int | None = None
     save_every: int = 100
     device: str | None = None
-    layer_loss: str = "variance"
+    layer_loss: str | None = None  # None: "variance" for causal LMs, "mse" (the paper's) for other models
     first_token_weight: float = 1.0
     kl_weight: float | None = None  # None: DEFAULT_KL_WEIGHT for causal LMs, 0 for other models
     kl_temperature: float = 1.0
@@ -82,12 +82,14 @@ DEFAULT_KL_WEIGHT = 1.0  # causal LMs, measured on SmolLM2-135M (docs/tune-finet
 
 def resolve_settings(settings: TuneSettings, causal_lm: bool) -> TuneSettings:
     """``settings`` with the model-dependent defaults filled in: ``kl_weight`` None becomes
-    DEFAULT_KL_WEIGHT for a causal LM and 0 otherwise; ``pack`` None becomes ``causal_lm``."""
+    DEFAULT_KL_WEIGHT for a causal LM and 0 otherwise; ``pack`` None becomes ``causal_lm``;
+    ``layer_loss`` None becomes "variance" for a causal LM and "mse" otherwise."""
     from dataclasses import replace
 
     kl = settings.kl_weight if settings.kl_weight is not None else (DEFAULT_KL_WEIGHT if causal_lm else 0.0)
     pack = settings.pack if settings.pack is not None else causal_lm
-    return replace(settings, kl_weight=kl, pack=pack)
+    layer_loss = settings.layer_loss or ("variance" if causal_lm else "mse")
+    return replace(settings, kl_weight=kl, pack=pack, layer_loss=layer_loss)
 
 
 @dataclass
@@ -127,7 +129,7 @@ def check_settings(settings: TuneSettings) -> None:
     check_optional_positive(settings.limit, "--limit")
     check_positive(settings.save_every, "--save-every", integer=True, allow_zero=True)
     check_seed(settings.seed)
-    if settings.layer_loss not in LAYER_LOSSES:
+    if settings.layer_loss is not None and settings.layer_loss not in LAYER_LOSSES:
         raise InputError(f"--layer-loss must be one of {', '.join(LAYER_LOSSES)}, got {settings.layer_loss!r}")
     check_positive(settings.first_token_weight, "--first-token-weight", allow_zero=True)
     if settings.kl_weight is not None:

@@ -195,6 +195,7 @@ def test_cli_json_has_before_and_after_for_an_encoder(tmp_path):
     assert report["after"]["hidden_error"] < report["before"]["hidden_error"]
     assert report["reference"] is None
     assert report["settings"]["kl_weight"] == 0.0 and report["settings"]["pack"] is False  # encoder defaults
+    assert report["settings"]["layer_loss"] == "mse"
     assert "hidden-state relative error" in result.stderr  # the human lines go to stderr with --json -
 
     no_report = runner.invoke(app, ["tune", str(fused), "--teacher", str(original), "--data", str(data), "-o",
@@ -249,7 +250,7 @@ def test_the_student_replays_the_teachers_early_layers_with_the_same_loss(llama_
     student, teacher = mlpfuse.load(fused, task="causal-lm").eval(), mlpfuse.load(original, task="causal-lm").eval()
     assert shared_layers(student) == ("layers", 1)
     encoded = _encode(tokenizer, ["good movie", "a long and dull plot"], 16, "cpu")
-    settings = TuneSettings(first_token_weight=0.5, kl_weight=0.0)
+    settings = TuneSettings(first_token_weight=0.5, kl_weight=0.0, layer_loss="variance")
     with torch.no_grad():
         full = layerwise_loss(_forward(student, encoded, False)[0], _forward(teacher, encoded, False)[0],
                               encoded["attention_mask"], first_layer=2, first_token_weight=0.5, layer_loss="variance")
