@@ -1,9 +1,21 @@
 """Layer-wise task-specific tuning (MLP Fusion paper, Sec. 4.4).
 
-The teacher is the original model, the student the fused one. On unlabelled task text, the loss is
-the sum over layers of the mean squared error between teacher and student hidden states (padding
-positions masked out). Only the weights of the fused MLP modules train; the cluster sizes P are a
-buffer and stay constant; everything else is frozen. AdamW, one epoch by default.
+The teacher is the original model, the student the fused one. On unlabelled task text, the loss
+compares teacher and student hidden states layer by layer (padding positions masked out), from the
+first layer that contains a fused MLP on (earlier layers are identical in both models):
+
+- ``layer_loss="variance"`` (default): the mean over those layers of each layer's MSE divided by
+  the teacher's variance of that layer's hidden states (a relative error; scale-free, so the
+  massive-activation layers of a decoder LLM do not swamp the others);
+- ``layer_loss="mse"``: the paper's plain sum over layers of the MSE.
+
+Each sequence's first non-padding token (the attention sink of a decoder) counts with weight
+``first_token_weight`` in the MSE and in the variance. With ``kl_weight`` > 0 the KL divergence
+between the teacher's and the student's next-token distributions (temperature ``kl_temperature``)
+is added; otherwise the language-model head is never run. Only the weights of the fused MLP
+modules train; the cluster sizes P are a buffer and stay constant; everything else is frozen.
+AdamW, one epoch by default. :func:`held_out_metrics` measures the student before and after on
+held-out text: perplexity for causal LMs, the hidden-state relative error otherwise.
 
 :func:`tune_model` does the work on models in memory; :func:`tune_checkpoint` reads a fused
 checkpoint and its original, tunes, and writes a fused checkpoint whose ``mlpfuse`` section records
@@ -17,6 +29,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -54,6 +67,29 @@ class TuneSettings:
     limit: int | None = None
     save_every: int = 100
     device: str | None = None
+    layer_loss: str | None = None  # None: "variance" for causal LMs, "mse" (the paper's) for other models
+    first_token_weight: float = 1.0
+    kl_weight: float | None = None  # None: DEFAULT_KL_WEIGHT for causal LMs, 0 for other models
+    kl_temperature: float = 1.0
+    eval_data: str | None = None
+    eval_rows: int = 256
+    pack: bool | None = None  # causal LMs: None packs (see pack_texts); encoders: never
+
+
+LAYER_LOSSES = ("variance", "mse")
+DEFAULT_KL_WEIGHT = 1.0  # causal LMs, measured on SmolLM2-135M (docs/tune-finetune.md)
+
+
+def resolve_settings(settings: TuneSettings, causal_lm: bool) -> TuneSettings:
+    """``settings`` with the model-dependent defaults filled in: ``kl_weight`` None becomes
+    DEFAULT_KL_WEIGHT for a causal LM and 0 otherwise; ``pack`` None becomes ``causal_lm``;
+    ``layer_loss`` None becomes "variance" for a causal LM and "mse" otherwise."""
+    from dataclasses import replace
+
+    kl = settings.kl_weight if settings.kl_weight is not None else (DEFAULT_KL_WEIGHT if causal_lm else 0.0)
+    pack = settings.pack if settings.pack is not None else causal_lm
+    layer_loss = settings.layer_loss or ("variance" if causal_lm else "mse")
+    return replace(settings, kl_weight=kl, pack=pack, layer_loss=layer_loss)
 
 
 @dataclass
@@ -72,6 +108,10 @@ class TuneReport:
     resumed_from: int = 0
     settings: dict = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    before: dict | None = None  # held-out metrics of the fused student (held_out_metrics)
+    after: dict | None = None  # the same after tuning
+    reference: dict | None = None  # the teacher's, where it is not trivially perfect (perplexity)
+    evaluation: dict | None = None  # where the held-out text came from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +129,13 @@ def check_settings(settings: TuneSettings) -> None:
     check_optional_positive(settings.limit, "--limit")
     check_positive(settings.save_every, "--save-every", integer=True, allow_zero=True)
     check_seed(settings.seed)
+    if settings.layer_loss is not None and settings.layer_loss not in LAYER_LOSSES:
+        raise InputError(f"--layer-loss must be one of {', '.join(LAYER_LOSSES)}, got {settings.layer_loss!r}")
+    check_positive(settings.first_token_weight, "--first-token-weight", allow_zero=True)
+    if settings.kl_weight is not None:
+        check_positive(settings.kl_weight, "--kl-weight", allow_zero=True)
+    check_positive(settings.kl_temperature, "--kl-temperature")
+    check_positive(settings.eval_rows, "--eval-rows", integer=True, allow_zero=True)
 
 
 def fused_module_paths(model: torch.nn.Module) -> list[str]:
@@ -116,27 +163,206 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return named
 
 
-def _hidden_states(model: torch.nn.Module, encoded: dict) -> tuple:
-    """Every layer's hidden states; encoder-decoder models: the encoder's then the decoder's (the text as decoder input)."""
+def first_changed_state(model: torch.nn.Module) -> int:
+    """Index into the hidden-state tuple (``output_hidden_states``) of the first state a fused MLP can change.
+
+    ``hidden_states[i + 1]`` is layer ``i``'s output, so a model whose first fused MLP sits in layer
+    ``f`` (the first number in its module path) gives ``f + 1``; states before it are the same in
+    the teacher and the student. Encoder-decoder models (encoder states, then decoder states): a
+    fused decoder layer is counted after the ``num_layers + 1`` encoder states. 1 (every layer's
+    output) when no path names a layer number.
+    """
+    config = model.config
+    encoder_states = (getattr(config, "num_layers", None) or getattr(config, "num_hidden_layers", 0)) + 1
+    firsts = []
+    for path in fused_module_paths(model):
+        parts = path.split(".")
+        numbers = [int(p) for p in parts if p.isdigit()]
+        if not numbers:
+            return 1
+        offset = encoder_states if getattr(config, "is_encoder_decoder", False) and parts[0] == "decoder" else 0
+        firsts.append(offset + numbers[0] + 1)
+    return min(firsts) if firsts else 1
+
+
+def shared_layers(model: torch.nn.Module) -> tuple[str, int] | None:
+    """(path of the layer list under ``base_model``, index of the first fused layer) when every fused
+    module sits in one ``nn.ModuleList`` of layers (``layers.26.mlp`` -> ``("layers", 26)``); None
+    for encoder-decoder models, fused modules in several lists, or a first fused layer of 0.
+
+    The layers before that index are the same in the teacher and the student, so the student can
+    replay the teacher's outputs for them instead of computing them (:func:`_replaying`).
+    """
+    if getattr(model.config, "is_encoder_decoder", False):
+        return None
+    found = set()
+    for path in fused_module_paths(model):
+        parts = path.split(".")
+        digits = [i for i, part in enumerate(parts) if part.isdigit()]
+        if not digits:
+            return None
+        found.add((".".join(parts[:digits[0]]), int(parts[digits[0]])))
+    containers = {container for container, _ in found}
+    if len(containers) != 1:
+        return None
+    container = containers.pop()
+    first = min(index for _, index in found)
+    if not container or first == 0 or not isinstance(model.base_model.get_submodule(container), torch.nn.ModuleList):
+        return None
+    return container, first
+
+
+@contextmanager
+def _recording(model: torch.nn.Module, shared: tuple[str, int] | None):
+    """Yields a list that collects the outputs of layers ``0 .. first - 1`` of ``model`` as it runs."""
+    outputs: list = []
+    if shared is None:
+        yield outputs
+        return
+    container, first = shared
+    layers = model.base_model.get_submodule(container)
+    handles = [layers[i].register_forward_hook(lambda module, args, output: outputs.append(output))
+               for i in range(first)]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _replaying(model: torch.nn.Module, shared: tuple[str, int] | None, outputs: list):
+    """While active, layers ``0 .. first - 1`` of ``model`` return ``outputs`` (the teacher's, the same
+    weights on the same input) instead of computing them: the student runs only from its first fused layer."""
+    if shared is None or len(outputs) != shared[1]:
+        yield
+        return
+    container, first = shared
+    layers = model.base_model.get_submodule(container)
+    for i in range(first):
+        layers[i].forward = (lambda value: lambda *args, **kwargs: value)(outputs[i])
+    try:
+        yield
+    finally:
+        for i in range(first):
+            del layers[i].forward
+
+
+def _forward(model: torch.nn.Module, encoded: dict, logits: bool) -> tuple:
+    """(hidden states, logits or None). Without ``logits`` a decoder runs only its base model, never
+    the (full-vocabulary) output head. Encoder-decoder models: the encoder's then the decoder's
+    states (the text as decoder input)."""
     if getattr(model.config, "is_encoder_decoder", False):
         out = model(**encoded, decoder_input_ids=encoded["input_ids"], decoder_attention_mask=encoded["attention_mask"],
                     output_hidden_states=True)
-        return tuple(out.encoder_hidden_states) + tuple(out.decoder_hidden_states)
-    return model(**encoded, output_hidden_states=True).hidden_states
+        return tuple(out.encoder_hidden_states) + tuple(out.decoder_hidden_states), getattr(out, "logits", None) if logits else None
+    if logits:
+        out = model(**encoded, output_hidden_states=True)
+        return out.hidden_states, out.logits
+    return model.base_model(**encoded, output_hidden_states=True).hidden_states, None
 
 
-def layerwise_loss(student_states, teacher_states, mask: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum over layers of the MSE between hidden states, averaged over non-padding tokens.
+def token_weights(mask: torch.Tensor, first_token_weight: float = 1.0) -> torch.Tensor:
+    """Per-token loss weights [batch, seq] (float): the padding mask, with each row's first
+    non-padding token (left or right padding) weighted ``first_token_weight`` instead of 1."""
+    weights = mask.to(torch.float32).clone()
+    if first_token_weight != 1.0:
+        first = (mask.cumsum(dim=1) == 1) & mask.bool()
+        weights[first] = float(first_token_weight)
+    return weights
 
-    ``tokens``: the number of tokens to average over (default: the mask's); under torchrun the
-    whole batch's, so that the ranks' losses and gradients add up to the whole batch's.
+
+def layer_statistics(teacher_states, weights: torch.Tensor, first_layer: int = 1) -> torch.Tensor:
+    """Weighted sums of the teacher's states from ``first_layer`` on: float64 [layers, hidden + 2],
+    each row ``[sum w, sum w * h (hidden values), sum w * |h|^2]``; sums add up over batches and ranks."""
+    rows = []
+    w = weights.to(torch.float64).unsqueeze(-1)
+    for state in teacher_states[first_layer:]:
+        h = state.detach().to(torch.float64)
+        rows.append(torch.cat([w.sum().reshape(1), (w * h).sum(dim=(0, 1)), (w * h * h).sum().reshape(1)]))
+    return torch.stack(rows)
+
+
+def layer_variances(statistics: torch.Tensor) -> torch.Tensor:
+    """Per-layer variance [layers] (float64) of the teacher's hidden values from :func:`layer_statistics`:
+    the weighted mean over tokens and hidden units of the squared deviation from each unit's mean."""
+    total, sums, squares = statistics[:, 0], statistics[:, 1:-1], statistics[:, -1]
+    hidden = sums.shape[1]
+    mean = sums / total.clamp_min(1e-300).unsqueeze(1)
+    variance = (squares / total.clamp_min(1e-300) - (mean ** 2).sum(dim=1)) / hidden
+    floor = (squares / total.clamp_min(1e-300) / hidden) * 1e-6  # a constant layer: fall back to a tiny share of its mean square
+    return torch.maximum(variance, floor).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def layerwise_loss(student_states, teacher_states, mask: torch.Tensor, tokens: torch.Tensor | None = None, *,
+                   first_layer: int = 1, first_token_weight: float = 1.0, layer_loss: str = "mse",
+                   variances: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer-wise distillation loss between hidden-state tuples ([batch, seq, hidden] each).
+
+    Layers ``first_layer``.. (``[0]`` is the embeddings) count. Each token's squared error is
+    weighted by :func:`token_weights` (padding 0, each row's first token ``first_token_weight``)
+    and divided by the total weight ``tokens`` (default: this batch's; under torchrun the whole
+    batch's, so that the ranks' losses and gradients add up) times the hidden size.
+
+    ``layer_loss="mse"``: the sum over layers of those MSEs (the paper). ``"variance"``: the mean
+    over layers of MSE / the teacher's variance of that layer (``variances`` [layers], default
+    from this batch with the same weights: :func:`layer_variances`), a relative error that is
+    unchanged when a layer's states are multiplied by a constant.
     """
-    weights = mask.unsqueeze(-1).to(student_states[-1].dtype)
-    count = (weights.sum() if tokens is None else tokens.to(weights.dtype)) * student_states[-1].shape[-1]
+    weights = token_weights(mask, first_token_weight).to(student_states[-1].dtype).unsqueeze(-1)
+    total_weight = weights.sum() if tokens is None else tokens.to(weights.dtype)
+    count = total_weight * student_states[-1].shape[-1]
+    pairs = list(zip(student_states[first_layer:], teacher_states[first_layer:]))
+    if layer_loss == "variance" and variances is None:
+        variances = layer_variances(layer_statistics(teacher_states, weights.squeeze(-1), first_layer))
     total = student_states[-1].new_zeros(())
-    for student, teacher in zip(student_states[1:], teacher_states[1:]):  # [0] is the embeddings
-        total = total + (((student - teacher) ** 2) * weights).sum() / count
+    for index, (student, teacher) in enumerate(pairs):
+        term = (((student - teacher) ** 2) * weights).sum() / count
+        if layer_loss == "variance":
+            term = term / variances[index].to(term.dtype)
+        total = total + term
+    if layer_loss == "variance" and pairs:
+        total = total / len(pairs)
     return total
+
+
+def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+             tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions at temperature T, times T^2, summed
+    over non-padding tokens and divided by ``tokens`` (default: their count). Logits [batch, seq, vocab]."""
+    teacher_log = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student_log = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    per_token = (teacher_log.exp() * (teacher_log - student_log)).sum(dim=-1)
+    weights = mask.to(per_token.dtype)
+    count = weights.sum() if tokens is None else tokens.to(per_token.dtype)
+    return (per_token * weights).sum() / count * temperature ** 2
+
+
+def _batch_loss(student, teacher, encoded: dict, settings: TuneSettings, first_layer: int, reduce=None) -> torch.Tensor:
+    """The tuning loss of one batch (or of this rank's share when ``reduce`` sums over the ranks)."""
+    kl = settings.kl_weight > 0
+    mask = encoded["attention_mask"]
+    shared = shared_layers(student)
+    with torch.no_grad(), _recording(teacher, shared) as early:
+        target, target_logits = _forward(teacher, encoded, kl)
+    weight_total, token_total, variances = None, None, None
+    statistics = None
+    if settings.layer_loss == "variance":
+        statistics = layer_statistics(target, token_weights(mask, settings.first_token_weight), first_layer)
+    if reduce is not None:
+        weight_total = reduce(token_weights(mask, settings.first_token_weight).sum().double())
+        token_total = reduce(mask.sum().double())
+        statistics = reduce(statistics) if statistics is not None else None
+    if statistics is not None:
+        variances = layer_variances(statistics)
+    with _replaying(student, shared, early):
+        states, logits = _forward(student, encoded, kl)
+    loss = layerwise_loss(states, target, mask, weight_total, first_layer=first_layer,
+                          first_token_weight=settings.first_token_weight, layer_loss=settings.layer_loss,
+                          variances=variances)
+    if kl:
+        loss = loss + settings.kl_weight * logit_kl(logits, target_logits, mask, settings.kl_temperature, token_total)
+    return loss
 
 
 def batch_order(count: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
@@ -162,7 +388,7 @@ def tune_model(
 ) -> dict:
     """Tune ``student``'s fused MLPs towards ``teacher``'s hidden states on ``texts``, in place.
 
-    ``texts`` are strings or (text, pair) tuples. With ``state_dir``, the trainable weights,
+    ``texts`` are strings, (text, pair) tuples, or lists of token ids (packed windows: :func:`pack_texts`). With ``state_dir``, the trainable weights,
     optimizer and step are saved there every ``settings.save_every`` steps and on interruption;
     ``resume=True`` continues from that state when its ``identity`` matches. Returns a dict with
     steps, total_steps, initial_loss, final_loss, losses, resumed_from and trainable_parameters.
@@ -170,6 +396,7 @@ def tune_model(
     if not texts:
         raise InputError("no text to tune on")
     check_settings(settings)
+    settings = resolve_settings(settings, is_causal_lm(student))
     device = resolve_device(settings.device)
     student.to(device).eval()  # eval: no dropout, so the target and the run are deterministic
     teacher.to(device).eval()
@@ -188,22 +415,22 @@ def tune_model(
 
     rank, size = world()
     writes = state_dir is not None and rank == 0  # under torchrun only rank 0 saves state
+    first_layer = first_changed_state(student)
+    shape = _statistics_shape(teacher, tokenizer, texts[0], settings, first_layer, device) if size > 1 else None
     step = start_step
     try:
         for step in range(start_step, len(batches)):
             optimizer.zero_grad(set_to_none=True)
             if size == 1:
                 encoded = _encode(tokenizer, [texts[i] for i in batches[step]], settings.max_length, device)
-                with torch.no_grad():
-                    target = _hidden_states(teacher, encoded)
-                loss = layerwise_loss(_hidden_states(student, encoded), target, encoded["attention_mask"])
+                loss = _batch_loss(student, teacher, encoded, settings, first_layer)
                 value = loss.item()
                 if not math.isfinite(value):
                     raise InputError(f"the tuning loss became {value} at step {step + 1}; lower --lr")
                 loss.backward()
             else:
                 value = _distributed_step(student, teacher, tokenizer, [texts[i] for i in batches[step][rank::size]],
-                                          settings.max_length, device, list(named.values()))
+                                          settings, device, list(named.values()), first_layer, shape)
                 if not math.isfinite(value):  # the same summed value on every rank: all stop
                     raise InputError(f"the tuning loss became {value} at step {step + 1}; lower --lr")
             optimizer.step()
@@ -231,23 +458,134 @@ def tune_model(
     }
 
 
-def _distributed_step(student, teacher, tokenizer, texts: list, max_length: int, device, parameters: list) -> float:
+def _statistics_shape(teacher, tokenizer, text, settings: TuneSettings, first_layer: int, device) -> tuple:
+    """The shape of :func:`layer_statistics` for this model (a rank with no rows in a batch still
+    joins the all-reduce with zeros of that shape)."""
+    with torch.no_grad():
+        states, _ = _forward(teacher, _encode(tokenizer, [text], settings.max_length, device), False)
+    return len(states) - first_layer, states[-1].shape[-1] + 2
+
+
+def _distributed_step(student, teacher, tokenizer, texts: list, settings: TuneSettings, device, parameters: list,
+                      first_layer: int, shape: tuple) -> float:
     """One torchrun step on this rank's share ``texts`` of the batch (may be empty): backward, then
-    the gradients summed over the ranks. Returns the whole batch's loss (the same on every rank)."""
-    encoded = _encode(tokenizer, texts, max_length, device) if texts else None
-    tokens = all_reduce_sum(encoded["attention_mask"].sum().double() if texts else torch.zeros((), dtype=torch.float64))
+    the gradients summed over the ranks. Returns the whole batch's loss (the same on every rank).
+
+    The loss's normalisers (total token weight, token count, the teacher's layer statistics) are
+    summed over the ranks first, so the ranks' losses add up to the one-process loss of the batch."""
     value = torch.zeros((), dtype=torch.float64)
     if texts:
-        with torch.no_grad():
-            target = _hidden_states(teacher, encoded)
-        loss = layerwise_loss(_hidden_states(student, encoded), target, encoded["attention_mask"], tokens=tokens)
+        encoded = _encode(tokenizer, texts, settings.max_length, device)
+        loss = _batch_loss(student, teacher, encoded, settings, first_layer, reduce=all_reduce_sum)
         loss.backward()
         value = loss.detach().double().cpu()
+    else:  # join the same all-reduces as the other ranks, with nothing to add
+        all_reduce_sum(torch.zeros((), dtype=torch.float64))
+        all_reduce_sum(torch.zeros((), dtype=torch.float64))
+        if settings.layer_loss == "variance":
+            all_reduce_sum(torch.zeros(shape, dtype=torch.float64))
     all_reduce_gradients(parameters)
     return float(all_reduce_sum(value))
 
 
+def hidden_error(student, teacher, tokenizer, texts: list, max_length: int = 128, batch_size: int = 32,
+                 device=None) -> float:
+    """The student's hidden-state relative error vs the teacher on ``texts``, without gradients.
+
+    Over every non-padding token and hidden unit of each layer from the first fused one on:
+    sum of squared differences / (token count x hidden size x the teacher's variance of that
+    layer), averaged over those layers (0: identical; 1: as far off as the teacher's spread).
+    Statistics are summed over all batches before dividing.
+    """
+    device = device or next(student.parameters()).device
+    first_layer = first_changed_state(student)
+    errors, statistics = None, None
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            encoded = _encode(tokenizer, texts[start:start + batch_size], max_length, device)
+            target, _ = _forward(teacher, encoded, False)
+            states, _ = _forward(student, encoded, False)
+            weights = encoded["attention_mask"].to(torch.float64).unsqueeze(-1)
+            batch_errors = torch.stack([(((s.double() - t.double()) ** 2) * weights).sum()
+                                        for s, t in zip(states[first_layer:], target[first_layer:])])
+            batch_stats = layer_statistics(target, weights.squeeze(-1), first_layer)
+            errors = batch_errors if errors is None else errors + batch_errors
+            statistics = batch_stats if statistics is None else statistics + batch_stats
+    if errors is None:
+        raise InputError("no held-out text to measure the hidden-state error on")
+    hidden = statistics.shape[1] - 2
+    relative = errors / (statistics[:, 0] * hidden) / layer_variances(statistics)
+    return float(relative.mean())
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a decoder language model with an output head (held-out metric: perplexity)."""
+    return model.base_model is not model and not getattr(model.config, "is_encoder_decoder", False) \
+        and model.get_output_embeddings() is not None and type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def held_out_metrics(student, teacher, tokenizer, texts: list, settings: TuneSettings, reference: bool = False) -> dict:
+    """What :func:`tune_checkpoint` reports before and after tuning, on held-out ``texts``.
+
+    Causal LMs: ``{"perplexity", "mean_nll", "tokens"}`` by the ``mlpfuse.evaluate`` protocol (rows
+    joined by newlines, 512-token windows, the first 4,096 tokens) of ``student`` (of ``teacher``
+    with ``reference=True``); other models: ``{"hidden_error"}`` (:func:`hidden_error`).
+    """
+    from .evaluate import perplexity
+
+    model = teacher if reference else student
+    was_training = model.training
+    try:
+        if is_causal_lm(student):
+            result = perplexity(model, tokenizer, [t if isinstance(t, str) else " ".join(t) for t in texts])
+            return {"perplexity": result.perplexity, "mean_nll": result.mean_nll, "tokens": result.tokens}
+        return {"hidden_error": hidden_error(student, teacher, tokenizer, texts, settings.max_length,
+                                             settings.batch_size)}
+    finally:
+        model.train(was_training)
+
+
+def held_out_texts(data: str, settings: TuneSettings) -> tuple[list, dict]:
+    """The held-out rows for the before/after report, and where they came from.
+
+    ``settings.eval_data`` given: its first ``eval_rows`` rows. Otherwise the rows of ``data``
+    after the first ``limit`` (rows tuning does not see); when tuning uses the whole file, its last
+    ``eval_rows`` rows, marked ``held_out: False`` (seen in training). ``eval_rows`` 0: no report.
+    """
+    rows = settings.eval_rows
+    if not rows:
+        return [], {"rows": 0}
+    if settings.eval_data:
+        table = read_table(settings.eval_data, limit=rows)
+        return table.texts(settings.text_column, settings.pair_column), {
+            "data": str(settings.eval_data), "rows": len(table), "held_out": True}
+    limit = settings.limit
+    table = read_table(data, limit=None if limit is None else limit + rows)
+    texts = table.texts(settings.text_column, settings.pair_column)
+    if limit is not None and len(texts) > limit:
+        return texts[limit:], {"data": str(data), "first_row": limit, "rows": len(texts) - limit, "held_out": True}
+    tail = texts[-rows:]
+    return tail, {"data": str(data), "first_row": len(texts) - len(tail), "rows": len(tail), "held_out": False}
+
+
+def pack_texts(tokenizer, texts: list, max_length: int) -> list[list[int]]:
+    """The rows joined with newlines, tokenised without special tokens and cut into consecutive
+    windows of ``max_length`` token ids (the ``mlpfuse.evaluate`` protocol's windows; a last
+    window of one token is dropped). Packed windows train a decoder on the long contexts it is
+    evaluated and used on, with one attention sink per window, and without padding."""
+    from .evaluate import windows_of
+
+    rows = [t if isinstance(t, str) else " ".join(t) for t in texts]
+    return windows_of(list(tokenizer("\n".join(rows), add_special_tokens=False)["input_ids"]), max_length)
+
+
 def _encode(tokenizer, texts: list, max_length: int, device) -> dict:
+    if texts and isinstance(texts[0], list):  # packed windows of token ids: right-pad the shorter last one
+        length = max(len(ids) for ids in texts)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([ids + [pad] * (length - len(ids)) for ids in texts], dtype=torch.long)
+        mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in texts], dtype=torch.long)
+        return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
     encoded = encode_texts(tokenizer, texts, max_length)
     return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
@@ -364,29 +702,56 @@ def tune_checkpoint(
     state_dir = state_directory(target)
     if resume and not (state_dir / "state.json").is_file():
         raise _no_saved_state(state_dir)
+    task = _task_of(config)
+    if settings.kl_weight and task != "causal-lm":
+        raise InputError(f"--kl-weight compares next-token distributions and needs a causal language model; "
+                         f"{fused} is saved as a {task} model: leave --kl-weight at 0")
+    if settings.pack and task != "causal-lm":
+        raise InputError(f"--pack joins rows into windows of tokens for a causal language model; {fused} is saved "
+                         f"as a {task} model: leave --pack off")
+    settings = resolve_settings(settings, task == "causal-lm")
     table = read_table(data, limit=settings.limit)
     texts = table.texts(settings.text_column, settings.pair_column)
+    held_out, evaluation = ([], {"rows": 0}) if worker else held_out_texts(data, settings)
     data_sha = file_sha256(data) if Path(data).expanduser().is_file() else ""
 
     tokenizer = load_tokenizer(fused_dir, fallback=teacher_dir)
-    student = load(fused_dir, task=_task_of(config))
+    if settings.pack:
+        texts = pack_texts(tokenizer, texts, settings.max_length)
+        if not texts:
+            raise InputError(f"--data {data} gives fewer than 2 tokens to tune on")
+    student = load(fused_dir, task=task)
     dtype = next(student.parameters()).dtype
     student.float()
-    teacher_model = load(teacher_dir, task="base").float()
+    # a causal LM's teacher keeps its head for the reference perplexity and --kl-weight; the loss
+    # without KL runs only the base models (the head is never called then)
+    teacher_model = load(teacher_dir, task="causal-lm" if task == "causal-lm" else "base").float()
     if state_dir.exists() and not resume and not worker:
         shutil.rmtree(state_dir)
+    before = reference = None
+    if held_out:
+        device = resolve_device(settings.device)
+        student.to(device), teacher_model.to(device)
+        before = held_out_metrics(student, teacher_model, tokenizer, held_out, settings)
+        if is_causal_lm(student):
+            reference = held_out_metrics(student, teacher_model, tokenizer, held_out, settings, reference=True)
     identity = {"fused": CheckpointReader(fused_dir).sha256(), "data_sha256": data_sha}
     result = tune_model(student, teacher_model, tokenizer, texts, settings, on_step=None if worker else on_step,
                         state_dir=state_dir, resume=resume, identity=identity)
     if worker:
         return None
+    after = held_out_metrics(student, teacher_model, tokenizer, held_out, settings) if held_out else None
     record = {
         "data": str(data), "data_sha256": data_sha, "text_column": settings.text_column,
-        "pair_column": settings.pair_column, "rows": len(texts), "teacher": str(teacher),
+        "pair_column": settings.pair_column, "rows": len(table), "sequences": len(texts),
+        "packed": bool(texts) and isinstance(texts[0], list), "teacher": str(teacher),
         "steps": result["steps"], "total_steps": result["total_steps"],
         "initial_loss": result["initial_loss"], "final_loss": result["final_loss"],
         "lr": settings.lr, "batch_size": settings.batch_size, "max_length": settings.max_length,
         "epochs": settings.epochs, "max_steps": settings.max_steps, "seed": settings.seed,
+        "layer_loss": settings.layer_loss, "first_token_weight": settings.first_token_weight,
+        "kl_weight": settings.kl_weight, "kl_temperature": settings.kl_temperature,
+        "evaluation": evaluation, "before": before, "after": after, "reference": reference,
     }
     student.config.mlpfuse = {**(student.config.mlpfuse or {}), "tuning": record}
     student.to("cpu", dtype)
@@ -404,5 +769,5 @@ def tune_checkpoint(
         steps=result["steps"], total_steps=result["total_steps"], initial_loss=result["initial_loss"],
         final_loss=result["final_loss"], trainable_parameters=result["trainable_parameters"],
         seconds=time.perf_counter() - start, resumed_from=result["resumed_from"], settings=asdict(settings),
-        losses=result["losses"],
+        losses=result["losses"], before=before, after=after, reference=reference, evaluation=evaluation,
     )

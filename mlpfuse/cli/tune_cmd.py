@@ -53,7 +53,7 @@ def tune(
     output: str = output_option(required=True),
     text_column: str = text_column_option(),
     pair_column: str = text_pair_column_option(),
-    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
+    lr: float = typer.Option(TuneSettings.lr, "--lr", help="AdamW learning rate."),
     batch_size: int = batch_size_option(32),
     max_length: int = max_length_option(128),
     epochs: int = typer.Option(1, "--epochs", help="Passes over the data."),
@@ -62,6 +62,18 @@ def tune(
     seed: int = seed_option(0),
     save_every: int = typer.Option(100, "--save-every", help="Save resumable state every N steps (0: only on Ctrl-C)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUTPUT.tune-state/."),
+    layer_loss: str = typer.Option(None, "--layer-loss",
+                                   help="variance: per-layer MSE / the teacher's variance of that layer, averaged; mse: the paper's summed MSE (default: variance for causal LMs, mse otherwise)."),
+    first_token_weight: float = typer.Option(TuneSettings.first_token_weight, "--first-token-weight",
+                                             help="Loss weight of each sequence's first token (the attention sink); 0 masks it."),
+    kl_weight: float = typer.Option(None, "--kl-weight",
+                                    help="Add this times the KL divergence of the next-token distributions (default: 1 for causal LMs, 0 otherwise; 0: the LM head is never run)."),
+    kl_temperature: float = typer.Option(TuneSettings.kl_temperature, "--kl-temperature", help="Softmax temperature of the KL term."),
+    eval_data: str = typer.Option(None, "--eval-data",
+                                  help="Held-out text for the before/after report (default: the rows of --data after --limit)."),
+    pack: bool = typer.Option(None, "--pack/--no-pack",
+                              help="Join the rows into windows of --max-length tokens (default: on for causal LMs; encoders: off)."),
+    eval_rows: int = typer.Option(TuneSettings.eval_rows, "--eval-rows", help="Held-out rows for the before/after report (0: no report)."),
     device: str = device_option(),
     log_every: int = log_every_option(10),
     overwrite: bool = overwrite_option(),
@@ -69,10 +81,12 @@ def tune(
     debug: bool = DebugOption,
 ):
     """Tune the fused MLPs so each layer's hidden states match the original model's (paper Sec. 4.4)."""
-    check_json_path(json_path, fused, teacher, files=(data,))
+    check_json_path(json_path, fused, teacher, files=(data,) + ((eval_data,) if eval_data else ()))
     settings = TuneSettings(text_column=text_column, pair_column=pair_column, lr=lr, batch_size=batch_size,
                             max_length=max_length, epochs=epochs, max_steps=max_steps, seed=seed, limit=limit,
-                            save_every=save_every, device=device)
+                            save_every=save_every, device=device, layer_loss=layer_loss,
+                            first_token_weight=first_token_weight, kl_weight=kl_weight, kl_temperature=kl_temperature,
+                            eval_data=eval_data, eval_rows=eval_rows, pack=pack)
     try:
         with step_progress("tuning", log_every) as advance:
             report = tune_checkpoint(fused, teacher, data, output, settings, overwrite=overwrite, resume=resume,
@@ -90,6 +104,20 @@ def tune(
     out.print(f"tuned {report.trainable_parameters:,} MLP parameters for {report.steps} steps{resumed}: "
               f"layer-wise loss {report.initial_loss:.4f} -> {report.final_loss:.4f}; wrote {report.output} "
               f"in {report.seconds:.1f}s", highlight=False)
+    if report.before is not None and report.after is not None:
+        out.print(held_out_line(report), highlight=False)
     data_out = report.to_dict()
     data_out.pop("losses")
     write_json_report(json_path, data_out)
+
+
+def held_out_line(report) -> str:
+    """One line: the held-out metric before -> after tuning (and the teacher's perplexity)."""
+    source = report.evaluation or {}
+    where = f"{source.get('rows')} {'held-out' if source.get('held_out') else 'training (not held-out)'} rows"
+    if "perplexity" in report.before:
+        teacher = f" (original {report.reference['perplexity']:,.2f})" if report.reference else ""
+        return (f"perplexity on {where}: {report.before['perplexity']:,.2f} -> {report.after['perplexity']:,.2f}"
+                f"{teacher}")
+    return (f"hidden-state relative error vs the original on {where}: {report.before['hidden_error']:.4f} -> "
+            f"{report.after['hidden_error']:.4f}")
