@@ -99,7 +99,7 @@ def read_calibration(path: str, tokenizer, *, limit: int, max_length: int, text_
                          f"remove empty rows or choose another --text-column")
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     if packed:
-        windows = windows_of(token_ids(tokenizer, texts, None), max_length)
+        windows = windows_of(tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"], max_length)
         if not windows:
             raise InputError(f"calibration file {path}: the text gives fewer than 2 tokens")
         length = max(len(w) for w in windows)
