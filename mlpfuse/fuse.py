@@ -441,8 +441,11 @@ def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
     """Fuse the chosen MLPs of an in-memory transformers model in place; returns the report.
 
     The model's class becomes the fused subclass of its own class, so ``save_pretrained`` writes
-    an mlpfuse checkpoint and ``mlpfuse.load`` reads it back.
+    an mlpfuse checkpoint and ``mlpfuse.load`` reads it back. Data-free only: ``settings.calibration``
+    raises InputError (the calibration pass streams a checkpoint: :func:`fuse_checkpoint`).
     """
+    if settings.calibration is not None:
+        raise InputError("calibration runs on a checkpoint: use fuse_checkpoint (mlpfuse fuse --calibration)")
     config = model.config.to_dict()
     spec = lookup(config.get("model_type"))
     base = model.base_model

@@ -282,3 +282,12 @@ def test_calibration_refuses_torchrun(tmp_path, monkeypatch):
     output = tmp_path / "out"
     result = cli("fuse", directory, "--ratio", "0.5", "--calibration", write_calibration(tmp_path / "cal.tsv"), "-o", output)
     assert_one_line_error(result, 2, "without torchrun", output)
+
+
+def test_the_in_memory_fuse_refuses_calibration_rather_than_ignoring_it():
+    from mlpfuse.errors import InputError
+    from mlpfuse.fuse import fuse_model
+
+    model, _ = build_tiny("llama")
+    with pytest.raises(InputError, match="fuse_checkpoint"):
+        fuse_model(model, FuseSettings(ratio=0.5, calibration="x.tsv"))
