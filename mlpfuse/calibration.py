@@ -239,6 +239,10 @@ class StreamingModel:
         self._meta.setdefault(name, (module, attr, meta))
         module._parameters[attr] = torch.nn.Parameter(tensor.to(self.device, torch.float32), requires_grad=False)
 
+    def _load(self, path: str, layer: torch.nn.Module) -> None:
+        for name, _ in list(layer.named_parameters()):
+            self._load_parameter(f"{path}.{name}")
+
     def _unload(self, path: str) -> None:
         for name in [n for n in self._meta if n.startswith(f"{path}.")]:
             module, attr, meta = self._meta.pop(name)
@@ -249,9 +253,7 @@ class StreamingModel:
         """Hooks that load each layer before its forward and free it after."""
         handles = []
         for path, layer in self.layers.items():
-            handles.append(layer.register_forward_pre_hook(
-                lambda module, args, path=path: [self._load_parameter(f"{path}.{n}") for n, _ in module.named_parameters()]
-                and None))
+            handles.append(layer.register_forward_pre_hook(lambda module, args, path=path: self._load(path, module)))
             handles.append(layer.register_forward_hook(lambda module, args, output, path=path: self._unload(path)))
         try:
             yield
