@@ -89,7 +89,7 @@ def read_calibration(path: str, tokenizer, *, limit: int, max_length: int, text_
     text; otherwise one sequence per row, with special tokens, truncated to ``max_length``.
     Raises InputError for a missing file or column, an empty text, or text without tokens.
     """
-    from .evaluate import token_ids, windows_of
+    from .evaluate import windows_of
 
     table = read_table(path, limit=limit)
     texts = table.texts(text_column)
@@ -161,7 +161,7 @@ def _activation_candidates(config: dict):
     for name in dict.fromkeys(named + list(ACT2FN)):
         try:
             yield name, ACT2FN[name]
-        except Exception:  # an activation that needs arguments or a missing package
+        except (TypeError, ValueError, ImportError, KeyError):  # one that needs arguments or a missing package
             continue
 
 

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..errors import InputError
 from ..fuse import FuseSettings, fuse_checkpoint
-from .common import log, DebugOption, JsonOption, check_json_path, handle_errors, layer_progress, load_recipe, merge, results_console, write_json_report
+from .common import DebugOption, JsonOption, check_json_path, handle_errors, layer_progress, load_recipe, log, merge, results_console, write_json_report
 from .options import (METHODS_HELP, backend_option, calibration_limit_option, device_option, max_shard_size_option,
                       optional_max_length_option, optional_text_column_option, output_option, overwrite_option,
                       seed_option)
