@@ -26,6 +26,7 @@ from .errors import InputError
 from .format import SCALE_BUFFER, fuse_section
 from .fuse_moe import expert_parameter_count, fuse_moe_layer, layer_report_fields
 from .kmeans import check_init, resolve_backend
+from .calibration import DEFAULT_LIMIT, DEFAULT_MAX_LENGTH, DEFAULT_PROTECT, DEFAULT_RIDGE
 from .methods import MethodOptions, check_can_write, get_method
 from .mlp import MLPWeights
 from .modeling import verify_checkpoint
@@ -62,6 +63,13 @@ class FuseSettings:
     allow_full_width: bool = False
     experts: str | list | None = None  # MoE: experts to fuse in each chosen sparse layer (None = all)
     kmeans_init: str = "kmeans-parallel"  # k-means seeding: kmeans-parallel (k-means||) or greedy (k-means++)
+    # --calibration: the data-aware form of the method, on calibration text run layer by layer (calibration.py)
+    calibration: str | None = None  # text table (as read_table reads it); None = data-free
+    calibration_limit: int = DEFAULT_LIMIT  # texts (rows) read from it
+    max_length: int = DEFAULT_MAX_LENGTH  # tokens per calibration sequence
+    text_column: str = "sentence"
+    protect: float = DEFAULT_PROTECT  # protected neurons per layer: fraction of the fused width, or a count >= 1
+    ridge: float = DEFAULT_RIDGE  # ridge strength alpha of the output refit
 
 
 @dataclass
@@ -78,6 +86,18 @@ class LayerReport:
     backend: str | None
     experts: list = field(default_factory=list)  # MoE layers: one entry per fused expert
     rank: int | None = None  # low-rank methods (svd): the rank; the width stays the original
+    cluster_sizes: dict | None = None  # k-means methods: {cluster size: number of clusters}
+    protected: int | None = None  # calibrated k-means methods: neurons kept as singleton clusters
+    relative_error: float | None = None  # --calibration: ||y_fused - y|| / ||y|| of this MLP on the calibration batch
+
+    @property
+    def singletons(self) -> int | None:
+        """Clusters holding one neuron (None for methods that do not cluster)."""
+        return None if self.cluster_sizes is None else int(self.cluster_sizes.get(1, 0))
+
+    @property
+    def largest_cluster(self) -> int | None:
+        return None if not self.cluster_sizes else max(int(size) for size in self.cluster_sizes)
 
 
 @dataclass
@@ -93,9 +113,13 @@ class FuseReport:
     parameters: dict
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
+    calibration: dict | None = None  # --calibration: settings, data sha256, hidden_state_error
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        for entry, layer in zip(data["layers"], self.layers):
+            entry.update(singletons=layer.singletons, largest_cluster=layer.largest_cluster)
         data["version"] = __version__
         data["source_name"] = Path(self.source).name or self.source
         return data
@@ -135,8 +159,27 @@ def compress_layer(plan: LayerPlan, mlp: MLPWeights, method: str, options: Metho
         seconds=seconds,
         backend=stats.get("backend"),
         rank=stats.get("rank"),
+        cluster_sizes=stats.get("cluster_sizes"),
+        protected=stats.get("protected"),
     )
     return compressed, report
+
+
+SINGLETON_WARNING = 0.9  # share of one-neuron clusters above which k-means is called degenerate
+ERROR_WARNING = 0.5  # a layer's calibration relative error above which fuse warns
+
+
+def layer_warnings(layers: list[LayerReport]) -> list[str]:
+    """One line per layer whose k-means is degenerate or whose calibration error explodes."""
+    lines = []
+    for layer in layers:
+        if layer.cluster_sizes and layer.width > 1 and layer.singletons > SINGLETON_WARNING * layer.width:
+            lines.append(f"layer {layer.label}: degenerate k-means, {layer.singletons} of {layer.width} clusters "
+                         f"hold one neuron and the largest holds {layer.largest_cluster} of {layer.original_width}")
+        if layer.relative_error is not None and not layer.relative_error <= ERROR_WARNING:
+            lines.append(f"layer {layer.label}: the fused MLP's output is off by {layer.relative_error:.3g} "
+                         f"(relative) on the calibration text (above {ERROR_WARNING})")
+    return lines
 
 
 @dataclass
@@ -148,6 +191,7 @@ class FusedLayer:
     consumed: set
     specs: list
     report: LayerReport
+    compressed: MLPWeights | None = None  # dense sites: the compressed MLP (the calibration pass runs it)
 
 
 def fuse_layer(plan: LayerPlan, settings: FuseSettings, options: MethodOptions, prefix: str, keys,
@@ -158,10 +202,15 @@ def fuse_layer(plan: LayerPlan, settings: FuseSettings, options: MethodOptions, 
                                 prefix, keys, get, dtype)
         return FusedLayer(result.tensors, result.consumed, result.specs, LayerReport(**layer_report_fields(plan, result)))
     names = tensor_names(plan.site, prefix, keys)
-    mlp = read_mlp(plan.site, names, get)
-    compressed, report = compress_layer(plan, mlp, settings.method, options)
+    return compress_dense(plan, read_mlp(plan.site, names, get), settings.method, options, prefix, set(names.values()), dtype)
+
+
+def compress_dense(plan: LayerPlan, mlp: MLPWeights, method: str, options: MethodOptions, prefix: str, consumed: set,
+                   dtype: torch.dtype | None) -> FusedLayer:
+    """Compress one dense site read as ``mlp`` and name its new tensors (``consumed``: the source names)."""
+    compressed, report = compress_layer(plan, mlp, method, options)
     tensors = write_mlp(plan.site, compressed, prefix, dtype or mlp.w_in.dtype)
-    return FusedLayer(tensors, set(names.values()), module_specs(plan.site, compressed), report)
+    return FusedLayer(tensors, consumed, module_specs(plan.site, compressed), report, compressed)
 
 
 def _check_plans(settings: FuseSettings, plans: list[LayerPlan]) -> None:
@@ -214,6 +263,8 @@ def fuse_checkpoint(
     settings.dtype = dtype_name(settings.dtype, allow_auto=True)  # one vocabulary: bf16 is bfloat16
     dtype = torch_dtype(settings.dtype, allow_auto=True)
     max_shard = parse_size(settings.max_shard_size)
+    if settings.calibration is not None:
+        _check_calibration(settings, config, merged_layout)
     # checks, lock, staging: before any work (under torchrun only rank 0, the writer, claims the output)
     target = None if is_worker() else claim_output(output, [source_dir], overwrite).target
 
@@ -233,6 +284,13 @@ def fuse_checkpoint(
     _check_plans(settings, plans)
     options = MethodOptions(seed=settings.seed, backend=settings.backend, device=rank_device(settings.device),
                             kmeans_init=settings.kmeans_init)
+    calibration = None
+    if settings.calibration is not None:
+        moe = next((plan.site.label for plan in plans if plan.site.experts), None)
+        if moe is not None:
+            raise InputError(f"--calibration does not support Mixture-of-Experts layers yet (layer {moe}); "
+                             f"fuse them without --calibration")
+        calibration = _calibration_data(settings, source_dir, spec)
     compute = lambda plan: fuse_layer(plan, settings, options, prefix, keys, reader.get, dtype)  # noqa: E731
     if is_worker():  # torchrun: ranks > 0 compress their share of the layers for rank 0, which writes
         serve(plans, compute)
@@ -248,7 +306,9 @@ def fuse_checkpoint(
     with staging_directory(target, overwrite) as staging:
         writer = ShardedWriter(staging, max_shard, background=True)  # shard writes overlap the fusing
         fused_keys: set[str] = set()
-        for layer in gather_in_order(plans, compute):
+
+        def take(layer: FusedLayer) -> None:  # write one compressed site as soon as it comes
+            nonlocal fused_keys
             for name, tensor in layer.tensors.items():
                 writer.add(name, tensor)
             fused_keys |= layer.consumed
@@ -256,6 +316,14 @@ def fuse_checkpoint(
             layers.append(layer.report)
             if on_layer:
                 on_layer(layer.report)
+
+        calibrated = None
+        if calibration is None:
+            for layer in gather_in_order(plans, compute):
+                take(layer)
+        else:
+            calibrated = _run_calibration(settings, source_dir, reader, prefix, sites, plans, keys, options,
+                                          calibration, dtype, take)
         for key in reader.keys():
             if key not in fused_keys:
                 writer.add(key, _cast(reader.get(key), dtype, key))
@@ -271,21 +339,84 @@ def fuse_checkpoint(
         if any(site.experts for site in sites):
             in_experts = expert_parameter_count(sites, prefix, keys, reader.shape)
             report.parameters.update(_expert_share(in_experts, saved, params_before))
+        report.warnings = layer_warnings(layers)
+        if calibrated is not None:
+            report.calibration = _calibration_record(settings, calibration, calibrated)
+            if not calibrated.hidden_state_error <= ERROR_WARNING:
+                report.warnings.append(f"the final hidden state is off by {calibrated.hidden_state_error:.3g} "
+                                       f"(relative) on the calibration text (above {ERROR_WARNING})")
         out_config = dict(config)
         if dtype is not None:
             out_config["dtype"] = settings.dtype
             out_config.pop("torch_dtype", None)
         section = carry_merge_layout(_section(report, settings, modules, source_sha256.result(), settings.dtype), merged_layout)
+        if report.calibration is not None:
+            section["calibration"] = report.calibration
         write_json(staging / "config.json", fused_config_dict(out_config, section))
         write_remote_code(staging)
         carry_side_files(source_dir, staging)  # tokenizer, generation config, sentence-transformers modules
-        recipe = {"model": model, **{k: v for k, v in asdict(settings).items() if k != "allow_full_width"}}
+        recipe = {"model": model, **{k: v for k, v in asdict(settings).items() if k != "allow_full_width"
+                                     and (settings.calibration is not None or k not in CALIBRATION_FIELDS)}}
         (staging / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=True), encoding="utf-8")
         report.seconds = time.perf_counter() - start
         (staging / "README.md").write_text(model_card(report.to_dict()), encoding="utf-8")
         verify_checkpoint(staging)
     report.files = sorted(p.name for p in target.iterdir())
     return report
+
+
+CALIBRATION_FIELDS = ("calibration", "calibration_limit", "max_length", "text_column", "protect", "ridge")
+
+
+def _check_calibration(settings: FuseSettings, config: dict, merged_layout) -> None:
+    """Refuse what ``--calibration`` cannot do, before any work (one-line InputErrors)."""
+    from .calibration import check_settings
+    from .distributed import active
+    from .format import is_fused_config
+    from .methods import check_calibrated
+
+    check_settings(settings.calibration_limit, settings.max_length, settings.protect, settings.ridge,
+                   settings.text_column)
+    check_calibrated(settings.method)
+    if active():
+        raise InputError("--calibration runs the model layer by layer in one process: run it without torchrun")
+    if merged_layout or is_fused_config(config):
+        raise InputError("--calibration needs an original (unfused, unmerged) checkpoint as input")
+    if config.get("is_encoder_decoder"):
+        raise InputError("--calibration does not support encoder-decoder models yet; fuse them without --calibration")
+
+
+def _calibration_data(settings: FuseSettings, source_dir: Path, spec):
+    """The tokenised calibration batch (decoder LMs: packed windows of newline-joined text)."""
+    from .calibration import read_calibration
+    from .runtime import load_tokenizer
+
+    tokenizer = load_tokenizer(source_dir)
+    return read_calibration(settings.calibration, tokenizer, limit=settings.calibration_limit,
+                            max_length=settings.max_length, text_column=settings.text_column, packed=spec.causal_lm)
+
+
+def _run_calibration(settings, source_dir, reader, prefix, sites, plans, keys, options, data, dtype, emit):
+    """The layer-by-layer calibration pass (mlpfuse/calibration.py); each compressed site goes to ``emit``."""
+    from .calibration import StreamingModel, run_calibrated
+    from .runtime import resolve_device
+
+    stream = StreamingModel(source_dir, reader, prefix, sites, resolve_device(settings.device))
+
+    def compress(plan, mlp, layer_options):
+        names = tensor_names(plan.site, prefix, keys)
+        layer = compress_dense(plan, mlp, settings.method, layer_options, prefix, set(names.values()), dtype)
+        return layer.compressed, layer
+
+    return run_calibrated(stream, data, plans, keys, options, settings.protect, settings.ridge, compress, emit)
+
+
+def _calibration_record(settings: FuseSettings, data, result) -> dict:
+    """The calibration settings, data provenance and whole-model error (config section, report, recipe)."""
+    return {"file": data.file, "sha256": data.sha256, "texts": data.texts, "tokens": result.tokens,
+            "sequences": result.sequences, "packed": data.packed, "calibration_limit": settings.calibration_limit,
+            "max_length": settings.max_length, "text_column": settings.text_column, "protect": settings.protect,
+            "ridge": settings.ridge, "hidden_state_error": result.hidden_state_error}
 
 
 def _numel(shape: tuple) -> int:
@@ -310,8 +441,11 @@ def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
     """Fuse the chosen MLPs of an in-memory transformers model in place; returns the report.
 
     The model's class becomes the fused subclass of its own class, so ``save_pretrained`` writes
-    an mlpfuse checkpoint and ``mlpfuse.load`` reads it back.
+    an mlpfuse checkpoint and ``mlpfuse.load`` reads it back. Data-free only: ``settings.calibration``
+    raises InputError (the calibration pass streams a checkpoint: :func:`fuse_checkpoint`).
     """
+    if settings.calibration is not None:
+        raise InputError("calibration runs on a checkpoint: use fuse_checkpoint (mlpfuse fuse --calibration)")
     config = model.config.to_dict()
     spec = lookup(config.get("model_type"))
     base = model.base_model

@@ -10,9 +10,14 @@ from rich.table import Table
 
 from ..errors import InputError
 from ..fuse import FuseSettings, fuse_checkpoint
-from .common import DebugOption, JsonOption, check_json_path, handle_errors, layer_progress, load_recipe, merge, results_console, write_json_report
-from .options import (METHODS_HELP, backend_option, device_option, max_shard_size_option, output_option, overwrite_option,
+from .common import DebugOption, JsonOption, check_json_path, handle_errors, layer_progress, load_recipe, log, merge, results_console, write_json_report
+from .options import (METHODS_HELP, backend_option, calibration_limit_option, device_option, max_shard_size_option,
+                      optional_max_length_option, optional_text_column_option, output_option, overwrite_option,
                       seed_option)
+
+# Defaults of the calibration flags (mlpfuse/calibration.py holds the same; not imported: it pulls torch).
+CALIBRATION_DEFAULTS = {"calibration_limit": 512, "max_length": 256, "text_column": "sentence", "protect": 0.02,
+                        "ridge": 1e-3}
 
 RECIPE_FIELDS = {f.name for f in fields(FuseSettings)} - {"allow_full_width"} | {"model", "output", "overwrite"}
 _NONE = type(None)
@@ -20,6 +25,8 @@ RECIPE_TYPES = {  # what each recipe field may hold (YAML types)
     "model": (str,), "output": (str,), "overwrite": (bool,), "layers": (str, int, list), "dim": (int, _NONE),
     "ratio": (float, _NONE), "method": (str,), "backend": (str,), "device": (str, _NONE), "seed": (int,),
     "dtype": (str,), "per_layer": (dict, _NONE), "max_shard_size": (str, int), "experts": (str, int, list, _NONE),
+    "kmeans_init": (str,), "calibration": (str, _NONE), "calibration_limit": (int,), "max_length": (int,),
+    "text_column": (str,), "protect": (float,), "ridge": (float,),
 }
 
 
@@ -38,6 +45,12 @@ def fuse(
     experts: str = typer.Option(None, "--experts", help="MoE models: experts to fuse in each chosen sparse layer, e.g. 0,3 or 0-7,shared.", show_default="all"),
     dtype: str = typer.Option(None, "--dtype", help="Output dtype: auto (keep), float32, bfloat16, float16."),
     max_shard_size: str = max_shard_size_option(None),
+    calibration: str = typer.Option(None, "--calibration", help="Text file (.tsv/.csv/.jsonl): data-aware fusion/prune/svd, the model run layer by layer on it (docs/llm.md)."),
+    calibration_limit: int = calibration_limit_option(None, CALIBRATION_DEFAULTS["calibration_limit"]),
+    max_length: int = optional_max_length_option(CALIBRATION_DEFAULTS["max_length"]),
+    text_column: str = optional_text_column_option(),
+    protect: float = typer.Option(None, "--protect", help="With --calibration: neurons per layer kept unmerged, the most important; a fraction of the fused width, or a count >= 1.", show_default=str(CALIBRATION_DEFAULTS["protect"])),
+    ridge: float = typer.Option(None, "--ridge", help="With --calibration: ridge strength alpha of the output-weight refit (scale-free).", show_default=str(CALIBRATION_DEFAULTS["ridge"])),
     overwrite: bool = overwrite_option(None),
     config: str = typer.Option(None, "--config", help="YAML recipe with the same fields (+ per_layer overrides); flags win."),
     json_path: str = JsonOption,
@@ -51,7 +64,14 @@ def fuse(
         raise InputError("no model given: pass a checkpoint directory, hub id or 'minilm' (or set model: in --config)")
     if output is None:
         raise InputError("no output directory given: pass -o DIR (or set output: in --config)")
-    check_json_path(json_path, model)
+    calibration = merge(calibration, recipe, "calibration")
+    check_json_path(json_path, model, files=(calibration,) if calibration else ())
+    extra = {name: merge(value, recipe, name) for name, value in (
+        ("calibration_limit", calibration_limit), ("max_length", max_length), ("text_column", text_column),
+        ("protect", protect), ("ridge", ridge))}
+    if calibration is None and any(v is not None for v in extra.values()):
+        flag = next(name for name, v in extra.items() if v is not None).replace("_", "-")
+        raise InputError(f"--{flag} applies to data-aware fusion: pass --calibration FILE too (or drop --{flag})")
     if dim is not None or ratio is not None:  # a flag for the width replaces the recipe's width entirely
         recipe.pop("dim", None)
         recipe.pop("ratio", None)
@@ -68,6 +88,8 @@ def fuse(
         dtype=merge(dtype, recipe, "dtype", "auto"),
         per_layer=recipe.get("per_layer") or {},
         max_shard_size=merge(max_shard_size, recipe, "max_shard_size", "5GB"),
+        calibration=calibration,
+        **{name: CALIBRATION_DEFAULTS[name] if value is None else value for name, value in extra.items()},
     )
     overwrite = bool(merge(overwrite, recipe, "overwrite", False))
 
@@ -92,19 +114,34 @@ def fuse(
         p = report.parameters
         out.print(f"in experts: {p['experts_before']:,} -> {p['experts_after']:,} "
                   f"({100 * p['expert_share_before']:.1f}% -> {100 * p['expert_share_after']:.1f}% of the model)", highlight=False)
+    if report.calibration is not None:
+        c = report.calibration
+        out.print(f"calibration: {c['tokens']:,} tokens ({c['sequences']} sequences) of {c['file']}; final hidden "
+                  f"state off by {c['hidden_state_error']:.4g} (relative)", highlight=False)
+    for line in report.warnings:
+        log.print(f"warning: {line}", highlight=False, markup=False)
     write_json_report(json_path, report.to_dict())
 
 
 def _summary_table(report) -> Table:
     table = Table(title=f"{report.method}: {report.source} -> {report.output}")
-    for column in ("layer", "width", "params", "inertia", "k-means s", "backend"):
-        table.add_column(column, justify="left" if column == "backend" else "right", no_wrap=True)
+    clustered = any(layer.cluster_sizes for layer in report.layers)
+    calibrated = report.calibration is not None
+    columns = ["layer", "width", "params", "inertia", "k-means s", "backend"]
+    columns += ["singletons", "largest", "cluster sizes"] if clustered else []
+    columns += ["rel. error"] if calibrated else []
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("backend", "cluster sizes") else "right", no_wrap=True)
     for layer in report.layers:
+        extra = [str(layer.singletons), str(layer.largest_cluster), compact_histogram(layer.cluster_sizes)] \
+            if layer.cluster_sizes else ["-"] * 3
         table.add_row(
             layer.label, f"{layer.original_width} -> {layer.width}" + (f" rank {layer.rank}" if layer.rank else ""),
             f"{layer.params_before:,} -> {layer.params_after:,}",
             "-" if layer.inertia is None else f"{layer.inertia:.4g}",
             "-" if layer.kmeans_seconds is None else f"{layer.kmeans_seconds:.2f}", layer.backend or "-",
+            *(extra if clustered else []),
+            *([f"{layer.relative_error:.3g}" if layer.relative_error is not None else "-"] if calibrated else []),
         )
         for expert in getattr(layer, "experts", None) or []:  # MoE: one row per fused expert
             table.add_row(
@@ -112,5 +149,15 @@ def _summary_table(report) -> Table:
                 f"{expert['params_before']:,} -> {expert['params_after']:,}",
                 "-" if expert["inertia"] is None else f"{expert['inertia']:.4g}",
                 "-" if expert["kmeans_seconds"] is None else f"{expert['kmeans_seconds']:.2f}", expert["backend"] or "-",
+                *(["-"] * (len(columns) - 6)),
             )
     return table
+
+
+def compact_histogram(sizes: dict) -> str:
+    """Cluster sizes in power-of-two bins, e.g. ``1:754 2-3:10 512-1023:1`` (bin: number of clusters)."""
+    bins: dict[int, int] = {}
+    for size, count in sizes.items():
+        low = 1 << (int(size).bit_length() - 1)
+        bins[low] = bins.get(low, 0) + int(count)
+    return " ".join(f"{low}:{n}" if low == 1 else f"{low}-{2 * low - 1}:{n}" for low, n in sorted(bins.items()))

@@ -28,6 +28,7 @@ MAX_STEPS_HELP = "Stop after this many optimizer steps (overrides --epochs)."
 LOG_EVERY_HELP = "Without a terminal: one progress line per N steps."
 BACKEND_HELP = "k-means backend: auto, faiss or torch."
 MAX_SHARD_SIZE_HELP = "Largest safetensors shard, e.g. 5GB or 500MB."
+CALIBRATION_LIMIT_HELP = "Rows read from --calibration."
 
 DebugOption = typer.Option(False, "--debug", help=DEBUG_HELP)
 JsonOption = typer.Option(None, "--json", help=JSON_HELP)
@@ -94,3 +95,19 @@ def max_shard_size_option(default: str | None = "5GB"):
     """``--max-shard-size``; ``default=None`` (a recipe may set it) shows ``5GB``."""
     return typer.Option(default, "--max-shard-size", help=MAX_SHARD_SIZE_HELP,
                         show_default="5GB" if default is None else True)
+
+
+def calibration_limit_option(default: int | None = 300, shown: int = 300):
+    """``--calibration-limit N``: rows read from ``--calibration``; ``default=None`` (a recipe may set it) shows ``shown``."""
+    return typer.Option(default, "--calibration-limit", help=CALIBRATION_LIMIT_HELP,
+                        show_default=str(shown) if default is None else True)
+
+
+def optional_max_length_option(shown: int):
+    """``--max-length`` defaulting to None (a recipe may set it), shown as ``shown``."""
+    return typer.Option(None, "--max-length", help=MAX_LENGTH_HELP, show_default=str(shown))
+
+
+def optional_text_column_option(shown: str = "sentence"):
+    """``--text-column`` defaulting to None (a recipe may set it), shown as ``shown``."""
+    return typer.Option(None, "--text-column", help=TEXT_COLUMN_HELP, show_default=shown)

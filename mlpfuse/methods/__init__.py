@@ -26,6 +26,40 @@ class MethodOptions:
     device: str | None = None
     kmeans_init: str | None = None  # k-means seeding: "kmeans-parallel" or "greedy"; None = kmeans.DEFAULT_INIT
     clustering: object | None = None  # a precomputed KMeansResult (batched MoE k-means) to use instead of k-means
+    calibration: "Calibration | None" = None  # calibration inputs of this layer: the data-aware form of the method
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One layer's calibration data for the data-aware methods (``fuse --calibration``).
+
+    ``inputs``: the MLP's inputs on the calibration tokens [tokens, p] (padding removed);
+    ``activation``: the MLP's elementwise activation (a callable on tensors); ``protect``: protected
+    neurons per layer (>= 1: a count; in [0, 1): a fraction of the fused width k); ``ridge``: the
+    ridge strength alpha of the closed-form output refit (see ``methods.calibrated.ridge_refit``).
+    """
+
+    inputs: object
+    activation: Callable
+    protect: float = 0.02
+    ridge: float = 1e-3
+
+    def protected_count(self, k: int, width: int) -> int:
+        """Neurons to protect at fused width ``k`` of ``width``: leaves at least one cluster for the rest."""
+        m = int(self.protect) if self.protect >= 1 else round(self.protect * k)
+        return max(0, min(m, k - 1 if k < width else width))
+
+
+# Methods that have a data-aware form (``fuse --calibration``); the others are refused with it.
+CALIBRATED_METHODS = ("fusion", "cluster", "prune", "svd")
+
+
+def check_calibrated(name: str) -> None:
+    """Refuse ``name`` with ``--calibration`` unless it has a data-aware form. Raises InputError."""
+    get_method(name)
+    if name not in CALIBRATED_METHODS:
+        raise InputError(f"--method {name} has no data-aware form; with --calibration use one of: "
+                         f"{', '.join(CALIBRATED_METHODS)} (or drop --calibration)")
 
 
 def clusters_neurons(fn: Method) -> Method:

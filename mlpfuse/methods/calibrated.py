@@ -20,7 +20,10 @@ model. The pieces, used in this order by :func:`calibrated_fusion`:
    The stored weight is ``E / P`` (column-wise), so **P stays a standalone constant** scale and the
    function is ``H_f (W_out * P)^T = H_f E^T``: the training-dynamics property of MLP Fusion is kept.
 
-Not wired into ``fuse`` yet: that needs the layer-by-layer calibration pass (issue 11, item 1).
+``fuse --calibration`` (mlpfuse/calibration.py) runs the model layer by layer and calls the
+data-aware form of the chosen method with each layer's inputs: :func:`calibrated_fusion` for
+``fusion`` (and ``cluster``, with sqrt(P) folded and no refit), :func:`calibrated_prune` for
+``prune``, :func:`calibrated_svd` for ``svd``.
 """
 
 from __future__ import annotations
@@ -217,11 +220,92 @@ def calibrated_fusion(mlp: MLPWeights, k: int, x: torch.Tensor, activation, *, p
         if mlp.b_out is not None:
             target = target + mlp.b_out.double()
         fused = ridge_refit(fused, x, target, activation, alpha)
-    histogram = torch.bincount(sizes.long())
-    fused.stats = {"protected": int(protected.numel()),
-                   "cluster_sizes": {int(s): int(n) for s, n in enumerate(histogram.tolist()) if n and s},
+    fused.stats = {"protected": int(protected.numel()), "cluster_sizes": size_histogram(sizes),
                    "refit": bool(refit and k < width)}
     return fused
+
+
+def size_histogram(sizes: torch.Tensor) -> dict[int, int]:
+    """Cluster-size histogram ``{size: number of clusters of that size}`` (sizes present only, ascending)."""
+    histogram = torch.bincount(sizes.round().long())
+    return {int(s): int(n) for s, n in enumerate(histogram.tolist()) if n and s}
+
+
+def original_output(mlp: MLPWeights, h: torch.Tensor) -> torch.Tensor:
+    """The MLP's output (float64) from its neuron activations ``h`` [tokens, I]: ``h (W_out * P)^T + b_out``."""
+    prior = torch.ones(mlp.width, dtype=torch.float64) if mlp.scale is None else mlp.scale.double()
+    target = h @ (mlp.w_out.double() * prior[None, :]).T
+    return target if mlp.b_out is None else target + mlp.b_out.double()
+
+
+def calibrated_prune(mlp: MLPWeights, k: int, x: torch.Tensor, activation, *, refit: bool = True,
+                     alpha: float = 1e-3) -> MLPWeights:
+    """Structured pruning on calibration inputs ``x`` [tokens, p]: keep the ``k`` neurons of highest
+    :func:`importance` (in their original order), then :func:`ridge_refit` the output weight.
+
+    ``k == I`` returns the original function exactly. Raises InputError for ``k`` outside ``1..I``
+    or a bad ``x``.
+    """
+    width = mlp.width
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= width:
+        raise InputError(f"the pruned width k must be an integer between 1 and {width}, got {k!r}")
+    h = neuron_activations(mlp, x, activation)
+    score = importance(mlp, h)
+    keep = torch.argsort(-score, stable=True)[:k].sort().values
+    pruned = mlp.map_neurons(lambda t: t[keep].clone(), lambda w: w[:, keep].clone())
+    pruned.scale = None if mlp.scale is None else mlp.scale[keep].clone()
+    if refit and k < width:
+        pruned = ridge_refit(pruned, x, original_output(mlp, h), activation, alpha)
+    pruned.stats = {"kept_importance": float(score[keep].sum() / score.sum().clamp_min(1e-300)),
+                    "refit": bool(refit and k < width)}
+    return pruned
+
+
+def _whitening(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, L^-1) with ``L L^T`` the Gram ``inputs^T inputs`` (float64), damped by 1e-6 of its mean diagonal
+    so that it is positive definite even for too few tokens or dead inputs."""
+    gram = inputs.double().T @ inputs.double()
+    damp = 1e-6 * float(torch.diagonal(gram).mean().clamp_min(1e-12))
+    lower = torch.linalg.cholesky(gram + damp * torch.eye(gram.shape[0], dtype=torch.float64))
+    return lower, torch.linalg.inv(lower)
+
+
+def whitened_factors(weight: torch.Tensor, inputs: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation-aware rank-``rank`` factors (A [r, in], B [out, r]) of ``weight`` [out, in] (float64).
+
+    SVD-LLM style: with ``L`` the Cholesky factor of the inputs' Gram ``X^T X`` (``inputs`` = X
+    [tokens, in]), ``B A`` minimises ``||X W^T - X (B A)^T||`` over rank-r matrices: the SVD of
+    ``W L`` truncated to ``r``, multiplied back by ``L^-1``.
+    """
+    lower, inverse = _whitening(inputs)
+    u, s, vh = torch.linalg.svd(weight.double() @ lower, full_matrices=False)
+    root = s[:rank].sqrt()
+    return (root[:, None] * vh[:rank]) @ inverse, u[:, :rank] * root
+
+
+def calibrated_svd(mlp: MLPWeights, rank: int, x: torch.Tensor, activation, *, alpha: float = 1e-3) -> MLPWeights:
+    """Activation-aware truncated SVD of every projection on calibration inputs ``x`` [tokens, p].
+
+    The input-side weights (up, gate) are factorised by :func:`whitened_factors` on ``x``; then the
+    output weight is fitted on the *compressed* activations ``h'`` (ridge, as :func:`ridge_refit`)
+    to the original output, and that fit is factorised on ``h'`` (reduced-rank regression). Biases
+    stay. ``stats["rank"]`` holds ``rank``. Raises InputError for a bad ``x``.
+    """
+    h = neuron_activations(mlp, x, activation)
+    target = original_output(mlp, h)
+    factors, dense = {}, {}
+    for name in ("w_gate", "w_in"):
+        weight = getattr(mlp, name)
+        if weight is not None:
+            first, second = whitened_factors(weight, x, rank)
+            factors[name], dense[name] = (first.to(weight.dtype), second.to(weight.dtype)), (second @ first).to(weight.dtype)
+    squeezed = replace(mlp, **dense, scale=None, low_rank={})
+    refit = ridge_refit(squeezed, x, target, activation, alpha)  # the output weight on h' (effective: no P)
+    h_new = neuron_activations(squeezed, x, activation)
+    first, second = whitened_factors(refit.w_out.double(), h_new, rank)
+    factors["w_out"] = (first.to(mlp.w_out.dtype), second.to(mlp.w_out.dtype))
+    dense["w_out"] = (second @ first).to(mlp.w_out.dtype)
+    return replace(mlp, **dense, scale=None, stats={"rank": rank, "refit": True}, low_rank=factors)
 
 
 def _check_inputs(mlp: MLPWeights, x: torch.Tensor) -> None:

@@ -8,11 +8,14 @@ input and output layers instead: a similar output, a different NTK.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..kmeans import kmeans
 from ..mlp import MLPWeights
 from . import MethodOptions, clusters_neurons, register
+from .calibrated import calibrated_fusion, size_histogram
 
 
 def cluster_average(tensor: torch.Tensor, labels: torch.Tensor, k: int, dim: int = 0) -> torch.Tensor:
@@ -73,13 +76,27 @@ def centroid_mlp(mlp: MLPWeights, k: int, options: MethodOptions) -> tuple[MLPWe
         "iterations": result.iterations,
     }
     sizes = torch.bincount(labels, minlength=k).to(torch.float32)
+    averaged.stats["cluster_sizes"] = size_histogram(sizes)
     return averaged, sizes
+
+
+def _data_aware(mlp: MLPWeights, k: int, options: MethodOptions, refit: bool) -> MLPWeights:
+    """Calibrated fusion (importance-weighted k-means, protected neurons, ridge refit with ``refit``)."""
+    calibration = options.calibration
+    start = time.perf_counter()
+    fused = calibrated_fusion(mlp, k, calibration.inputs, calibration.activation,
+                              protect=calibration.protected_count(k, mlp.width), refit=refit,
+                              alpha=calibration.ridge, seed=options.seed)
+    fused.stats.update(kmeans_seconds=time.perf_counter() - start, backend="weighted")
+    return fused
 
 
 @register("fusion")
 @clusters_neurons
 def fusion(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
-    """MLP Fusion: centroids plus the standalone constant scale P."""
+    """MLP Fusion: centroids plus the standalone constant scale P (calibrated fusion with ``options.calibration``)."""
+    if options.calibration is not None:
+        return _data_aware(mlp, k, options, refit=True)
     fused, sizes = centroid_mlp(mlp, k, options)
     fused.scale = sizes
     return fused
@@ -88,8 +105,17 @@ def fusion(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
 @register("cluster")
 @clusters_neurons
 def cluster(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
-    """Clustering baseline: centroids with sqrt(P) folded into the input and output layers."""
-    fused, sizes = centroid_mlp(mlp, k, options)
+    """Clustering baseline: centroids with sqrt(P) folded into the input and output layers.
+
+    With ``options.calibration``: the importance-weighted clustering of calibrated fusion (protected
+    neurons included), no refit, sqrt(P) folded in the same way.
+    """
+    if options.calibration is not None:
+        fused = _data_aware(mlp, k, options, refit=False)
+        sizes = fused.scale
+        fused.scale = None
+    else:
+        fused, sizes = centroid_mlp(mlp, k, options)
     root = sizes.sqrt()
     fused.w_in = fused.w_in * root[:, None].to(fused.w_in.dtype)
     if fused.b_in is not None:

@@ -11,6 +11,7 @@ import torch
 
 from ..mlp import MLPWeights
 from . import MethodOptions, register
+from .calibrated import calibrated_prune
 
 
 def importance(mlp: MLPWeights) -> torch.Tensor:
@@ -23,7 +24,14 @@ def importance(mlp: MLPWeights) -> torch.Tensor:
 
 @register("prune")
 def prune(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
-    """The k most important sub-MLPs, unchanged, in their original order."""
+    """The k most important sub-MLPs, unchanged, in their original order.
+
+    With ``options.calibration``: importance measured on the calibration activations, then a ridge
+    refit of the output weight (``methods.calibrated.calibrated_prune``).
+    """
+    if options.calibration is not None:
+        c = options.calibration
+        return calibrated_prune(mlp, k, c.inputs, c.activation, alpha=c.ridge)
     score = importance(mlp)
     order = torch.argsort(-score, stable=True)
     keep = order[:k].sort().values

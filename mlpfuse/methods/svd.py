@@ -17,6 +17,7 @@ import torch
 
 from ..mlp import MLPWeights
 from . import MethodOptions, register
+from .calibrated import calibrated_svd
 
 WEIGHTS = ("w_gate", "w_in", "w_out")
 NEURON_BIASES = ("b_in", "b_gate")
@@ -53,8 +54,15 @@ def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
 # expert tensors have no place for them (writing dense products there would save nothing).
 @register("svd", writes=("dense", "gated", "conv1d", "expert modules"))
 def svd(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
-    """Rank-r factorisations of all projections, r matched to fusion's parameter count at k."""
+    """Rank-r factorisations of all projections, r matched to fusion's parameter count at k.
+
+    With ``options.calibration``: activation-aware factors and an output refit
+    (``methods.calibrated.calibrated_svd``), same rank.
+    """
     rank = matched_rank(mlp, k)
+    if options.calibration is not None:
+        c = options.calibration
+        return calibrated_svd(mlp, rank, c.inputs, c.activation, alpha=c.ridge)
     factors, dense = {}, {}
     for name in WEIGHTS:
         weight = getattr(mlp, name)
