@@ -56,7 +56,7 @@ def token_ids(tokenizer, texts: list[str], limit_tokens: int | None) -> list[int
     Only as many rows as the limit needs are tokenised (doubling the row count until there are
     ``GROW_MARGIN`` tokens to spare), so a large file costs no more than its first few rows.
     """
-    rows = max(1, min(len(texts), 64))
+    rows = len(texts) if limit_tokens is None else max(1, min(len(texts), 64))
     while True:
         ids = tokenizer("\n".join(texts[:rows]), add_special_tokens=False)["input_ids"]
         if limit_tokens is None or rows >= len(texts) or len(ids) >= limit_tokens + GROW_MARGIN:

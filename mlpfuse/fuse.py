@@ -304,30 +304,31 @@ def fuse_checkpoint(
     layers: list[LayerReport] = []
     modules: list[dict] = []
     with staging_directory(target, overwrite) as staging:
-        writer = ShardedWriter(staging, max_shard, background=True)  # shard writes overlap the fusing
-        fused_keys: set[str] = set()
+        # shard writes overlap the fusing; a failure stops the writer before the staging folder goes
+        with ShardedWriter(staging, max_shard, background=True) as writer:
+            fused_keys: set[str] = set()
 
-        def take(layer: FusedLayer) -> None:  # write one compressed site as soon as it comes
-            nonlocal fused_keys
-            for name, tensor in layer.tensors.items():
-                writer.add(name, tensor)
-            fused_keys |= layer.consumed
-            modules.extend(layer.specs)
-            layers.append(layer.report)
-            if on_layer:
-                on_layer(layer.report)
+            def take(layer: FusedLayer) -> None:  # write one compressed site as soon as it comes
+                nonlocal fused_keys
+                for name, tensor in layer.tensors.items():
+                    writer.add(name, tensor)
+                fused_keys |= layer.consumed
+                modules.extend(layer.specs)
+                layers.append(layer.report)
+                if on_layer:
+                    on_layer(layer.report)
 
-        calibrated = None
-        if calibration is None:
-            for layer in gather_in_order(plans, compute):
-                take(layer)
-        else:
-            calibrated = _run_calibration(settings, source_dir, reader, prefix, sites, plans, keys, options,
-                                          calibration, dtype, take)
-        for key in reader.keys():
-            if key not in fused_keys:
-                writer.add(key, _cast(reader.get(key), dtype, key))
-        files = writer.close()
+            calibrated = None
+            if calibration is None:
+                for layer in gather_in_order(plans, compute):
+                    take(layer)
+            else:
+                calibrated = _run_calibration(settings, source_dir, reader, prefix, sites, plans, keys, options,
+                                              calibration, dtype, take)
+            for key in reader.keys():
+                if key not in fused_keys:
+                    writer.add(key, _cast(reader.get(key), dtype, key))
+            files = writer.close()
 
         saved = sum(layer.params_before - layer.params_after for layer in layers)
         report = FuseReport(

@@ -122,3 +122,13 @@ def test_cuda_without_a_gpu_exits_3(llama):
     result = run("eval", llama[0], "--data", llama[3], "--device", "cuda")
     assert result.exit_code == 3, result.output
     assert "no CUDA GPU is available here" in result.stderr and "Traceback" not in result.output
+
+
+def test_token_ids_without_a_limit_reads_every_row(llama):
+    """``limit_tokens=None`` means the whole text: before, only the first 64 rows were tokenised."""
+    from mlpfuse.evaluate import token_ids
+
+    checkpoint, _, rows, _ = llama
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+    many = [rows[i % len(rows)] for i in range(150)]
+    assert token_ids(tokenizer, many, None) == tokenizer("\n".join(many), add_special_tokens=False)["input_ids"]
