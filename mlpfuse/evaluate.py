@@ -80,7 +80,10 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 512, limit_
     """
     import torch
 
+    from .runtime import check_window
+
     check_protocol(max_length, limit_tokens)
+    check_window(max_length, model.config)
     ids = token_ids(tokenizer, [str(t) for t in texts], limit_tokens)
     windows = windows_of(ids, max_length)
     if not windows:

@@ -390,8 +390,10 @@ def _check_calibration(settings: FuseSettings, config: dict, merged_layout) -> N
 def _calibration_data(settings: FuseSettings, source_dir: Path, spec):
     """The tokenised calibration batch (decoder LMs: packed windows of newline-joined text)."""
     from .calibration import read_calibration
-    from .runtime import load_tokenizer
+    from .runtime import check_window, load_tokenizer
 
+    if spec.causal_lm:  # packed windows must fit the model's positions
+        check_window(settings.max_length, read_config(source_dir))
     tokenizer = load_tokenizer(source_dir)
     return read_calibration(settings.calibration, tokenizer, limit=settings.calibration_limit,
                             max_length=settings.max_length, text_column=settings.text_column, packed=spec.causal_lm)

@@ -71,6 +71,32 @@ def resolve_device(name: str | None, flag: str = "--device"):
     return device
 
 
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence (tokens) a model's config allows, or None when it names no limit.
+
+    ``config``: a ``config.json`` dict or a transformers config; the first positive integer among
+    :data:`POSITION_FIELDS` (a base-config section of a fused checkpoint's config counts too).
+    """
+    data = config if isinstance(config, dict) else config.to_dict()
+    for source in (data, data.get("base_config") or {}):
+        for name in POSITION_FIELDS:
+            value = source.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def check_window(max_length: int, config, flag: str = "--max-length") -> None:
+    """Raise InputError when windows of ``max_length`` tokens are longer than the model's positions."""
+    limit = max_positions(config)
+    if limit is not None and max_length > limit:
+        raise InputError(f"{flag} {max_length} is longer than the model's {limit} positions; "
+                         f"use {flag} {limit} or less")
+
+
 def file_sha256(*paths: str | Path) -> str:
     """Hex sha256 of the bytes of ``paths``, concatenated in the order given (read in 4 MiB blocks)."""
     digest = hashlib.sha256()

@@ -44,7 +44,7 @@ from .distributed import all_reduce_gradients, all_reduce_sum, is_worker, leave,
 from .errors import InputError
 from .modeling import TASKS, is_fused, load
 from .options import check_optional_positive, check_positive, check_seed
-from .runtime import file_sha256, load_tokenizer, resolve_device
+from .runtime import check_window, file_sha256, load_tokenizer, max_positions, resolve_device
 from .source import resolve_model
 
 STATE_SUFFIX = ".tune-state"  # OUTPUT.tune-state/ beside the output holds an interrupted run's state
@@ -537,7 +537,8 @@ def held_out_metrics(student, teacher, tokenizer, texts: list, settings: TuneSet
     was_training = model.training
     try:
         if is_causal_lm(student):
-            result = perplexity(model, tokenizer, [t if isinstance(t, str) else " ".join(t) for t in texts])
+            window = min(512, max_positions(model.config) or 512)  # the eval protocol's windows, as long as the model allows
+            result = perplexity(model, tokenizer, [t if isinstance(t, str) else " ".join(t) for t in texts], window)
             return {"perplexity": result.perplexity, "mean_nll": result.mean_nll, "tokens": result.tokens}
         return {"hidden_error": hidden_error(student, teacher, tokenizer, texts, settings.max_length,
                                              settings.batch_size)}
@@ -717,6 +718,7 @@ def tune_checkpoint(
 
     tokenizer = load_tokenizer(fused_dir, fallback=teacher_dir)
     if settings.pack:
+        check_window(settings.max_length, config)
         texts = pack_texts(tokenizer, texts, settings.max_length)
         if not texts:
             raise InputError(f"--data {data} gives fewer than 2 tokens to tune on")

@@ -132,3 +132,20 @@ def test_token_ids_without_a_limit_reads_every_row(llama):
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
     many = [rows[i % len(rows)] for i in range(150)]
     assert token_ids(tokenizer, many, None) == tokenizer("\n".join(many), add_special_tokens=False)["input_ids"]
+
+
+def test_windows_longer_than_the_models_positions_are_refused_in_one_line(llama):
+    """Before: an IndexError deep in the model (exit 1) on models with a position table (GPT-2, GPT-J)."""
+    checkpoint, _, _, data = llama
+    limit = transformers.AutoConfig.from_pretrained(str(checkpoint)).max_position_embeddings
+    result = run("eval", checkpoint, "--data", data, "--max-length", limit + 1, "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert f"longer than the model's {limit} positions" in result.output
+    fused = checkpoint.parent / "fused-positions"
+    assert run("fuse", checkpoint, "--layers", "0", "--ratio", "0.5", "-o", fused, "--overwrite").exit_code == 0
+    for command in (["tune", fused, "--teacher", checkpoint, "--data", data],
+                    ["fuse", checkpoint, "--layers", "0", "--ratio", "0.5", "--calibration", data]):
+        out = checkpoint.parent / "refused"
+        result = run(*command, "-o", out, "--max-length", limit + 1, "--device", "cpu")
+        assert result.exit_code == 2 and not out.exists(), result.output
+        assert f"longer than the model's {limit} positions" in result.output
