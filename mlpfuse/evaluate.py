@@ -40,6 +40,9 @@ class Perplexity:
         return asdict(self)
 
 
+WINDOW = 512  # tokens per window unless --max-length says otherwise (capped at the model's positions)
+
+
 def check_protocol(max_length: int, limit_tokens: int | None) -> None:
     """Refuse window and limit values the protocol cannot use. Raises InputError (exit 2)."""
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
@@ -70,7 +73,7 @@ def windows_of(ids: list[int], max_length: int) -> list[list[int]]:
     return [chunk for chunk in chunks if len(chunk) >= 2]
 
 
-def perplexity(model, tokenizer, texts: list[str], max_length: int = 512, limit_tokens: int | None = 4096,
+def perplexity(model, tokenizer, texts: list[str], max_length: int = WINDOW, limit_tokens: int | None = 4096,
                device=None) -> Perplexity:
     """Perplexity of an in-memory causal LM on ``texts`` with the module's protocol.
 
@@ -83,7 +86,7 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 512, limit_
     from .runtime import check_window
 
     check_protocol(max_length, limit_tokens)
-    check_window(max_length, model.config)
+    max_length = check_window(max_length, model.config, default=WINDOW)  # the default fits the model
     ids = token_ids(tokenizer, [str(t) for t in texts], limit_tokens)
     windows = windows_of(ids, max_length)
     if not windows:
@@ -119,7 +122,7 @@ def require_causal_lm(directory) -> None:
                          f"(a *ForCausalLM / *LMHeadModel checkpoint)")
 
 
-def evaluate_checkpoint(model: str, data: str, text_column: str = "sentence", max_length: int = 512,
+def evaluate_checkpoint(model: str, data: str, text_column: str = "sentence", max_length: int = WINDOW,
                         limit_tokens: int | None = 4096, device: str | None = None) -> dict:
     """Perplexity of the checkpoint ``model`` (original, fused or tuned) on the text file ``data``.
 

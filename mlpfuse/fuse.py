@@ -393,7 +393,7 @@ def _calibration_data(settings: FuseSettings, source_dir: Path, spec):
     from .runtime import check_window, load_tokenizer
 
     if spec.causal_lm:  # packed windows must fit the model's positions
-        check_window(settings.max_length, read_config(source_dir))
+        settings.max_length = check_window(settings.max_length, read_config(source_dir), default=DEFAULT_MAX_LENGTH)
     tokenizer = load_tokenizer(source_dir)
     return read_calibration(settings.calibration, tokenizer, limit=settings.calibration_limit,
                             max_length=settings.max_length, text_column=settings.text_column, packed=spec.causal_lm)

@@ -89,12 +89,18 @@ def max_positions(config) -> int | None:
     return None
 
 
-def check_window(max_length: int, config, flag: str = "--max-length") -> None:
-    """Raise InputError when windows of ``max_length`` tokens are longer than the model's positions."""
+def check_window(max_length: int, config, flag: str = "--max-length", default: int | None = None) -> int:
+    """The window length to use: ``max_length``, or the model's positions when ``max_length`` is the
+    command's ``default`` and the model has fewer (a default adapts to the model; a value given
+    on purpose does not). Raises InputError when windows of ``max_length`` tokens are longer than
+    the model's positions otherwise."""
     limit = max_positions(config)
     if limit is not None and max_length > limit:
+        if max_length == default:
+            return limit
         raise InputError(f"{flag} {max_length} is longer than the model's {limit} positions; "
                          f"use {flag} {limit} or less")
+    return max_length
 
 
 def file_sha256(*paths: str | Path) -> str:

@@ -718,7 +718,7 @@ def tune_checkpoint(
 
     tokenizer = load_tokenizer(fused_dir, fallback=teacher_dir)
     if settings.pack:
-        check_window(settings.max_length, config)
+        settings.max_length = check_window(settings.max_length, config, default=TuneSettings.max_length)
         texts = pack_texts(tokenizer, texts, settings.max_length)
         if not texts:
             raise InputError(f"--data {data} gives fewer than 2 tokens to tune on")
