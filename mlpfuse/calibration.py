@@ -89,7 +89,7 @@ def read_calibration(path: str, tokenizer, *, limit: int, max_length: int, text_
     text; otherwise one sequence per row, with special tokens, truncated to ``max_length``.
     Raises InputError for a missing file or column, an empty text, or text without tokens.
     """
-    from .evaluate import windows_of
+    from .evaluate import packed_windows, padded_batch
 
     table = read_table(path, limit=limit)
     texts = table.texts(text_column)
@@ -99,15 +99,10 @@ def read_calibration(path: str, tokenizer, *, limit: int, max_length: int, text_
                          f"remove empty rows or choose another --text-column")
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     if packed:
-        windows = windows_of(tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"], max_length)
+        windows = packed_windows(tokenizer, texts, max_length)
         if not windows:
             raise InputError(f"calibration file {path}: the text gives fewer than 2 tokens")
-        length = max(len(w) for w in windows)
-        ids = torch.full((len(windows), length), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, window in enumerate(windows):
-            ids[row, :len(window)] = torch.tensor(window)
-            mask[row, :len(window)] = 1
+        ids, mask = padded_batch(windows, tokenizer.pad_token_id)
     else:
         batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         ids, mask = batch["input_ids"], batch["attention_mask"]

@@ -67,6 +67,24 @@ def token_ids(tokenizer, texts: list[str], limit_tokens: int | None) -> list[int
         rows = min(len(texts), rows * 2)
 
 
+def packed_windows(tokenizer, texts: list[str], max_length: int, limit_tokens: int | None = None) -> list[list[int]]:
+    """The protocol's windows of ``texts``: :func:`token_ids` cut by :func:`windows_of` (tune and
+    ``fuse --calibration`` pack a causal LM's text the same way)."""
+    return windows_of(token_ids(tokenizer, texts, limit_tokens), max_length)
+
+
+def padded_batch(windows: list[list[int]], pad_id: int | None):
+    """(input_ids, attention_mask), both [windows, longest window] int64: windows right-padded with
+    ``pad_id`` (0 when the tokenizer has none), the mask 1 on real tokens."""
+    import torch
+
+    length = max(len(window) for window in windows)
+    pad = 0 if pad_id is None else pad_id
+    ids = torch.tensor([w + [pad] * (length - len(w)) for w in windows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(w) + [0] * (length - len(w)) for w in windows], dtype=torch.long)
+    return ids, mask
+
+
 def windows_of(ids: list[int], max_length: int) -> list[list[int]]:
     """Consecutive non-overlapping windows of ``max_length`` ids; a trailing 1-id window is dropped."""
     chunks = [ids[start:start + max_length] for start in range(0, len(ids), max_length)]

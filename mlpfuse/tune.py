@@ -574,18 +574,16 @@ def pack_texts(tokenizer, texts: list, max_length: int) -> list[list[int]]:
     windows of ``max_length`` token ids (the ``mlpfuse.evaluate`` protocol's windows; a last
     window of one token is dropped). Packed windows train a decoder on the long contexts it is
     evaluated and used on, with one attention sink per window, and without padding."""
-    from .evaluate import windows_of
+    from .evaluate import packed_windows
 
-    rows = [t if isinstance(t, str) else " ".join(t) for t in texts]
-    return windows_of(list(tokenizer("\n".join(rows), add_special_tokens=False)["input_ids"]), max_length)
+    return packed_windows(tokenizer, [t if isinstance(t, str) else " ".join(t) for t in texts], max_length)
 
 
 def _encode(tokenizer, texts: list, max_length: int, device) -> dict:
     if texts and isinstance(texts[0], list):  # packed windows of token ids: right-pad the shorter last one
-        length = max(len(ids) for ids in texts)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([ids + [pad] * (length - len(ids)) for ids in texts], dtype=torch.long)
-        mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in texts], dtype=torch.long)
+        from .evaluate import padded_batch
+
+        input_ids, mask = padded_batch(texts, tokenizer.pad_token_id)
         return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
     encoded = encode_texts(tokenizer, texts, max_length)
     return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
