@@ -15,6 +15,7 @@ emptied again.
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -332,10 +333,86 @@ def _header_state(reader: CheckpointReader) -> dict:
 
 
 def _load_meta(directory: Path, config: dict, reader: CheckpointReader):
-    """(model on the meta device, loading info): transformers' load of the files' headers, no data."""
+    """(model on the meta device, loading info) for the files' headers, no data read.
+
+    The model is built the way ``from_pretrained`` builds it before reading weights (the class and
+    config :func:`_load` uses, constructed under the meta device in the dtype a plain load gives,
+    its weights tied), without going through ``from_pretrained`` itself: its meta-device path is
+    not a supported use and broke with transformers 5.25 (the ``kernels`` pass refuses "meta").
+    The loading report is then worked out from the headers (:func:`_meta_loading_info`).
+    """
     cls, model_config = _model_class(directory, config)
-    return cls.from_pretrained(None, config=model_config, state_dict=_header_state(reader), device_map="meta",
-                               output_loading_info=True, ignore_mismatched_sizes=True)
+    with torch.device("meta"):
+        model = cls._from_config(model_config, dtype=torch.get_default_dtype())
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval(), _meta_loading_info(model, reader)
+
+
+def _file_names(model) -> dict[str, list[dict[str, tuple]]]:
+    """Each of ``model``'s state-dict names -> the ways a checkpoint may hold it, each {file name: shape}.
+
+    The name itself always; transformers 5 also converts some tensors between checkpoint and memory
+    (per-expert MoE tensors stacked into one, legacy renames), and ``revert_weight_conversion``
+    (the mapping ``save_pretrained`` uses), applied here to meta tensors, gives the converted form.
+    """
+    state = model.state_dict(keep_vars=True)
+    forms = {name: [{name: tuple(tensor.shape)}] for name, tensor in state.items()}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: no conversions
+        return forms
+    for name, tensor in state.items():
+        converted = {key: tuple(value.shape) for key, value in revert_weight_conversion(model, {name: tensor}).items()}
+        if converted != forms[name][0]:
+            forms[name].append(converted)
+    return forms
+
+
+def _ignored(model, attribute: str) -> list:
+    return [re.compile(p) for p in getattr(model, attribute, None) or ()]
+
+
+def _meta_loading_info(model, reader: CheckpointReader) -> dict:
+    """The loading report (missing, unexpected and mismatched keys) of ``model`` against the headers.
+
+    A name is found in the files as itself or with the base-model prefix added or removed (as
+    ``from_pretrained`` does). Weights tied to each other (the same parameter under several names)
+    need one of their names in the files; names the class declares ignorable on load are ignored.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    files = {key: reader.shape(key) for key in reader.keys()}
+
+    def in_files(name: str) -> str | None:
+        for candidate in (name, f"{prefix}.{name}" if prefix else None,
+                          name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else None):
+            if candidate is not None and candidate in files:
+                return candidate
+        return None
+
+    state = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        groups.setdefault(id(tensor), []).append(name)
+    file_names = _file_names(model)
+    missing, found, mismatched = [], set(), []
+    for names in groups.values():
+        forms = [form for name in names for form in file_names[name]]
+        held = [form for form in forms if all(in_files(f) for f in form)]
+        if not held:  # reported under the name the model has
+            missing.append(names[0])
+            continue
+        for form in held:
+            for file_name, shape in form.items():
+                stored = in_files(file_name)
+                found.add(stored)
+                if tuple(files[stored]) != shape:
+                    mismatched.append((stored, tuple(files[stored]), shape))
+    ignore_missing = _ignored(model, "_keys_to_ignore_on_load_missing")
+    missing = [k for k in missing if not any(p.search(k) for p in ignore_missing)]
+    ignore_unexpected = _ignored(model, "_keys_to_ignore_on_load_unexpected")
+    unexpected = [k for k in files if k not in found and not any(p.search(k) for p in ignore_unexpected)]
+    return {"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": mismatched}
 
 
 _EXACT_WIDENING = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.float64),
