@@ -1,6 +1,9 @@
 """Task data from local TSV/CSV/JSONL files (or a hub dataset when online), as plain lists.
 
 Every command that reads text uses :func:`read_table`; bad files fail with one-line InputErrors.
+Local files are read as UTF-8 with or without a byte-order mark, and every reader treats a value
+alike (:func:`clean_value`: strings stripped of surrounding whitespace), so the same rows give the
+same values from a .tsv, a .csv or a .jsonl.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 from .errors import EnvironmentProblem, InputError
 
 SUFFIXES = {".tsv": "\t", ".csv": ",", ".jsonl": None, ".json": None}
+ENCODING = "utf-8-sig"  # UTF-8; a leading byte-order mark (as some editors write) is dropped, not read as text
 
 
 @dataclass
@@ -48,6 +52,11 @@ def encode_texts(tokenizer, texts: list, max_length: int) -> dict:
     return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
 
+def clean_value(value):
+    """A cell as every reader returns it: a string without surrounding whitespace; other values as they are."""
+    return value.strip() if isinstance(value, str) else value
+
+
 def read_table(source: str, limit: int | None = None, split: str = "train") -> Table:
     """Read a local .tsv/.csv/.jsonl file (first ``limit`` rows), or ``hub:NAME[:CONFIG]`` via datasets."""
     if source.startswith("hub:"):
@@ -70,12 +79,12 @@ def read_table(source: str, limit: int | None = None, split: str = "train") -> T
 
 def _read_delimited(path: Path, delimiter: str, limit: int | None) -> list[dict]:
     rows = []
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding=ENCODING) as handle:
         reader = csv.DictReader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
         if not reader.fieldnames:
             return []
         for row in reader:
-            rows.append({k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k is not None})
+            rows.append({k: clean_value(v) for k, v in row.items() if k is not None})
             if limit is not None and len(rows) >= limit:
                 break
     return rows
@@ -83,7 +92,7 @@ def _read_delimited(path: Path, delimiter: str, limit: int | None) -> list[dict]
 
 def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding=ENCODING) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -93,7 +102,7 @@ def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
                 raise ValueError(f"line {number} is not JSON") from None
             if not isinstance(row, dict):
                 raise ValueError(f"line {number} is not a JSON object")
-            rows.append(row)
+            rows.append({k: clean_value(v) for k, v in row.items()})
             if limit is not None and len(rows) >= limit:
                 break
     return rows
@@ -111,4 +120,4 @@ def _read_hub(name: str, limit: int | None, split: str) -> Table:
         raise EnvironmentProblem(f"cannot load dataset {name!r} from the hub ({type(exc).__name__}); use a local file") from None
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
-    return Table(f"hub:{name}", {column: list(data[column]) for column in data.column_names})
+    return Table(f"hub:{name}", {column: [clean_value(v) for v in data[column]] for column in data.column_names})

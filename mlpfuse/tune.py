@@ -571,9 +571,10 @@ def held_out_texts(data: str, settings: TuneSettings) -> tuple[list, dict]:
 
 def pack_texts(tokenizer, texts: list, max_length: int) -> list[list[int]]:
     """The rows joined with newlines, tokenised without special tokens and cut into consecutive
-    windows of ``max_length`` token ids (the ``mlpfuse.evaluate`` protocol's windows; a last
-    window of one token is dropped). Packed windows train a decoder on the long contexts it is
-    evaluated and used on, with one attention sink per window, and without padding."""
+    windows of ``max_length`` token ids, each led by the tokenizer's BOS when it adds one (the
+    ``mlpfuse.evaluate`` protocol's windows; a last window of one token is dropped). Packed
+    windows train a decoder on the long contexts it is evaluated and used on, with one attention
+    sink per window, and without padding."""
     from .evaluate import packed_windows
 
     return packed_windows(tokenizer, [t if isinstance(t, str) else " ".join(t) for t in texts], max_length)

@@ -35,7 +35,8 @@ def evaluate(
     table.add_column("predicted tokens", justify="right")
     table.add_column("windows", justify="right")
     table.add_column("seconds", justify="right")
+    windows = f"{report['windows']} x {report['max_length']}" + (", BOS first" if report["bos"] else "")
     table.add_row(f"{report['perplexity']:.4g}", f"{report['mean_nll']:.4f}", str(report["predicted_tokens"]),
-                  f"{report['windows']} x {max_length}", f"{report['seconds']:.1f}")
+                  windows, f"{report['seconds']:.1f}")
     results_console(json_path).print(table)
     write_json_report(json_path, report)
