@@ -26,7 +26,7 @@ from .errors import InputError
 from .format import SCALE_BUFFER, fuse_section
 from .fuse_moe import expert_parameter_count, fuse_moe_layer, layer_report_fields
 from .kmeans import check_init, resolve_backend
-from .calibration import DEFAULT_LIMIT, DEFAULT_MAX_LENGTH, DEFAULT_PROTECT, DEFAULT_RIDGE
+from .calibration import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_PROTECT, DEFAULT_RIDGE
 from .methods import MethodOptions, check_can_write, get_method
 from .mlp import MLPWeights
 from .modeling import verify_checkpoint
@@ -65,8 +65,10 @@ class FuseSettings:
     kmeans_init: str = "kmeans-parallel"  # k-means seeding: kmeans-parallel (k-means||) or greedy (k-means++)
     # --calibration: the data-aware form of the method, on calibration text run layer by layer (calibration.py)
     calibration: str | None = None  # text table (as read_table reads it); None = data-free
-    calibration_limit: int = DEFAULT_LIMIT  # texts (rows) read from it
-    max_length: int = DEFAULT_MAX_LENGTH  # tokens per calibration sequence
+    # sequences (an int) or "N tokens"; None: 128 sequences for decoders, 512 for encoders
+    calibration_limit: int | str | None = None
+    max_length: int = DEFAULT_MAX_LENGTH  # tokens per calibration sequence (shortened to the model's positions)
+    calibration_batch_size: int = DEFAULT_BATCH_SIZE  # sequences per mini-batch of the layer-by-layer pass
     text_column: str = "sentence"
     protect: float = DEFAULT_PROTECT  # protected neurons per layer: fraction of the fused width, or a count >= 1
     ridge: float = DEFAULT_RIDGE  # ridge strength alpha of the output refit
@@ -161,6 +163,7 @@ def compress_layer(plan: LayerPlan, mlp: MLPWeights, method: str, options: Metho
         rank=stats.get("rank"),
         cluster_sizes=stats.get("cluster_sizes"),
         protected=stats.get("protected"),
+        relative_error=stats.get("relative_error"),
     )
     return compressed, report
 
@@ -366,7 +369,8 @@ def fuse_checkpoint(
     return report
 
 
-CALIBRATION_FIELDS = ("calibration", "calibration_limit", "max_length", "text_column", "protect", "ridge")
+CALIBRATION_FIELDS = ("calibration", "calibration_limit", "max_length", "calibration_batch_size", "text_column",
+                      "protect", "ridge")
 
 
 def _check_calibration(settings: FuseSettings, config: dict, merged_layout) -> None:
@@ -377,7 +381,7 @@ def _check_calibration(settings: FuseSettings, config: dict, merged_layout) -> N
     from .methods import check_calibrated
 
     check_settings(settings.calibration_limit, settings.max_length, settings.protect, settings.ridge,
-                   settings.text_column)
+                   settings.text_column, settings.calibration_batch_size)
     check_calibrated(settings.method)
     if active():
         raise InputError("--calibration runs the model layer by layer in one process: run it without torchrun")
@@ -389,11 +393,13 @@ def _check_calibration(settings: FuseSettings, config: dict, merged_layout) -> N
 
 def _calibration_data(settings: FuseSettings, source_dir: Path, spec):
     """The tokenised calibration batch (decoder LMs: packed windows of newline-joined text)."""
-    from .calibration import read_calibration
+    from .calibration import DEFAULT_ENCODER_LIMIT, DEFAULT_LIMIT, read_calibration
     from .runtime import check_window, load_tokenizer
 
-    if spec.causal_lm:  # packed windows must fit the model's positions
-        settings.max_length = check_window(settings.max_length, read_config(source_dir), default=DEFAULT_MAX_LENGTH)
+    # sequences must fit the model's positions (the default adapts to them)
+    settings.max_length = check_window(settings.max_length, read_config(source_dir), default=DEFAULT_MAX_LENGTH)
+    if settings.calibration_limit is None:
+        settings.calibration_limit = DEFAULT_LIMIT if spec.causal_lm else DEFAULT_ENCODER_LIMIT
     tokenizer = load_tokenizer(source_dir)
     return read_calibration(settings.calibration, tokenizer, limit=settings.calibration_limit,
                             max_length=settings.max_length, text_column=settings.text_column, packed=spec.causal_lm)
@@ -411,7 +417,8 @@ def _run_calibration(settings, source_dir, reader, prefix, sites, plans, keys, o
         layer = compress_dense(plan, mlp, settings.method, layer_options, prefix, set(names.values()), dtype)
         return layer.compressed, layer
 
-    return run_calibrated(stream, data, plans, keys, options, settings.protect, settings.ridge, compress, emit)
+    return run_calibrated(stream, data, plans, keys, options, settings.protect, settings.ridge, compress, emit,
+                          settings.calibration_batch_size)
 
 
 def _calibration_record(settings: FuseSettings, data, result) -> dict:
@@ -419,7 +426,9 @@ def _calibration_record(settings: FuseSettings, data, result) -> dict:
     return {"file": data.file, "sha256": data.sha256, "texts": data.texts, "tokens": result.tokens,
             "sequences": result.sequences, "packed": data.packed, "calibration_limit": settings.calibration_limit,
             "max_length": settings.max_length, "text_column": settings.text_column, "protect": settings.protect,
-            "ridge": settings.ridge, "hidden_state_error": result.hidden_state_error}
+            "ridge": settings.ridge, "hidden_state_error": result.hidden_state_error,
+            "batch_size": result.batch_size, "device": result.device, "cache": result.cache,
+            "layer_seconds": result.layer_seconds}
 
 
 def _numel(shape: tuple) -> int:

@@ -116,11 +116,13 @@ def _sq_dist_to(x: torch.Tensor, sq: torch.Tensor, idx: torch.Tensor) -> torch.T
     return dist.clamp_min_(0.0)
 
 
-def _kmeanspp(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Generator, steps: int | None = None) -> torch.Tensor:
+def _kmeanspp(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Generator, steps: int | None = None,
+              w: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy k-means++ seeding; returns initial centroids [B, k, d].
 
-    Each step draws 2 + int(log k) candidates with probability proportional to the squared
-    distance to the nearest chosen centre and keeps the one that lowers the potential most.
+    Each step draws 2 + int(log k) candidates with probability proportional to the (weighted, with
+    point weights ``w`` [B, n]) squared distance to the nearest chosen centre and keeps the one that
+    lowers the potential most.
     The loop only queues device work (no .item()), so on a GPU it is not held up by the host.
     ``steps`` stops after that many centres (benchmarks time the first steps; the rest stay 0).
     """
@@ -128,21 +130,27 @@ def _kmeanspp(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Generator, s
     trials = 2 + int(math.log(k))
     rows = torch.arange(B, device=x.device)
     centers = torch.zeros(B, k, dtype=torch.long, device=x.device)
-    centers[:, 0] = torch.randint(n, (B,), generator=gen, device=x.device)
+    if w is None:
+        centers[:, 0] = torch.randint(n, (B,), generator=gen, device=x.device)
+        w = torch.ones(B, n, dtype=x.dtype, device=x.device)
+    else:
+        centers[:, 0] = torch.multinomial(w, 1, generator=gen)[:, 0]
     closest = _sq_dist_to(x, sq, centers[:, :1])[:, 0]  # [B, n]
     for i in range(1, k if steps is None else min(k, steps)):
-        # When every point already sits on a centre (fewer distinct points than k), draw uniformly.
-        weights = torch.where(closest.sum(1, keepdim=True) > 0, closest, 1.0)
+        # When every point already sits on a centre (fewer distinct points than k), draw by weight.
+        pot = closest * w
+        weights = torch.where(pot.sum(1, keepdim=True) > 0, pot, w)
         cand = torch.multinomial(weights, trials, replacement=True, generator=gen)  # [B, t]
         dist = torch.minimum(_sq_dist_to(x, sq, cand), closest[:, None, :])  # [B, t, n]
-        best = dist.sum(2).argmin(1)  # [B]
+        best = (dist * w[:, None, :]).sum(2).argmin(1)  # [B]
         closest = dist[rows, best]
         centers[:, i] = cand[rows, best]
     return torch.gather(x, 1, centers[..., None].expand(-1, -1, d))
 
 
 def _kmeans_parallel(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Generator,
-                     rounds: int = PARALLEL_ROUNDS, oversampling: float = PARALLEL_OVERSAMPLING) -> torch.Tensor:
+                     rounds: int = PARALLEL_ROUNDS, oversampling: float = PARALLEL_OVERSAMPLING,
+                     w: torch.Tensor | None = None) -> torch.Tensor:
     """k-means|| seeding (Bahmani et al. 2012); returns initial centroids [B, k, d].
 
     1. Oversampling: one centre drawn uniformly, then ``rounds`` passes that each draw
@@ -150,6 +158,8 @@ def _kmeans_parallel(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Gener
        static and nothing is read back to the host) with probability proportional to the squared
        distance to the nearest candidate so far. One [l, n] distance block per pass.
     2. Each candidate is weighted by the number of points nearest to it.
+    With point weights ``w`` [B, n] (weighted k-means) the first centre and every draw are also
+    proportional to ``w``, and a candidate's weight is the total weight of the points nearest to it.
     3. Weighted greedy k-means++ on the ``m = 1 + rounds * l`` candidates, from their [m, m]
        squared-distance matrix computed once: each of the k steps is then a gather over m values.
     When ``m >= n`` the oversampling would cover the data anyway: every point is a candidate of
@@ -159,17 +169,21 @@ def _kmeans_parallel(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Gener
     B, n, d = x.shape
     per_round = math.ceil(oversampling * k)
     m = 1 + rounds * per_round
+    weighted = w is not None
+    w = torch.ones(B, n, dtype=x.dtype, device=x.device) if w is None else w
     if m >= n:
         cand = torch.arange(n, device=x.device).expand(B, n)
-        weight = torch.ones(B, n, dtype=x.dtype, device=x.device)
+        weight = w
     else:
         cand = torch.empty(B, m, dtype=torch.long, device=x.device)
-        cand[:, 0] = torch.randint(n, (B,), generator=gen, device=x.device)
+        cand[:, 0] = (torch.multinomial(w, 1, generator=gen)[:, 0] if weighted
+                      else torch.randint(n, (B,), generator=gen, device=x.device))
         closest = _sq_dist_to(x, sq, cand[:, :1])[:, 0]  # [B, n]
         nearest = torch.zeros(B, n, dtype=torch.long, device=x.device)  # index into cand
         for r in range(rounds):
             lo = 1 + r * per_round
-            weights = torch.where(closest.sum(1, keepdim=True) > 0, closest, 1.0)
+            pot = closest * w
+            weights = torch.where(pot.sum(1, keepdim=True) > 0, pot, w)
             new = torch.multinomial(weights, per_round, replacement=True, generator=gen)  # [B, l]
             cand[:, lo:lo + per_round] = new
             dmin, arg = _sq_dist_to(x, sq, new).min(1)  # [B, n]
@@ -177,7 +191,7 @@ def _kmeans_parallel(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Gener
             nearest = torch.where(better, arg + lo, nearest)
             closest = torch.where(better, dmin, closest)
         weight = torch.zeros(B, m, dtype=x.dtype, device=x.device)
-        weight.scatter_add_(1, nearest, torch.ones_like(closest))
+        weight.scatter_add_(1, nearest, w)
     xc, sqc = (x, sq) if m >= n else (torch.gather(x, 1, cand[..., None].expand(-1, -1, d)), torch.gather(sq, 1, cand))
     dist = torch.baddbmm(sqc[:, :, None] + sqc[:, None, :], xc, xc.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
     dist.diagonal(dim1=1, dim2=2).zero_()
@@ -210,11 +224,12 @@ def _weighted_kmeanspp(dist: torch.Tensor, weight: torch.Tensor, k: int, gen: to
     return chosen
 
 
-def _seed(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Generator, init: str) -> torch.Tensor:
-    """Initial centroids [B, k, d] by the named seeding."""
+def _seed(x: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Generator, init: str,
+          w: torch.Tensor | None = None) -> torch.Tensor:
+    """Initial centroids [B, k, d] by the named seeding (point weights ``w`` [B, n] or None)."""
     if init == "greedy":
-        return _kmeanspp(x, sq, k, gen)
-    return _kmeans_parallel(x, sq, k, gen)
+        return _kmeanspp(x, sq, k, gen, w=w)
+    return _kmeans_parallel(x, sq, k, gen, w=w)
 
 
 def _assign(x: torch.Tensor, sq: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,20 +241,27 @@ def _assign(x: torch.Tensor, sq: torch.Tensor, c: torch.Tensor) -> tuple[torch.T
     return labels, (mind + sq).clamp_min_(0.0)
 
 
-def _cluster_means(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Member sums divided by counts ([B, k, d], zero for empty clusters) and counts [B, k]."""
+def _cluster_means(x: torch.Tensor, labels: torch.Tensor, k: int,
+                   w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Member (weighted) means ([B, k, d], zero for empty clusters) and member counts [B, k]."""
     B, n, d = x.shape
     if x.is_cuda:
         # A one-hot matmul instead of index_add_: CUDA's atomic adds would sum in a random order.
         onehot = torch.zeros(B, n, k, device=x.device, dtype=x.dtype).scatter_(2, labels[..., None], 1.0)
-        sums = torch.bmm(onehot.transpose(1, 2), x)
         counts = onehot.sum(1)
+        if w is not None:
+            onehot = onehot * w[..., None]
+        sums = torch.bmm(onehot.transpose(1, 2), x)
+        mass = counts if w is None else onehot.sum(1)
     else:
         flat = (labels + torch.arange(B, device=x.device)[:, None] * k).reshape(-1)
-        sums = torch.zeros(B * k, d, dtype=x.dtype, device=x.device).index_add_(0, flat, x.reshape(-1, d))
+        rows = x.reshape(-1, d) if w is None else (x * w[..., None]).reshape(-1, d)
+        sums = torch.zeros(B * k, d, dtype=x.dtype, device=x.device).index_add_(0, flat, rows)
         sums = sums.view(B, k, d)
         counts = torch.bincount(flat, minlength=B * k).view(B, k).to(x.dtype)
-    return sums / counts.clamp_min(1.0)[..., None], counts
+        mass = counts if w is None else torch.zeros(B * k, dtype=x.dtype, device=x.device).index_add_(
+            0, flat, w.reshape(-1)).view(B, k)
+    return sums / torch.where(counts > 0, mass, 1.0)[..., None], counts
 
 
 def _relocate_empty(x, mind, means, counts):
@@ -252,14 +274,15 @@ def _relocate_empty(x, mind, means, counts):
     return torch.where(empty[..., None], far_x, means)
 
 
-def _lloyd(x, sq, c, max_iter: int, tol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd iterations until the centroid shift is <= tol (per problem) or max_iter."""
+def _lloyd(x, sq, c, max_iter: int, tol: torch.Tensor, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations (weighted means with point weights ``w``) until the centroid shift is <= tol
+    (per problem) or max_iter."""
     B = x.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=x.device)
     iters = torch.zeros(B, dtype=torch.long, device=x.device)
     for _ in range(max_iter):
         labels, mind = _assign(x, sq, c)
-        means, counts = _cluster_means(x, labels, c.shape[1])
+        means, counts = _cluster_means(x, labels, c.shape[1], w)
         new = _relocate_empty(x, mind, means, counts)
         shift = ((new - c) ** 2).sum((1, 2))
         c = torch.where(done[:, None, None], c, new)  # finished problems stay as they are
@@ -278,8 +301,10 @@ def _tolerance(x: torch.Tensor) -> torch.Tensor:
 # Finish (same for every backend) and FAISS
 
 
-def _finish(x_cpu: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Repair empty clusters, then exact float64 member means and inertia. x_cpu is [n, d] float32."""
+def _finish(x_cpu: torch.Tensor, labels: torch.Tensor, k: int,
+            w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Repair empty clusters, then exact float64 member means and inertia (weighted by ``w`` [n] when
+    given). x_cpu is [n, d] float32."""
     labels = labels.cpu().clone()
     counts = torch.bincount(labels, minlength=k)
     for j in torch.nonzero(counts == 0).flatten().tolist():
@@ -291,27 +316,33 @@ def _finish(x_cpu: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Te
         labels[far] = j
         counts[big] -= 1
         counts[j] = 1
+    w = None if w is None else w.cpu().double()
     sums = torch.zeros(k, x_cpu.shape[1], dtype=torch.float64)
     inertia = 0.0
     chunk = max(1, (16 << 20) // (8 * x_cpu.shape[1]))  # rows per float64 block of about 16 MB
     for s in range(0, x_cpu.shape[0], chunk):
+        rows = x_cpu[s:s + chunk].double() if w is None else x_cpu[s:s + chunk].double() * w[s:s + chunk, None]
         # index_put_ accumulates in the same order as index_add_, several times faster on CPU
-        sums.index_put_((labels[s:s + chunk],), x_cpu[s:s + chunk].double(), accumulate=True)
-    means = sums / counts[:, None].double()
+        sums.index_put_((labels[s:s + chunk],), rows, accumulate=True)
+    mass = counts.double() if w is None else torch.zeros(k, dtype=torch.float64).index_add_(0, labels, w)
+    means = sums / mass[:, None]
     for s in range(0, x_cpu.shape[0], chunk):
         diff = x_cpu[s:s + chunk].double() - means[labels[s:s + chunk]]
-        inertia += float((diff * diff).sum())
+        sq_dist = (diff * diff).sum(1)
+        inertia += float(sq_dist.sum() if w is None else (sq_dist * w[s:s + chunk]).sum())
     return labels, means.float(), inertia
 
 
 def _faiss_lloyd(x: torch.Tensor, init: torch.Tensor, max_iter: int, seed: int, dev: torch.device,
-                 tol: float) -> tuple[torch.Tensor, int]:
-    """FAISS Lloyd iterations from the given centroids; returns centroids [k, d] and iterations run."""
+                 tol: float, w: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """FAISS Lloyd iterations from the given centroids (point weights ``w`` [n] or None); returns
+    centroids [k, d] and iterations run."""
     faiss = _faiss()
     n, d = x.shape
     k = init.shape[0]
     xn = x.detach().cpu().contiguous().numpy()
     c = init.detach().cpu().contiguous().numpy()
+    wn = None if w is None else w.detach().to("cpu", torch.float32).contiguous().numpy()
     res = faiss.StandardGpuResources() if dev.type == "cuda" else None
     done = 0
     while done < max_iter:
@@ -329,7 +360,7 @@ def _faiss_lloyd(x: torch.Tensor, init: torch.Tensor, max_iter: int, seed: int, 
             index = faiss.IndexFlatL2(d)
         clus = faiss.Clustering(d, k, cp)
         faiss.copy_array_to_vector(c.ravel(), clus.centroids)
-        clus.train(xn, index)
+        clus.train(xn, index, wn)
         new = faiss.vector_float_to_array(clus.centroids).reshape(k, d)
         done += cp.niter
         shift = float(((new - c) ** 2).sum())
@@ -370,9 +401,27 @@ def _check_iters(max_iter, n_init=1) -> None:
         raise InputError(f"max_iter and n_init must be >= 1, got max_iter={max_iter}, n_init={n_init}")
 
 
+def _check_weights(weights, n: int) -> torch.Tensor | None:
+    """Point weights as float32 [n] with a floor of 1e-9 of their mean (a zero-weight point still
+    belongs somewhere and no cluster has zero mass). InputError for a bad shape or values."""
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor) or weights.shape != (n,):
+        raise InputError(f"k-means weights must be a tensor of shape ({n},), got "
+                         f"{tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__}")
+    w = weights.detach().to("cpu", torch.float64)
+    if not torch.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+        raise InputError("k-means weights must be finite, >= 0 and not all zero")
+    return (w + 1e-9 * w.mean()).float()
+
+
 def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, backend: str = "auto", device=None,
-           max_iter: int = DEFAULT_MAX_ITER, n_init: int = DEFAULT_N_INIT, init: str | None = None) -> KMeansResult:
+           max_iter: int = DEFAULT_MAX_ITER, n_init: int = DEFAULT_N_INIT, init: str | None = None,
+           weights: torch.Tensor | None = None) -> KMeansResult:
     """Cluster the rows of ``x`` [n, d] into ``k`` non-empty clusters.
+
+    ``weights`` [n] (>= 0, optional): weighted k-means, minimising ``sum_i w_i ||x_i - c(i)||^2``;
+    seeding draws and centroids are weighted by it, and ``centroids``/``inertia`` are weighted.
 
     ``backend`` is "auto", "faiss" or "torch" (see :func:`resolve_backend`); ``n_init`` runs with
     seeds seed, seed+1, ... and keeps the lowest inertia. ``init`` is the seeding, "greedy"
@@ -384,22 +433,24 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, backend: str = "auto", dev
     k = _check_k(k, x.shape[0])
     _check_iters(max_iter, n_init)
     init = check_init(init)
+    w_cpu = _check_weights(weights, x.shape[0])
     name, dev = _resolve(backend, device)
     x_cpu = x.detach().to("cpu", torch.float32).contiguous()
     xd = x_cpu.to(dev)[None]  # [1, n, d] on the compute device
+    wd = None if w_cpu is None else w_cpu.to(dev)[None]
     sq = (xd * xd).sum(2)
     tol = _tolerance(xd)
     best = None
     for run in range(n_init):
         gen = torch.Generator(device=dev).manual_seed(seed + run)
-        c = _seed(xd, sq, k, gen, init)
+        c = _seed(xd, sq, k, gen, init, wd)
         if name.startswith("faiss"):
-            c, iters = _faiss_lloyd(xd[0], c[0], max_iter, seed + run, dev, float(tol[0]))
+            c, iters = _faiss_lloyd(xd[0], c[0], max_iter, seed + run, dev, float(tol[0]), w_cpu)
             c = c.to(dev)[None]
         else:
-            c, iters = _lloyd(xd, sq, c, max_iter, tol)
+            c, iters = _lloyd(xd, sq, c, max_iter, tol, wd)
             iters = int(iters[0])
-        labels, centroids, inertia = _finish(x_cpu, _assign(xd, sq, c)[0][0], k)
+        labels, centroids, inertia = _finish(x_cpu, _assign(xd, sq, c)[0][0], k, w_cpu)
         if best is None or inertia < best[2]:
             best = (labels, centroids, inertia, iters)
     labels, centroids, inertia, iters = best

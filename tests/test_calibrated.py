@@ -7,14 +7,17 @@ import torch
 
 from mlpfuse.errors import InputError
 from mlpfuse.methods import MethodOptions
+from mlpfuse.kmeans import kmeans
 from mlpfuse.methods.calibrated import (
+    activation_statistics,
     calibrated_fusion,
+    calibrated_prune,
+    calibrated_svd,
     importance,
     neuron_activations,
     protected_neurons,
     ridge_refit,
     weighted_average,
-    weighted_kmeans,
 )
 from mlpfuse.methods.fusion import fusion
 from mlpfuse.mlp import MLPWeights
@@ -71,7 +74,7 @@ def test_ridge_refit_stores_the_solution_divided_by_p():
     mlp, x = tiny_mlp(True), inputs(400)
     fused = calibrated_fusion(mlp, 12, x, SILU, refit=False)
     target = mlp.forward(x, SILU)
-    refit = ridge_refit(fused, x, target, SILU, alpha=0.0)
+    refit = ridge_refit(fused, mlp, x, SILU, alpha=0.0)
     h = neuron_activations(fused, x, SILU)
     least_squares = torch.linalg.lstsq(h, target).solution.T  # the effective weight, independently
     torch.testing.assert_close(refit.w_out * refit.scale[None, :], least_squares, rtol=1e-6, atol=1e-8)
@@ -80,7 +83,7 @@ def test_ridge_refit_stores_the_solution_divided_by_p():
 def test_a_massive_activation_neuron_survives_as_a_singleton():
     mlp, x = tiny_mlp(False), inputs(300)
     mlp.w_in[5] *= 30  # neuron 5 fires far harder than the rest
-    score = importance(mlp, neuron_activations(mlp, x, GELU))
+    score = importance(mlp, activation_statistics(mlp, x, GELU))
     assert int(torch.argmax(score)) == 5
     fused = calibrated_fusion(mlp, 10, x, GELU, protect=1, refit=False)
     rows = torch.isclose(fused.w_in, mlp.w_in[5], rtol=1e-12, atol=0).all(dim=1)  # kept, not averaged
@@ -102,13 +105,59 @@ def test_protection_threshold_and_counts():
 
 
 def test_weighted_kmeans_centroids_follow_the_weights():
-    x = torch.tensor([[0.0], [1.0], [10.0], [11.0]], dtype=torch.float64)
+    x = torch.tensor([[0.0], [1.0], [10.0], [11.0]])
     weights = torch.tensor([1.0, 3.0, 1.0, 1.0])
-    labels = weighted_kmeans(x, weights, 2, seed=0)
-    assert labels[0] == labels[1] and labels[2] == labels[3] and labels[0] != labels[2]
-    means = weighted_average(x, labels, weights, 2)
-    assert sorted(means.flatten().tolist()) == pytest.approx([0.75, 10.5])
-    assert torch.equal(weighted_kmeans(x, weights, 2, seed=0), labels)  # deterministic
+    for backend in ("torch", "faiss"):
+        result = kmeans(x, 2, weights=weights, seed=0, backend=backend)
+        labels = result.labels
+        assert labels[0] == labels[1] and labels[2] == labels[3] and labels[0] != labels[2]
+        assert sorted(result.centroids.flatten().tolist()) == pytest.approx([0.75, 10.5])
+        assert sorted(weighted_average(x, labels, weights, 2).flatten().tolist()) == pytest.approx([0.75, 10.5])
+        assert torch.equal(kmeans(x, 2, weights=weights, seed=0, backend=backend).labels, labels)  # deterministic
+
+
+def test_weighted_kmeans_matches_repeated_points():
+    """Integer weights cluster as the points repeated that many times (same inertia, same centroids)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(20, 3, generator=g) + 6 * c for c in torch.eye(3)])
+    counts = torch.randint(1, 4, (60,), generator=g)
+    weighted = kmeans(x, 3, weights=counts.float(), seed=0, backend="torch")
+    repeated = kmeans(x.repeat_interleave(counts, 0), 3, seed=0, backend="torch")
+    assert weighted.inertia == pytest.approx(repeated.inertia, rel=1e-5)
+    key = lambda c: c.sum(1).argsort()  # noqa: E731
+    torch.testing.assert_close(weighted.centroids[key(weighted.centroids)], repeated.centroids[key(repeated.centroids)])
+
+
+def _full_refit(h_c, h, out, alpha):
+    """The refit as it was computed before statistics: float64 on all activations at once."""
+    y = h @ out.T
+    gram = h_c.T @ h_c
+    lam = alpha * float(torch.trace(gram)) / gram.shape[0]
+    return torch.linalg.solve(gram + (lam + 1e-12) * torch.eye(gram.shape[0], dtype=torch.float64), h_c.T @ y).T
+
+
+@pytest.mark.parametrize("gated,act", [(True, SILU), (False, GELU)])
+def test_chunked_float32_statistics_equal_the_float64_maths(gated, act):
+    """The methods on float32 chunks (as fuse --calibration gives them) against float64 on all tokens at once."""
+    mlp, x = tiny_mlp(gated), inputs(1000)
+    h = neuron_activations(mlp, x, act)  # float64, every token
+    chunks = list(x.float().split(300))
+    full_score = h.pow(2).mean(0) * mlp.w_out.double().pow(2).sum(0)
+    torch.testing.assert_close(importance(mlp, activation_statistics(mlp, chunks, act)), full_score, rtol=1e-5, atol=0)
+    # prune: same neurons kept, refit equal to the all-token float64 solve
+    chunked, exact = calibrated_prune(mlp, 20, chunks, act), calibrated_prune(mlp, 20, x, act)
+    keep = torch.argsort(-full_score, stable=True)[:20].sort().values
+    expected = _full_refit(h[:, keep], h, mlp.w_out.double(), 1e-3)
+    torch.testing.assert_close(exact.w_out.double(), expected, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(chunked.w_out.double(), expected, rtol=2e-3, atol=2e-4)
+    # fusion: same clusters given the same labels; the refit equal within float32 rounding
+    fused64 = calibrated_fusion(mlp, 16, x, act, protect=2)
+    fused32 = calibrated_fusion(mlp, 16, chunks, act, protect=2)
+    assert torch.equal(fused64.scale, fused32.scale)
+    torch.testing.assert_close(fused32.w_out.double(), fused64.w_out.double(), rtol=2e-3, atol=2e-4)
+    # svd: whitening and refit from Grams, against the float64 run
+    svd64, svd32 = calibrated_svd(mlp, 6, x, act), calibrated_svd(mlp, 6, chunks, act)
+    torch.testing.assert_close(svd32.forward(x, act), svd64.forward(x, act), rtol=2e-3, atol=2e-4)
 
 
 def test_bad_values_are_input_errors():

@@ -70,7 +70,7 @@ def cli(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def _stream(directory: Path, calibration: Path, k: int, method: str = "fusion"):
+def _stream(directory: Path, calibration: Path, k: int, method: str = "fusion", batch_size: int = 8):
     """Run the streaming pass with every layer fused to width ``k``; returns (inputs seen per layer,
     compressed MLP per layer, result, data, sites)."""
     config = read_config(directory)
@@ -86,22 +86,25 @@ def _stream(directory: Path, calibration: Path, k: int, method: str = "fusion"):
     seen, compressed, emitted = {}, {}, []
 
     def compress(plan, mlp, options):
-        seen[plan.site.index] = options.calibration.inputs
+        seen[plan.site.index] = torch.cat(list(options.calibration.inputs))
         names = tensor_names(plan.site, prefix, keys)
         layer = compress_dense(plan, mlp, method, options, prefix, set(names.values()), None)
         compressed[plan.site.index] = layer.compressed
         return layer.compressed, layer
 
     stream = StreamingModel(directory, reader, prefix, sites)
-    result = run_calibrated(stream, data, plans, keys, MethodOptions(), 0.1, 1e-3, compress, emitted.append)
+    result = run_calibrated(stream, data, plans, keys, MethodOptions(), 0.1, 1e-3, compress, emitted.append,
+                            batch_size=batch_size)
     assert [layer.report.index for layer in emitted] == [plan.site.index for plan in plans]
     return seen, compressed, result, data, sites
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
-def test_the_streaming_pass_sees_what_an_in_memory_model_with_the_earlier_layers_fused_sees(name, tmp_path):
+@pytest.mark.parametrize("name, batch_size", [("llama", 1), ("llama", 4), ("gemma3_text", 3), ("gemma3_text", 100)])
+def test_the_streaming_pass_sees_what_an_in_memory_model_with_the_earlier_layers_fused_sees(name, batch_size, tmp_path):
+    """One mini-batch, several, and one sequence at a time: the same inputs as one in-memory forward."""
     directory = checkpoint(name, tmp_path / name)
-    seen, compressed, result, data, sites = _stream(directory, write_calibration(tmp_path / "cal.tsv"), 22)
+    seen, compressed, result, data, sites = _stream(directory, write_calibration(tmp_path / "cal.tsv"), 22,
+                                                    batch_size=batch_size)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
     mask = data.attention_mask.bool()
     activation = torch.nn.functional.silu if name == "llama" else transformers.activations.ACT2FN["gelu_pytorch_tanh"]
@@ -244,7 +247,7 @@ def test_the_report_warns_about_degenerate_k_means_and_exploding_errors(tmp_path
 @pytest.mark.parametrize("extra, fragment", [
     (["--calibration", "MISSING.tsv"], "not found"),
     (["--calibration", "CAL", "--text-column", "nope"], "no column 'nope'"),
-    (["--calibration", "CAL", "--calibration-limit", "0"], "--calibration-limit must be an integer > 0"),
+    (["--calibration", "CAL", "--calibration-limit", "0"], "--calibration-limit must be at least 1"),
     (["--calibration", "CAL", "--max-length", "0"], "--max-length must be an integer > 0"),
     (["--calibration", "CAL", "--protect", "-1"], "--protect must be"),
     (["--calibration", "CAL", "--protect", "2.5"], "--protect must be"),

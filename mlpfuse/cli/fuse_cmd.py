@@ -11,13 +11,14 @@ from rich.table import Table
 from ..errors import InputError
 from ..fuse import FuseSettings, fuse_checkpoint
 from .common import DebugOption, JsonOption, check_json_path, handle_errors, layer_progress, load_recipe, log, merge, results_console, write_json_report
-from .options import (METHODS_HELP, backend_option, calibration_limit_option, device_option, max_shard_size_option,
+from .options import (METHODS_HELP, backend_option, device_option, max_shard_size_option,
                       optional_max_length_option, optional_text_column_option, output_option, overwrite_option,
                       seed_option)
 
 # Defaults of the calibration flags (mlpfuse/calibration.py holds the same; not imported: it pulls torch).
-CALIBRATION_DEFAULTS = {"calibration_limit": 512, "max_length": 256, "text_column": "sentence", "protect": 0.02,
-                        "ridge": 1e-3}
+# calibration_limit None: 128 sequences for decoders, 512 for encoders (resolved by the library).
+CALIBRATION_DEFAULTS = {"calibration_limit": None, "max_length": 2048, "calibration_batch_size": 8,
+                        "text_column": "sentence", "protect": 0.02, "ridge": 1e-3}
 
 RECIPE_FIELDS = {f.name for f in fields(FuseSettings)} - {"allow_full_width"} | {"model", "output", "overwrite"}
 _NONE = type(None)
@@ -25,7 +26,8 @@ RECIPE_TYPES = {  # what each recipe field may hold (YAML types)
     "model": (str,), "output": (str,), "overwrite": (bool,), "layers": (str, int, list), "dim": (int, _NONE),
     "ratio": (float, _NONE), "method": (str,), "backend": (str,), "device": (str, _NONE), "seed": (int,),
     "dtype": (str,), "per_layer": (dict, _NONE), "max_shard_size": (str, int), "experts": (str, int, list, _NONE),
-    "kmeans_init": (str,), "calibration": (str, _NONE), "calibration_limit": (int,), "max_length": (int,),
+    "kmeans_init": (str,), "calibration": (str, _NONE), "calibration_limit": (int, str, _NONE), "max_length": (int,),
+    "calibration_batch_size": (int,),
     "text_column": (str,), "protect": (float,), "ridge": (float,),
 }
 
@@ -46,8 +48,9 @@ def fuse(
     dtype: str = typer.Option(None, "--dtype", help="Output dtype: auto (keep), float32, bfloat16, float16."),
     max_shard_size: str = max_shard_size_option(None),
     calibration: str = typer.Option(None, "--calibration", help="Text file (.tsv/.csv/.jsonl): data-aware fusion/prune/svd, the model run layer by layer on it (docs/llm.md)."),
-    calibration_limit: int = calibration_limit_option(None, CALIBRATION_DEFAULTS["calibration_limit"]),
+    calibration_limit: str = typer.Option(None, "--calibration-limit", help="With --calibration: sequences to use (128), or tokens ('65536 tokens', '64k tokens').", show_default="128 sequences (decoders), 512 (encoders)"),
     max_length: int = optional_max_length_option(CALIBRATION_DEFAULTS["max_length"]),
+    calibration_batch_size: int = typer.Option(None, "--calibration-batch-size", help="With --calibration: sequences per mini-batch of the layer-by-layer pass.", show_default=str(CALIBRATION_DEFAULTS["calibration_batch_size"])),
     text_column: str = optional_text_column_option(),
     protect: float = typer.Option(None, "--protect", help="With --calibration: neurons per layer kept unmerged, the most important; a fraction of the fused width, or a count >= 1.", show_default=str(CALIBRATION_DEFAULTS["protect"])),
     ridge: float = typer.Option(None, "--ridge", help="With --calibration: ridge strength alpha of the output-weight refit (scale-free).", show_default=str(CALIBRATION_DEFAULTS["ridge"])),
@@ -67,7 +70,8 @@ def fuse(
     calibration = merge(calibration, recipe, "calibration")
     check_json_path(json_path, model, files=(calibration,) if calibration else ())
     extra = {name: merge(value, recipe, name) for name, value in (
-        ("calibration_limit", calibration_limit), ("max_length", max_length), ("text_column", text_column),
+        ("calibration_limit", _limit(calibration_limit)), ("max_length", max_length),
+        ("calibration_batch_size", calibration_batch_size), ("text_column", text_column),
         ("protect", protect), ("ridge", ridge))}
     if calibration is None and any(v is not None for v in extra.values()):
         flag = next(name for name, v in extra.items() if v is not None).replace("_", "-")
@@ -116,11 +120,17 @@ def fuse(
                   f"({100 * p['expert_share_before']:.1f}% -> {100 * p['expert_share_after']:.1f}% of the model)", highlight=False)
     if report.calibration is not None:
         c = report.calibration
-        out.print(f"calibration: {c['tokens']:,} tokens ({c['sequences']} sequences) of {c['file']}; final hidden "
-                  f"state off by {c['hidden_state_error']:.4g} (relative)", highlight=False)
+        out.print(f"calibration: {c['tokens']:,} tokens ({c['sequences']} sequences of {c['max_length']}, "
+                  f"mini-batches of {c['batch_size']}) of {c['file']} on {c['device']} (cache: {c['cache']}); "
+                  f"last layer's output off by {c['hidden_state_error']:.4g} (relative)", highlight=False)
     for line in report.warnings:
         log.print(f"warning: {line}", highlight=False, markup=False)
     write_json_report(json_path, report.to_dict())
+
+
+def _limit(value: str | None):
+    """``--calibration-limit`` as given: a plain count stays an integer (sequences)."""
+    return int(value) if value is not None and value.strip().isdigit() else value
 
 
 def _summary_table(report) -> Table:

@@ -33,8 +33,9 @@ class MethodOptions:
 class Calibration:
     """One layer's calibration data for the data-aware methods (``fuse --calibration``).
 
-    ``inputs``: the MLP's inputs on the calibration tokens [tokens, p] (padding removed);
-    ``activation``: the MLP's elementwise activation (a callable on tensors); ``protect``: protected
+    ``inputs``: the MLP's inputs on the calibration tokens, one [tokens, p] tensor or a sequence of
+    such chunks (padding removed); ``activation``: the MLP's elementwise activation (a callable on
+    tensors); ``device``: where the statistics are computed (None: the inputs'); ``protect``: protected
     neurons per layer (>= 1: a count; in [0, 1): a fraction of the fused width k); ``ridge``: the
     ridge strength alpha of the closed-form output refit (see ``methods.calibrated.ridge_refit``).
     """
@@ -43,6 +44,7 @@ class Calibration:
     activation: Callable
     protect: float = 0.02
     ridge: float = 1e-3
+    device: object | None = None
 
     def protected_count(self, k: int, width: int) -> int:
         """Neurons to protect at fused width ``k`` of ``width``: leaves at least one cluster for the rest."""

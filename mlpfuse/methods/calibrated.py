@@ -1,66 +1,121 @@
-"""Data-aware MLP Fusion maths: importance, protected neurons, weighted k-means, ridge refit.
+"""Data-aware MLP compression maths from calibration statistics: importance, protected neurons,
+weighted k-means, ridge refit, activation-aware SVD.
 
-Pure tensor maths on :class:`~mlpfuse.mlp.MLPWeights` and calibration inputs ``x`` [tokens, p]
-(the hidden states that enter this MLP, e.g. after the layer's norm); no architecture names, no
-model. The pieces, used in this order by :func:`calibrated_fusion`:
+Pure tensor maths on :class:`~mlpfuse.mlp.MLPWeights` and calibration inputs ``x``: the hidden
+states that enter this MLP (e.g. after the layer's norm), given as one [tokens, p] tensor or as a
+sequence of such chunks (what ``fuse --calibration`` caches per layer). No architecture names, no
+model. Every method works from **sums accumulated chunk by chunk** (float32 activations on the
+compute device, float64 accumulators), so memory does not grow with the number of tokens:
 
-1. :func:`neuron_activations` ``h`` [tokens, I]: what each sub-MLP feeds its output weights
-   (``act(x W_in^T + b_in)``; gated: ``act(x W_gate^T + b_gate) * (x W_in^T + b_in)``);
+1. :func:`activation_statistics`: per-neuron ``sum_t h[t, i]^2`` of the activations ``h`` [tokens, I]
+   that each sub-MLP feeds its output weights (``act(x W_in^T + b_in)``; gated:
+   ``act(x W_gate^T + b_gate) * (x W_in^T + b_in)``), and optionally the input Gram ``X^T X``;
 2. :func:`importance` (length I): the mean squared output each sub-MLP writes,
    ``mean_t h[t, i]^2 * ||W_out[:, i]||^2`` (times ``P_i^2`` when a scale is set);
-3. :func:`protected_neurons`: the ``m`` most important (and/or those above ``threshold`` times the
-   mean importance) stay singleton clusters, unchanged: the few neurons that carry an LLM's
-   massive activations must survive;
-4. :func:`weighted_kmeans` of the other sub-MLPs' feature rows, each weighted by its importance, into
-   the remaining ``k - m`` clusters; every cluster becomes the importance-weighted mean of its
-   sub-MLPs and ``P`` holds the cluster sizes (as in MLP Fusion: ``sum_i f_i ~ P_c f(centroid_c)``);
-5. :func:`ridge_refit`: the output weight is refitted in closed form so that the fused MLP's output
-   matches the original's on the calibration inputs, ``E = argmin ||H_f E^T - Y||^2 + lam ||E||^2``
-   with ``H_f`` the fused activations [tokens, k] and ``Y`` the original output minus ``b_out``.
-   The stored weight is ``E / P`` (column-wise), so **P stays a standalone constant** scale and the
-   function is ``H_f (W_out * P)^T = H_f E^T``: the training-dynamics property of MLP Fusion is kept.
+3. :func:`protected_neurons`: the ``m`` most important stay singleton clusters, unchanged: the few
+   neurons that carry an LLM's massive activations must survive;
+4. importance-weighted k-means (``mlpfuse.kmeans.kmeans(..., weights=)``) of the other sub-MLPs'
+   feature rows into the remaining ``k - m`` clusters; every cluster becomes the importance-weighted
+   mean of its sub-MLPs and ``P`` holds the cluster sizes (MLP Fusion: ``sum_i f_i ~ P_c f(c)``);
+5. :func:`ridge_refit`: a second chunked pass accumulates ``G = H_f^T H_f`` and ``C = H_f^T Y``
+   (``H_f`` the compressed MLP's activations [tokens, k], ``Y`` the original output minus ``b_out``)
+   and solves ``E = argmin ||H_f E^T - Y||^2 + lam ||E||^2`` in float64. The stored weight is
+   ``E / P`` (column-wise), so **P stays a standalone constant** scale and the function is
+   ``H_f (W_out * P)^T = H_f E^T``: the training-dynamics property of MLP Fusion is kept.
 
 ``fuse --calibration`` (mlpfuse/calibration.py) runs the model layer by layer and calls the
-data-aware form of the chosen method with each layer's inputs: :func:`calibrated_fusion` for
+data-aware form of the chosen method with each layer's cached inputs: :func:`calibrated_fusion` for
 ``fusion`` (and ``cluster``, with sqrt(P) folded and no refit), :func:`calibrated_prune` for
 ``prune``, :func:`calibrated_svd` for ``svd``.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 
 from ..errors import InputError
 from ..mlp import MLPWeights
 
+CHUNK_TOKENS = 4096  # rows per chunk when one [tokens, p] tensor is given
+
+
+def token_chunks(x) -> list[torch.Tensor]:
+    """Calibration inputs as a list of [t, p] chunks: a tensor is split into ``CHUNK_TOKENS`` rows,
+    a sequence of tensors is taken as it is. Raises InputError when empty."""
+    chunks = list(x.split(CHUNK_TOKENS)) if isinstance(x, torch.Tensor) else list(x)
+    if not chunks:
+        raise InputError("no calibration inputs: the calibration text gave no tokens")
+    return chunks
+
+
+def _compute_dtype(chunks: Sequence[torch.Tensor]) -> torch.dtype:
+    """float64 when the inputs are float64 (the maths' own tests), else float32."""
+    return torch.float64 if chunks[0].dtype == torch.float64 else torch.float32
+
+
+def _on(tensor, device, dtype):
+    return None if tensor is None else tensor.to(device=device, dtype=dtype)
+
 
 def neuron_activations(mlp: MLPWeights, x: torch.Tensor, activation) -> torch.Tensor:
-    """The sub-MLPs' activations ``h`` [tokens, I] on calibration inputs ``x`` [tokens, p] (float64).
+    """The sub-MLPs' activations ``h`` [tokens, I] on inputs ``x`` [tokens, p], in ``x``'s device and
+    float dtype (float32 for half precisions).
 
     ``mlp.forward(x) == h @ (W_out * P)^T + b_out``. Raises InputError when ``x``'s width is not
     the MLP's hidden size.
     """
     _check_inputs(mlp, x)
-    x = x.double()
-    up = torch.nn.functional.linear(x, mlp.w_in.double(), None if mlp.b_in is None else mlp.b_in.double())
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    x = x.to(dtype)
+    up = torch.nn.functional.linear(x, _on(mlp.w_in, x.device, dtype), _on(mlp.b_in, x.device, dtype))
     if mlp.w_gate is None:
         return activation(up)
-    gate = torch.nn.functional.linear(x, mlp.w_gate.double(), None if mlp.b_gate is None else mlp.b_gate.double())
+    gate = torch.nn.functional.linear(x, _on(mlp.w_gate, x.device, dtype), _on(mlp.b_gate, x.device, dtype))
     return activation(gate) * up
 
 
-def importance(mlp: MLPWeights, h: torch.Tensor) -> torch.Tensor:
-    """Per-neuron importance (length I, float64): mean squared output norm each sub-MLP writes.
+@dataclass
+class ActivationStatistics:
+    """Sums over the calibration tokens of one MLP (float64, on the compute device).
 
-    ``h`` [tokens, I] from :func:`neuron_activations`. With a scale P, neuron i's output weight is
-    ``W_out[:, i] * P_i``.
+    ``tokens``: how many; ``square_sum`` [I]: ``sum_t h[t, i]^2``; ``input_gram`` [p, p] or None:
+    ``X^T X`` of the MLP's inputs.
     """
+
+    tokens: int
+    square_sum: torch.Tensor
+    input_gram: torch.Tensor | None = None
+
+
+def activation_statistics(mlp: MLPWeights, x, activation, *, device=None,
+                          input_gram: bool = False) -> ActivationStatistics:
+    """Accumulate :class:`ActivationStatistics` over the chunks of ``x`` (see :func:`token_chunks`)
+    on ``device`` (None: the chunks' own). Memory: one chunk's activations [t, I] at a time."""
+    chunks = token_chunks(x)
+    dtype = _compute_dtype(chunks)
+    device = torch.device(device) if device is not None else chunks[0].device
+    tokens, square, gram = 0, torch.zeros(mlp.width, dtype=torch.float64, device=device), None
+    for chunk in chunks:
+        chunk = chunk.to(device=device, dtype=dtype)
+        h = neuron_activations(mlp, chunk, activation)
+        square += h.pow(2).sum(0, dtype=torch.float64)
+        if input_gram:
+            part = (chunk.T @ chunk).double()
+            gram = part if gram is None else gram + part
+        tokens += chunk.shape[0]
+    return ActivationStatistics(tokens, square, gram)
+
+
+def importance(mlp: MLPWeights, stats: ActivationStatistics) -> torch.Tensor:
+    """Per-neuron importance (length I, float64, CPU): mean squared output norm each sub-MLP writes,
+    ``stats.square_sum[i] / tokens * ||W_out[:, i] * P_i||^2``."""
     out_norm = mlp.w_out.double().pow(2).sum(dim=0)
     if mlp.scale is not None:
         out_norm = out_norm * mlp.scale.double().pow(2)
-    return h.double().pow(2).mean(dim=0) * out_norm
+    return stats.square_sum.cpu() / max(stats.tokens, 1) * out_norm
 
 
 def protected_neurons(score: torch.Tensor, m: int = 0, threshold: float | None = None) -> torch.Tensor:
@@ -75,61 +130,10 @@ def protected_neurons(score: torch.Tensor, m: int = 0, threshold: float | None =
     if threshold is not None and not threshold > 0:
         raise InputError(f"the protection threshold must be > 0 (a multiple of the mean importance), got {threshold!r}")
     chosen = torch.zeros(score.numel(), dtype=torch.bool)
-    chosen[torch.argsort(-score.double(), stable=True)[:m]] = True
+    chosen[torch.argsort(-score.double().cpu(), stable=True)[:m]] = True
     if threshold is not None:
         chosen |= score.double().cpu() > threshold * score.double().mean().cpu()
     return torch.nonzero(chosen).flatten()
-
-
-def weighted_kmeans(x: torch.Tensor, weights: torch.Tensor, k: int, *, seed: int = 0,
-                    max_iter: int = 100) -> torch.Tensor:
-    """Labels (length n, int64, every cluster non-empty) of a weighted k-means of the rows of ``x`` [n, d].
-
-    Minimises ``sum_i w_i ||x_i - c_{label_i}||^2``: weighted k-means++ seeding (a row drawn with
-    probability ~ ``w_i * D_i^2``), then Lloyd iterations with weighted-mean centroids; an empty
-    cluster takes the row that costs most. Rows of zero weight still get the nearest centroid
-    (a tiny floor keeps them from being ignored entirely). Deterministic for a given ``seed``.
-    Raises InputError unless ``1 <= k <= n``.
-    """
-    n = x.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise InputError(f"k must be an integer between 1 and the number of rows {n}, got {k!r}")
-    if k == n:
-        return torch.arange(n)
-    x = x.double().cpu()
-    w = weights.double().cpu().clamp_min(0)
-    w = w + max(float(w.mean()), 1e-300) * 1e-9  # zero-weight rows still count a little
-    gen = torch.Generator().manual_seed(seed)
-    centres = [int(torch.multinomial(w / w.sum(), 1, generator=gen))]
-    nearest = (x - x[centres[0]]).pow(2).sum(1)
-    for _ in range(1, k):
-        mass = w * nearest
-        pick = int(torch.multinomial(mass / mass.sum(), 1, generator=gen)) if mass.sum() > 0 else \
-            int(torch.argmax(nearest))
-        centres.append(pick)
-        nearest = torch.minimum(nearest, (x - x[pick]).pow(2).sum(1))
-    c = x[centres].clone()
-    labels = None
-    for _ in range(max_iter):
-        distance = torch.cdist(x, c).pow(2)
-        new = distance.argmin(dim=1)
-        sums = torch.zeros_like(c).index_add_(0, new, x * w[:, None])
-        mass = torch.zeros(k, dtype=torch.float64).index_add_(0, new, w)
-        counts = torch.bincount(new, minlength=k)
-        for empty in torch.nonzero(counts == 0).flatten().tolist():  # relocate: the costliest row
-            cost = w * distance.gather(1, new[:, None]).squeeze(1)
-            cost[counts[new] <= 1] = -1  # never empty another cluster
-            row = int(torch.argmax(cost))
-            counts[new[row]] -= 1
-            new[row] = empty
-            counts[empty] = 1
-            sums = torch.zeros_like(c).index_add_(0, new, x * w[:, None])
-            mass = torch.zeros(k, dtype=torch.float64).index_add_(0, new, w)
-        c = sums / mass[:, None]
-        if labels is not None and torch.equal(new, labels):
-            break
-        labels = new
-    return new
 
 
 def weighted_average(tensor: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, k: int,
@@ -142,41 +146,125 @@ def weighted_average(tensor: torch.Tensor, labels: torch.Tensor, weights: torch.
     return (sums / mass.reshape((k,) + (1,) * (moved.dim() - 1))).movedim(0, dim)
 
 
-def ridge_refit(fused: MLPWeights, x: torch.Tensor, target: torch.Tensor, activation,
-                alpha: float = 1e-3) -> MLPWeights:
-    """``fused`` with its output weight refitted on calibration data; P and every other tensor unchanged.
+def _effective_out(mlp: MLPWeights) -> torch.Tensor:
+    """``W_out * P`` (float64) [p_out, I]: the output weight the function uses."""
+    prior = torch.ones(mlp.width, dtype=torch.float64) if mlp.scale is None else mlp.scale.double()
+    return mlp.w_out.double() * prior[None, :]
 
-    Solves ``E = argmin ||H_f E^T - (target - b_out)||^2 + lam ||E||^2`` in float64, ``H_f`` =
-    :func:`neuron_activations` of ``fused`` on ``x`` [tokens, p], ``target`` [tokens, p_out] the
-    original MLP's output, ``lam = alpha * trace(H_f^T H_f) / k`` (a scale-free ridge), and stores
-    ``W_out = E / P`` so the fused forward is ``H_f E^T + b_out``. Raises InputError for
-    ``alpha < 0`` or mismatched token counts.
+
+@dataclass
+class RefitStatistics:
+    """Sums over the calibration tokens for an output refit (float64): ``gram`` = H_c^T H_c [k, k],
+    ``cross`` = H_c^T y [k, p_out], ``y_square`` = sum ||y_t||^2 and ``y_sum`` = sum y_t [p_out], with
+    ``H_c`` the compressed activations and ``y`` the original output minus ``b_out``."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    y_square: float
+    y_sum: torch.Tensor
+    tokens: int
+
+    def relative_error(self, effective: torch.Tensor, b_out: torch.Tensor | None) -> float:
+        """``||H_c E^T - y|| / ||y + b_out||`` over the tokens, for an effective output weight ``E``
+        [p_out, k], from the sums alone: ``||H E^T - y||^2 = y.y - 2 tr(E C) + tr(E G E^T)``."""
+        e = effective.double().to(self.gram.device)
+        diff = self.y_square - 2 * float((e * self.cross.T).sum()) + float(((e @ self.gram) * e).sum())
+        bias = torch.zeros_like(self.y_sum) if b_out is None else b_out.double().to(self.y_sum.device)
+        norm = self.y_square + 2 * float(bias @ self.y_sum) + self.tokens * float(bias @ bias)
+        diff = max(diff, 0.0)
+        return (diff / norm) ** 0.5 if norm > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def refit_statistics(compressed: MLPWeights, original: MLPWeights, x, activation, *, device=None) -> RefitStatistics:
+    """:class:`RefitStatistics` over the chunks of ``x``: ``H_c`` [tokens, k] the activations of
+    ``compressed``'s input side, ``y`` the ``original`` MLP's output minus its ``b_out``. One chunk's
+    activations of both MLPs are alive at a time."""
+    chunks = token_chunks(x)
+    dtype = _compute_dtype(chunks)
+    device = torch.device(device) if device is not None else chunks[0].device
+    out = _effective_out(original).to(device=device, dtype=dtype)
+    gram = cross = y_sum = None
+    y_square, tokens = 0.0, 0
+    for chunk in chunks:
+        chunk = chunk.to(device=device, dtype=dtype)
+        h_c = neuron_activations(compressed, chunk, activation)
+        y = neuron_activations(original, chunk, activation) @ out.T
+        g, c, s = (h_c.T @ h_c).double(), (h_c.T @ y).double(), y.sum(0, dtype=torch.float64)
+        gram, cross, y_sum = (g, c, s) if gram is None else (gram + g, cross + c, y_sum + s)
+        y_square += float(y.double().pow(2).sum())
+        tokens += chunk.shape[0]
+    return RefitStatistics(gram, cross, y_square, y_sum, tokens)
+
+
+def solve_ridge(gram: torch.Tensor, cross: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``E`` [p_out, k] = ``argmin ||H E^T - Y||^2 + lam ||E||^2`` from ``gram`` = H^T H [k, k] and
+    ``cross`` = H^T Y [k, p_out] (float64), ``lam = alpha * trace(gram) / k`` (scale-free)."""
+    k = gram.shape[0]
+    lam = alpha * float(torch.trace(gram)) / k
+    eye = torch.eye(k, dtype=torch.float64, device=gram.device)
+    return torch.linalg.solve(gram + (lam + 1e-12) * eye, cross).T
+
+
+def ridge_refit(fused: MLPWeights, original: MLPWeights, x, activation, alpha: float = 1e-3, *,
+                device=None) -> MLPWeights:
+    """``fused`` with its output weight refitted to ``original``'s output on calibration inputs ``x``
+    (a [tokens, p] tensor or chunks); P and every other tensor unchanged.
+
+    Solves ``E = argmin ||H_f E^T - (Y - b_out)||^2 + lam ||E||^2`` (:func:`refit_statistics`,
+    :func:`solve_ridge`) and stores ``W_out = E / P`` so the fused forward is ``H_f E^T + b_out``
+    (P stays a standalone constant; DESIGN.md, "data-aware compression"). Raises InputError for
+    ``alpha < 0`` or a bad ``x``.
     """
     if not alpha >= 0:
         raise InputError(f"the ridge strength alpha must be >= 0, got {alpha!r}")
-    if target.shape[0] != x.shape[0]:
-        raise InputError(f"calibration inputs and targets differ in tokens: {x.shape[0]} vs {target.shape[0]}")
-    h = neuron_activations(fused, x, activation)
-    y = target.double() - (0 if fused.b_out is None else fused.b_out.double())
-    gram = h.T @ h
-    lam = alpha * float(torch.trace(gram)) / gram.shape[0]
-    eye = torch.eye(gram.shape[0], dtype=torch.float64)
-    effective = torch.linalg.solve(gram + lam * eye + 1e-12 * eye, h.T @ y).T  # [p_out, k]
-    scale = torch.ones(gram.shape[0], dtype=torch.float64) if fused.scale is None else fused.scale.double()
-    return replace(fused, w_out=(effective / scale[None, :]).to(fused.w_out.dtype), low_rank={})
+    stats = refit_statistics(fused, original, x, activation, device=device)
+    effective = solve_ridge(stats.gram, stats.cross, alpha)
+    scale = torch.ones(fused.width, dtype=torch.float64) if fused.scale is None else fused.scale.double()
+    refit = replace(fused, w_out=(effective.cpu() / scale[None, :]).to(fused.w_out.dtype), low_rank={})
+    refit.stats = {**fused.stats, "relative_error": stats.relative_error(effective, fused.b_out)}
+    return refit
 
 
-def calibrated_fusion(mlp: MLPWeights, k: int, x: torch.Tensor, activation, *, protect: int = 0,
+def output_error(compressed: MLPWeights, original: MLPWeights, x, activation, *, device=None) -> float:
+    """``||compressed(x) - original(x)|| / ||original(x)||`` over the calibration tokens (one chunked pass)."""
+    stats = refit_statistics(compressed, original, x, activation, device=device)
+    return stats.relative_error(_effective_out(compressed), compressed.b_out)
+
+
+def importance_clusters(mlp: MLPWeights, k: int, score: torch.Tensor, protected: torch.Tensor, *, seed: int = 0,
+                        backend: str = "torch", device=None, init: str | None = None) -> tuple[torch.Tensor, str]:
+    """(labels (length I, int64), the k-means backend that ran): protected neurons are clusters ``0..m-1``, the others are grouped by an
+    importance-weighted k-means of their feature rows (output part: the effective weight W_out * P)
+    into clusters ``m..k-1`` (``mlpfuse.kmeans.kmeans``, any backend and device)."""
+    from ..kmeans import kmeans
+
+    width, m = mlp.width, protected.numel()
+    rest = torch.ones(width, dtype=torch.bool)
+    rest[protected] = False
+    others = torch.nonzero(rest).flatten()
+    features = mlp.neuron_features().float()
+    if mlp.scale is not None:
+        features[:, -mlp.w_out.shape[0]:] *= mlp.scale.float()[:, None]
+    result = kmeans(features[others], k - m, seed=seed, backend=backend, device=device, init=init,
+                    weights=score[others].float())
+    labels = torch.empty(width, dtype=torch.long)
+    labels[protected] = torch.arange(m)
+    labels[others] = result.labels + m
+    return labels, result.backend
+
+
+def calibrated_fusion(mlp: MLPWeights, k: int, x, activation, *, protect: int = 0,
                       threshold: float | None = None, refit: bool = True, alpha: float = 1e-3,
-                      seed: int = 0) -> MLPWeights:
-    """Data-aware MLP Fusion of ``mlp`` to width ``k`` on calibration inputs ``x`` [tokens, p].
+                      seed: int = 0, backend: str = "torch", device=None, init: str | None = None) -> MLPWeights:
+    """Data-aware MLP Fusion of ``mlp`` to width ``k`` on calibration inputs ``x`` ([tokens, p] or chunks).
 
     Protected neurons (see :func:`protected_neurons`) become singleton clusters; the others are
-    grouped by :func:`weighted_kmeans` (weights = :func:`importance`) into ``k - m`` clusters and
-    averaged with the same weights; ``scale`` = P = cluster sizes (1 for protected neurons, summing
-    to I). With ``refit`` the output weight is :func:`ridge_refit` (stored divided by P). ``k == I``
-    keeps every neuron (the original function, exactly; nothing to refit). ``stats`` records the
-    protected count and the cluster-size histogram. Raises InputError when ``k`` is not in
+    grouped by :func:`importance_clusters` into ``k - m`` clusters and averaged with their
+    importance as weights; ``scale`` = P = cluster sizes (1 for protected neurons, summing to I).
+    With ``refit`` the output weight is :func:`ridge_refit` (stored divided by P). ``k == I`` keeps
+    every neuron (the original function, exactly; nothing to refit). ``stats`` records the
+    protected count and the cluster-size histogram. ``device``: where the activations are computed
+    and the k-means runs (None: the inputs' device). Raises InputError when ``k`` is not in
     ``1..I``, when more neurons are protected than ``k`` allows, or for a bad ``x``.
     """
     width = mlp.width
@@ -184,25 +272,17 @@ def calibrated_fusion(mlp: MLPWeights, k: int, x: torch.Tensor, activation, *, p
         raise InputError(f"the fused width k must be an integer between 1 and {width}, got {k!r}")
     if mlp.low_rank:
         raise InputError("calibrated fusion needs a dense MLP, not a low-rank (svd) one")
-    h = neuron_activations(mlp, x, activation)
-    score = importance(mlp, h)
+    score = importance(mlp, activation_statistics(mlp, x, activation, device=device))
     protected = protected_neurons(score, protect, threshold)
+    backend_run = None
     if k == width:
         labels = torch.arange(width)
     else:
         if protected.numel() > k or (protected.numel() == k and k < width):
             raise InputError(f"{protected.numel()} protected neurons leave no cluster for the other "
                              f"{width - protected.numel()} at width {k}; protect fewer than {k}")
-        rest = torch.ones(width, dtype=torch.bool)
-        rest[protected] = False
-        others = torch.nonzero(rest).flatten()
-        features = mlp.neuron_features().double()
-        if mlp.scale is not None:  # the output part of a sub-MLP is its effective weight
-            features[:, -mlp.w_out.shape[0]:] *= mlp.scale.double()[:, None]
-        sub = weighted_kmeans(features[others], score[others], k - protected.numel(), seed=seed)
-        labels = torch.empty(width, dtype=torch.long)
-        labels[protected] = torch.arange(protected.numel())
-        labels[others] = sub + protected.numel()
+        labels, backend_run = importance_clusters(mlp, k, score, protected, seed=seed, backend=backend,
+                                                  device=device, init=init)
     sizes = torch.bincount(labels, minlength=k).to(torch.float32)
     weights = score + score.mean() * 1e-9 + 1e-300
     prior = torch.ones(width, dtype=torch.float64) if mlp.scale is None else mlp.scale.double()
@@ -216,12 +296,10 @@ def calibrated_fusion(mlp: MLPWeights, k: int, x: torch.Tensor, activation, *, p
         fused = replace(fused, **{name: getattr(mlp, name) for name in ("w_in", "b_in", "w_gate", "b_gate")},
                         w_out=(mlp.w_out.double() * prior[None, :]).to(mlp.w_out.dtype))
     elif refit:
-        target = h @ (mlp.w_out.double() * prior[None, :]).T
-        if mlp.b_out is not None:
-            target = target + mlp.b_out.double()
-        fused = ridge_refit(fused, x, target, activation, alpha)
+        fused = ridge_refit(fused, mlp, x, activation, alpha, device=device)
+    error = 0.0 if k == width else (fused.stats or {}).get("relative_error")  # None without refit
     fused.stats = {"protected": int(protected.numel()), "cluster_sizes": size_histogram(sizes),
-                   "refit": bool(refit and k < width)}
+                   "refit": bool(refit and k < width), "backend": backend_run, "relative_error": error}
     return fused
 
 
@@ -231,17 +309,10 @@ def size_histogram(sizes: torch.Tensor) -> dict[int, int]:
     return {int(s): int(n) for s, n in enumerate(histogram.tolist()) if n and s}
 
 
-def original_output(mlp: MLPWeights, h: torch.Tensor) -> torch.Tensor:
-    """The MLP's output (float64) from its neuron activations ``h`` [tokens, I]: ``h (W_out * P)^T + b_out``."""
-    prior = torch.ones(mlp.width, dtype=torch.float64) if mlp.scale is None else mlp.scale.double()
-    target = h @ (mlp.w_out.double() * prior[None, :]).T
-    return target if mlp.b_out is None else target + mlp.b_out.double()
-
-
-def calibrated_prune(mlp: MLPWeights, k: int, x: torch.Tensor, activation, *, refit: bool = True,
-                     alpha: float = 1e-3) -> MLPWeights:
-    """Structured pruning on calibration inputs ``x`` [tokens, p]: keep the ``k`` neurons of highest
-    :func:`importance` (in their original order), then :func:`ridge_refit` the output weight.
+def calibrated_prune(mlp: MLPWeights, k: int, x, activation, *, refit: bool = True,
+                     alpha: float = 1e-3, device=None) -> MLPWeights:
+    """Structured pruning on calibration inputs ``x`` ([tokens, p] or chunks): keep the ``k`` neurons
+    of highest :func:`importance` (in their original order), then :func:`ridge_refit` the output weight.
 
     ``k == I`` returns the original function exactly. Raises InputError for ``k`` outside ``1..I``
     or a bad ``x``.
@@ -249,63 +320,68 @@ def calibrated_prune(mlp: MLPWeights, k: int, x: torch.Tensor, activation, *, re
     width = mlp.width
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= width:
         raise InputError(f"the pruned width k must be an integer between 1 and {width}, got {k!r}")
-    h = neuron_activations(mlp, x, activation)
-    score = importance(mlp, h)
+    score = importance(mlp, activation_statistics(mlp, x, activation, device=device))
     keep = torch.argsort(-score, stable=True)[:k].sort().values
     pruned = mlp.map_neurons(lambda t: t[keep].clone(), lambda w: w[:, keep].clone())
     pruned.scale = None if mlp.scale is None else mlp.scale[keep].clone()
     if refit and k < width:
-        pruned = ridge_refit(pruned, x, original_output(mlp, h), activation, alpha)
+        pruned = ridge_refit(pruned, mlp, x, activation, alpha, device=device)
+        error = pruned.stats["relative_error"]
+    else:
+        error = 0.0 if k == width else output_error(pruned, mlp, x, activation, device=device)
     pruned.stats = {"kept_importance": float(score[keep].sum() / score.sum().clamp_min(1e-300)),
-                    "refit": bool(refit and k < width)}
+                    "refit": bool(refit and k < width), "relative_error": error}
     return pruned
 
 
-def _whitening(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, L^-1) with ``L L^T`` the Gram ``inputs^T inputs`` (float64), damped by 1e-6 of its mean diagonal
-    so that it is positive definite even for too few tokens or dead inputs."""
-    gram = inputs.double().T @ inputs.double()
+def _whitening(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, L^-1) with ``L L^T`` = ``gram`` (float64), damped by 1e-6 of its mean diagonal so that it is
+    positive definite even for too few tokens or dead inputs."""
+    gram = gram.double()
     damp = 1e-6 * float(torch.diagonal(gram).mean().clamp_min(1e-12))
-    lower = torch.linalg.cholesky(gram + damp * torch.eye(gram.shape[0], dtype=torch.float64))
-    return lower, torch.linalg.inv(lower)
+    lower = torch.linalg.cholesky(gram + damp * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device))
+    return lower, torch.linalg.solve_triangular(lower, torch.eye(gram.shape[0], dtype=torch.float64,
+                                                                   device=gram.device), upper=False)
 
 
-def whitened_factors(weight: torch.Tensor, inputs: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activation-aware rank-``rank`` factors (A [r, in], B [out, r]) of ``weight`` [out, in] (float64).
+def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation-aware rank-``rank`` factors (A [r, in], B [out, r]) of ``weight`` [out, in] (float64, CPU).
 
-    SVD-LLM style: with ``L`` the Cholesky factor of the inputs' Gram ``X^T X`` (``inputs`` = X
-    [tokens, in]), ``B A`` minimises ``||X W^T - X (B A)^T||`` over rank-r matrices: the SVD of
+    SVD-LLM style (Wang et al. 2024): with ``L`` the Cholesky factor of the inputs' Gram ``gram`` =
+    ``X^T X`` [in, in], ``B A`` minimises ``||X W^T - X (B A)^T||`` over rank-r matrices: the SVD of
     ``W L`` truncated to ``r``, multiplied back by ``L^-1``.
     """
-    lower, inverse = _whitening(inputs)
-    u, s, vh = torch.linalg.svd(weight.double() @ lower, full_matrices=False)
+    lower, inverse = _whitening(gram)
+    u, s, vh = torch.linalg.svd(weight.double().to(lower.device) @ lower, full_matrices=False)
     root = s[:rank].sqrt()
-    return (root[:, None] * vh[:rank]) @ inverse, u[:, :rank] * root
+    return ((root[:, None] * vh[:rank]) @ inverse).cpu(), (u[:, :rank] * root).cpu()
 
 
-def calibrated_svd(mlp: MLPWeights, rank: int, x: torch.Tensor, activation, *, alpha: float = 1e-3) -> MLPWeights:
-    """Activation-aware truncated SVD of every projection on calibration inputs ``x`` [tokens, p].
+def calibrated_svd(mlp: MLPWeights, rank: int, x, activation, *, alpha: float = 1e-3, device=None) -> MLPWeights:
+    """Activation-aware truncated SVD of every projection on calibration inputs ``x`` ([tokens, p] or chunks).
 
-    The input-side weights (up, gate) are factorised by :func:`whitened_factors` on ``x``; then the
-    output weight is fitted on the *compressed* activations ``h'`` (ridge, as :func:`ridge_refit`)
-    to the original output, and that fit is factorised on ``h'`` (reduced-rank regression). Biases
-    stay. ``stats["rank"]`` holds ``rank``. Raises InputError for a bad ``x``.
+    The input-side weights (up, gate) are factorised by :func:`whitened_factors` on the inputs'
+    Gram; then the output weight is fitted on the *compressed* activations ``h'`` (ridge, as
+    :func:`ridge_refit`) to the original output, and that fit is factorised on ``h'``'s Gram
+    (reduced-rank regression). Biases stay. ``stats["rank"]`` holds ``rank``. Raises InputError for
+    a bad ``x``.
     """
-    h = neuron_activations(mlp, x, activation)
-    target = original_output(mlp, h)
+    stats = activation_statistics(mlp, x, activation, device=device, input_gram=True)
     factors, dense = {}, {}
     for name in ("w_gate", "w_in"):
         weight = getattr(mlp, name)
         if weight is not None:
-            first, second = whitened_factors(weight, x, rank)
+            first, second = whitened_factors(weight, stats.input_gram, rank)
             factors[name], dense[name] = (first.to(weight.dtype), second.to(weight.dtype)), (second @ first).to(weight.dtype)
     squeezed = replace(mlp, **dense, scale=None, low_rank={})
-    refit = ridge_refit(squeezed, x, target, activation, alpha)  # the output weight on h' (effective: no P)
-    h_new = neuron_activations(squeezed, x, activation)
-    first, second = whitened_factors(refit.w_out.double(), h_new, rank)
+    stats = refit_statistics(squeezed, mlp, x, activation, device=device)
+    effective = solve_ridge(stats.gram, stats.cross, alpha)  # the output weight on h' (effective: no P)
+    first, second = whitened_factors(effective, stats.gram, rank)
     factors["w_out"] = (first.to(mlp.w_out.dtype), second.to(mlp.w_out.dtype))
     dense["w_out"] = (second @ first).to(mlp.w_out.dtype)
-    return replace(mlp, **dense, scale=None, stats={"rank": rank, "refit": True}, low_rank=factors)
+    error = stats.relative_error(second.double() @ first.double(), mlp.b_out)
+    return replace(mlp, **dense, scale=None, stats={"rank": rank, "refit": True, "relative_error": error},
+                   low_rank=factors)
 
 
 def _check_inputs(mlp: MLPWeights, x: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ import torch
 from ..kmeans import kmeans
 from ..mlp import MLPWeights
 from . import MethodOptions, clusters_neurons, register
-from .calibrated import calibrated_fusion, size_histogram
+from .calibrated import calibrated_fusion, output_error, size_histogram
 
 
 def cluster_average(tensor: torch.Tensor, labels: torch.Tensor, k: int, dim: int = 0) -> torch.Tensor:
@@ -86,8 +86,9 @@ def _data_aware(mlp: MLPWeights, k: int, options: MethodOptions, refit: bool) ->
     start = time.perf_counter()
     fused = calibrated_fusion(mlp, k, calibration.inputs, calibration.activation,
                               protect=calibration.protected_count(k, mlp.width), refit=refit,
-                              alpha=calibration.ridge, seed=options.seed)
-    fused.stats.update(kmeans_seconds=time.perf_counter() - start, backend="weighted")
+                              alpha=calibration.ridge, seed=options.seed, backend=options.backend,
+                              device=calibration.device, init=options.kmeans_init)
+    fused.stats.update(kmeans_seconds=time.perf_counter() - start)
     return fused
 
 
@@ -110,7 +111,8 @@ def cluster(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
     With ``options.calibration``: the importance-weighted clustering of calibrated fusion (protected
     neurons included), no refit, sqrt(P) folded in the same way.
     """
-    if options.calibration is not None:
+    calibration = options.calibration
+    if calibration is not None:
         fused = _data_aware(mlp, k, options, refit=False)
         sizes = fused.scale
         fused.scale = None
@@ -121,4 +123,7 @@ def cluster(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
     if fused.b_in is not None:
         fused.b_in = fused.b_in * root.to(fused.b_in.dtype)
     fused.w_out = fused.w_out * root[None, :].to(fused.w_out.dtype)
+    if calibration is not None and k < mlp.width:  # the folded MLP's own error on the calibration tokens
+        fused.stats["relative_error"] = output_error(fused, mlp, calibration.inputs, calibration.activation,
+                                                     device=calibration.device)
     return fused

@@ -31,7 +31,7 @@ def prune(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
     """
     if options.calibration is not None:
         c = options.calibration
-        return calibrated_prune(mlp, k, c.inputs, c.activation, alpha=c.ridge)
+        return calibrated_prune(mlp, k, c.inputs, c.activation, alpha=c.ridge, device=c.device)
     score = importance(mlp)
     order = torch.argsort(-score, stable=True)
     keep = order[:k].sort().values

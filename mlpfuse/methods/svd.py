@@ -62,7 +62,7 @@ def svd(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
     rank = matched_rank(mlp, k)
     if options.calibration is not None:
         c = options.calibration
-        return calibrated_svd(mlp, rank, c.inputs, c.activation, alpha=c.ridge)
+        return calibrated_svd(mlp, rank, c.inputs, c.activation, alpha=c.ridge, device=c.device)
     factors, dense = {}, {}
     for name in WEIGHTS:
         weight = getattr(mlp, name)
