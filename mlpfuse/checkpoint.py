@@ -221,8 +221,7 @@ class ShardedWriter:
             self._finish_shard()
         if self._file is None:
             self._open_shard()
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
+        self._file.write(memoryview(flat_bytes(tensor).numpy()))
         self._entries[name] = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
                                "data_offsets": [self._offset, self._offset + size]}
         self._offset += size
@@ -293,6 +292,19 @@ class ShardedWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         return names + [SAFE_INDEX]
+
+
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The elements of ``tensor`` in row-major order as a flat uint8 tensor on the CPU, whatever its strides.
+
+    ``contiguous()`` alone is not enough: a view whose only non-unit dimension is 1 long (a width-1
+    bias cut from a wider matrix, stride 65) counts as contiguous yet keeps its stride, and bytes
+    can be read only from a stride-1 buffer. Such a tensor (and any strided view) is copied once.
+    """
+    flat = tensor.detach().to("cpu").reshape(-1)
+    if flat.numel() > 0 and flat.stride(0) != 1:
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    return flat.view(torch.uint8)
 
 
 _QUEUE_BYTES = 256 << 20  # tensors waiting for a background ShardedWriter's thread

@@ -345,3 +345,21 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(EnvironmentProblem):
             resolve_device("cuda:0")
+
+
+# --- width 1: the smallest width is a valid width ----------------------------------------------
+
+@pytest.mark.parametrize("family, width_args", [("bert", ["--dim", "1"]), ("bert", ["--ratio", "0.001"]),
+                                                ("llama", ["--dim", "1"])])
+def test_fusing_to_width_one_writes_a_checkpoint_that_reloads(family, width_args, tiny_checkpoint, tmp_path):
+    import mlpfuse
+
+    directory = tiny_checkpoint(family)[0]
+    output = tmp_path / "out"
+    result = run("fuse", directory, *width_args, "-o", output)  # --ratio 0.001 rounds to 0: never below 1
+    assert result.exit_code == 0, result.output
+    section = json.loads((output / "config.json").read_text())["mlpfuse"]
+    assert set(section["widths"].values()) == {1}
+    model = mlpfuse.load(output)  # (fuse checked that it loads clean before the rename)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).last_hidden_state).all()
