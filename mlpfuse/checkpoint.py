@@ -133,6 +133,18 @@ class CheckpointReader:
             return handle.get_slice(name).get_dtype()
         return str(handle[name].dtype).replace("torch.", "")
 
+    def nbytes(self, name: str, dtype: torch.dtype | None = None) -> int:
+        """Bytes of a tensor as stored, or cast to ``dtype``; read from the header, not the data."""
+        numel = 1
+        for size in self.shape(name):
+            numel *= size
+        if dtype is not None:
+            return numel * dtype.itemsize
+        handle = self._open(self._file_of[name])
+        if not self.is_safetensors:
+            return numel * handle[name].element_size()
+        return numel * _ST_BYTES.get(handle.get_slice(name).get_dtype(), 1)  # float8 and smaller: 1 at most
+
     def sha256(self) -> str:
         """Hash of the weight files' bytes, in file-name order: identifies the source checkpoint."""
         return file_sha256(*self.files)
@@ -167,6 +179,7 @@ _ST_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_ST_BYTES = {**{name: dtype.itemsize for dtype, name in _ST_DTYPES.items()}, "U64": 8, "U32": 4, "U16": 2}
 _HEADER_SPACE = 1 << 20  # bytes reserved for each shard's JSON header while its data is written
 _COMPACT_BELOW = 64 << 20  # shards with less data than this are rewritten with an exact header on close
 
