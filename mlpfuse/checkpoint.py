@@ -133,6 +133,18 @@ class CheckpointReader:
             return handle.get_slice(name).get_dtype()
         return str(handle[name].dtype).replace("torch.", "")
 
+    def nbytes(self, name: str, dtype: torch.dtype | None = None) -> int:
+        """Bytes of a tensor as stored, or cast to ``dtype``; read from the header, not the data."""
+        numel = 1
+        for size in self.shape(name):
+            numel *= size
+        if dtype is not None:
+            return numel * dtype.itemsize
+        handle = self._open(self._file_of[name])
+        if not self.is_safetensors:
+            return numel * handle[name].element_size()
+        return numel * _ST_BYTES.get(handle.get_slice(name).get_dtype(), 1)  # float8 and smaller: 1 at most
+
     def sha256(self) -> str:
         """Hash of the weight files' bytes, in file-name order: identifies the source checkpoint."""
         return file_sha256(*self.files)
@@ -167,6 +179,7 @@ _ST_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_ST_BYTES = {**{name: dtype.itemsize for dtype, name in _ST_DTYPES.items()}, "U64": 8, "U32": 4, "U16": 2}
 _HEADER_SPACE = 1 << 20  # bytes reserved for each shard's JSON header while its data is written
 _COMPACT_BELOW = 64 << 20  # shards with less data than this are rewritten with an exact header on close
 
@@ -221,8 +234,7 @@ class ShardedWriter:
             self._finish_shard()
         if self._file is None:
             self._open_shard()
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
+        self._file.write(memoryview(flat_bytes(tensor).numpy()))
         self._entries[name] = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
                                "data_offsets": [self._offset, self._offset + size]}
         self._offset += size
@@ -293,6 +305,19 @@ class ShardedWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         return names + [SAFE_INDEX]
+
+
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The elements of ``tensor`` in row-major order as a flat uint8 tensor on the CPU, whatever its strides.
+
+    ``contiguous()`` alone is not enough: a view whose only non-unit dimension is 1 long (a width-1
+    bias cut from a wider matrix, stride 65) counts as contiguous yet keeps its stride, and bytes
+    can be read only from a stride-1 buffer. Such a tensor (and any strided view) is copied once.
+    """
+    flat = tensor.detach().to("cpu").reshape(-1)
+    if flat.numel() > 0 and flat.stride(0) != 1:
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    return flat.view(torch.uint8)
 
 
 _QUEUE_BYTES = 256 << 20  # tensors waiting for a background ShardedWriter's thread

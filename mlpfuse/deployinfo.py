@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import read_config
+from .validate import quantisation
 from .remote.modeling_mlpfuse import FUSED_MODEL_TYPE, base_config_from, fused_model_class
 
 from .format import EXPORT_SECTION  # noqa: E402  (provenance key in an exported config.json)
@@ -75,7 +76,8 @@ def flop_counts(config: dict) -> dict:
 def describe(directory: Path, flops: bool | None = None) -> dict:
     """Deployment facts of the checkpoint in ``directory`` as a JSON-ready dict.
 
-    Keys: ``kind`` (fused | exported | plain), ``model_type`` (base architecture), ``remote_code``
+    Keys: ``kind`` (fused | exported | plain), ``model_type`` (base architecture), ``quantised`` (how,
+    or None; see :func:`mlpfuse.validate.quantisation`: the other commands refuse it), ``remote_code``
     (whether loading needs ``trust_remote_code=True`` or ``import mlpfuse``), ``layers`` (fused: label,
     width before and after), ``width_fields`` (the config's MLP widths), ``parameters`` (before and
     after when known), ``export`` (provenance of an export), ``flops`` (see :func:`flop_counts`; computed
@@ -85,7 +87,7 @@ def describe(directory: Path, flops: bool | None = None) -> dict:
     kind = checkpoint_kind(config)
     section = config.get("mlpfuse") or {}
     model_type = config.get("base_model_type") if kind == "fused" else config.get("model_type")
-    facts = {"kind": kind, "model_type": model_type, "remote_code": kind == "fused",
+    facts = {"kind": kind, "model_type": model_type, "quantised": quantisation(directory), "remote_code": kind == "fused",
              "width_fields": width_fields(config), "parameters": section.get("parameters", {}),
              "export": config.get(EXPORT_SECTION)}
     labels = section.get("layer_labels", section.get("layers", []))

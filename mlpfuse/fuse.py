@@ -18,7 +18,7 @@ import yaml
 from . import __version__
 from .arch import MLPSite, find_prefix, lookup, resolve_sites
 from .arch.io import module_specs, read_mlp, site_width, tensor_names, write_mlp, written_layouts
-from .arch.moe import expert_width, parse_experts
+from .arch.moe import expert_keys, expert_width, parse_experts, shared_keys
 from .card import model_card
 from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, write_json
 from .distributed import gather_in_order, is_worker, rank_device, serve
@@ -40,7 +40,7 @@ from .remote.modeling_mlpfuse import (
 )
 from .runtime import InBackground, dtype_name, torch_dtype
 from .source import resolve_model
-from .output import carry_side_files, claim_output, guarded_outputs, staging_directory
+from .output import carry_side_files, check_free_space, claim_output, guarded_outputs, staging_directory
 from .tied import absent_paths, carry_merge_layout, fusable_input, sites_touching
 from .validate import check_checkpoint
 RECIPE_FILE = "mlpfuse_recipe.yaml"
@@ -227,6 +227,28 @@ def _check_plans(settings: FuseSettings, plans: list[LayerPlan]) -> None:
     check_can_write(settings.method, needs)
 
 
+def estimated_output_bytes(plans: list[LayerPlan], reader: CheckpointReader, prefix: str, keys,
+                           dtype: torch.dtype | None) -> int:
+    """A lower bound of the weight bytes ``fuse`` writes, from the plan and the headers (no tensor read).
+
+    Every tensor counts at its output dtype (``_cast``'s rule); those of a planned site (its MLP, or
+    its routed and shared experts) shrink by the site's ``width / original_width``. A bound from
+    below, so a refusal is never wrong: the scale buffers P, an output bias kept whole, experts left
+    out by ``--experts`` and the low-rank factors of ``svd`` all make the real output larger.
+    """
+    shrink: dict[str, float] = {}
+    for plan in plans:
+        site = plan.site
+        names = (expert_keys(site, prefix, keys) | shared_keys(site, prefix, keys) if site.experts
+                 else set(tensor_names(site, prefix, keys).values()))
+        shrink.update(dict.fromkeys(names, plan.width / plan.original_width))
+    total = 0
+    for key in keys:
+        cast = dtype is not None and reader.is_floating(key) and not key.endswith(f".{SCALE_BUFFER}")
+        total += int(reader.nbytes(key, dtype if cast else None) * shrink.get(key, 1.0))
+    return total
+
+
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, name: str = "") -> torch.Tensor:
     if name.endswith(f".{SCALE_BUFFER}"):  # P keeps its exact float32 values in every output dtype
         return tensor
@@ -285,6 +307,8 @@ def fuse_checkpoint(
     plans = plan_layers(sites, widths, chosen, settings.dim, settings.ratio,
                         settings.per_layer, settings.allow_full_width)
     _check_plans(settings, plans)
+    if target is not None:  # a disk too small for the output is found now, not after the k-means
+        check_free_space(target, estimated_output_bytes(plans, reader, prefix, keys, dtype))
     options = MethodOptions(seed=settings.seed, backend=settings.backend, device=rank_device(settings.device),
                             kmeans_init=settings.kmeans_init)
     calibration = None

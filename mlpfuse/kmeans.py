@@ -29,6 +29,7 @@ DEFAULT_INIT = "kmeans-parallel"  # chosen from benchmarks/seeding_bench.py (doc
 PARALLEL_ROUNDS = 5  # k-means|| oversampling passes (Bahmani et al. 2012 use about 5)
 PARALLEL_OVERSAMPLING = 1.0  # candidates drawn per pass, as a multiple of k (their l = k)
 FAISS_CHUNK = 10  # FAISS has no stopping rule: run it this many iterations at a time, then test the shift
+FAISS_SEEDS = 2**31  # faiss.ClusteringParameters.seed is a C int: 0 .. 2**31 - 1
 
 
 @dataclass
@@ -333,6 +334,16 @@ def _finish(x_cpu: torch.Tensor, labels: torch.Tensor, k: int,
     return labels, means.float(), inertia
 
 
+def faiss_seed(seed: int) -> int:
+    """The seed handed to FAISS for ``seed``: itself below 2**31, else wrapped into [0, 2**31) (``seed % 2**31``).
+
+    FAISS takes a signed 32-bit seed; mlpfuse's seeds go to 2**32 - 1 and beyond (``seed + run``,
+    ``seed + iterations``). Deterministic, and every seed below 2**31 reaches FAISS as it always did.
+    Two seeds 2**31 apart share a FAISS seed but not the seeding (torch takes the whole seed).
+    """
+    return seed % FAISS_SEEDS
+
+
 def _faiss_lloyd(x: torch.Tensor, init: torch.Tensor, max_iter: int, seed: int, dev: torch.device,
                  tol: float, w: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """FAISS Lloyd iterations from the given centroids (point weights ``w`` [n] or None); returns
@@ -348,7 +359,7 @@ def _faiss_lloyd(x: torch.Tensor, init: torch.Tensor, max_iter: int, seed: int, 
     while done < max_iter:
         cp = faiss.ClusteringParameters()
         cp.niter = min(FAISS_CHUNK, max_iter - done)
-        cp.seed = seed + done
+        cp.seed = faiss_seed(seed + done)
         cp.verbose = False
         cp.min_points_per_centroid = 1
         cp.max_points_per_centroid = n  # never subsample: neuron counts are small

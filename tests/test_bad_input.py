@@ -24,7 +24,7 @@ from mlpfuse.runtime import dtype_name, resolve_device
 from mlpfuse.source import bundled_model_path
 from mlpfuse.validate import check_checkpoint
 
-from .conftest import DENSE_FAMILIES, build_tiny, tree_digest
+from .conftest import DENSE_FAMILIES, build_tiny, save_tokenizer, tree_digest
 from .test_tune import make_checkpoints, write_texts
 
 runner = CliRunner()
@@ -345,3 +345,123 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(EnvironmentProblem):
             resolve_device("cuda:0")
+
+
+# --- width 1: the smallest width is a valid width ----------------------------------------------
+
+@pytest.mark.parametrize("family, width_args", [("bert", ["--dim", "1"]), ("bert", ["--ratio", "0.001"]),
+                                                ("llama", ["--dim", "1"])])
+def test_fusing_to_width_one_writes_a_checkpoint_that_reloads(family, width_args, tiny_checkpoint, tmp_path):
+    import mlpfuse
+
+    directory = tiny_checkpoint(family)[0]
+    output = tmp_path / "out"
+    result = run("fuse", directory, *width_args, "-o", output)  # --ratio 0.001 rounds to 0: never below 1
+    assert result.exit_code == 0, result.output
+    section = json.loads((output / "config.json").read_text())["mlpfuse"]
+    assert set(section["widths"].values()) == {1}
+    model = mlpfuse.load(output)  # (fuse checked that it loads clean before the rename)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).last_hidden_state).all()
+
+
+# --- quantised checkpoints: refused up front, for that reason, by every command ------------------
+
+def _quantise(directory: Path, tensors_of, config: dict | None) -> None:
+    """Replace every linear weight of the layer blocks by ``tensors_of(name, weight)``; set quantization_config."""
+    def edit(tensors):
+        for name in [k for k in tensors if ".layers." in k and k.endswith("_proj.weight")]:
+            tensors.update(tensors_of(name, tensors.pop(name)))
+    _edit_weights(directory, edit)
+    if config is not None:
+        _edit_config(directory, _set("quantization_config", config))
+
+
+def _gptq(name, w):
+    base, (out, inp) = name[: -len(".weight")], w.shape
+    return {f"{base}.qweight": torch.zeros(inp // 8, out, dtype=torch.int32),
+            f"{base}.qzeros": torch.zeros(1, out // 4, dtype=torch.int32),
+            f"{base}.scales": torch.ones(1, out, dtype=torch.float16), f"{base}.g_idx": torch.zeros(inp, dtype=torch.int32)}
+
+
+def _nf4(name, w):
+    return {name: torch.zeros(w.numel() // 2, 1, dtype=torch.uint8), f"{name}.absmax": torch.ones(w.numel() // 64),
+            f"{name}.quant_map": torch.linspace(-1, 1, 16),
+            f"{name}.quant_state.bitsandbytes__nf4": torch.zeros(40, dtype=torch.uint8)}
+
+
+def _int8(name, w):
+    return {name: w.to(torch.int8), f"{name[: -len('.weight')]}.SCB": torch.ones(w.shape[0])}
+
+
+def _fp8(name, w):
+    return {name: w.to(torch.float8_e4m3fn), f"{name}_scale": torch.ones(w.shape[0], 1)}
+
+
+def _w4a16(name, w):
+    base = name[: -len(".weight")]
+    return {f"{base}.weight_packed": torch.zeros(w.shape[0], w.shape[1] // 8, dtype=torch.int32),
+            f"{base}.weight_scale": torch.ones(w.shape[0], 1, dtype=torch.float16),
+            f"{base}.weight_shape": torch.tensor(list(w.shape))}
+
+
+QUANTISED = {  # case: (tensors, quantization_config, what the message names)
+    "gptq": (_gptq, {"quant_method": "gptq", "bits": 4, "group_size": -1}, "quantised (gptq"),
+    "gptq tensors, no config": (_gptq, None, "quantised (gptq: it holds tensor model.layers.0"),
+    "bitsandbytes nf4": (_nf4, {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+                         "quantised (bitsandbytes"),
+    "bitsandbytes nf4 tensors, no config": (_nf4, None, "quantised (bitsandbytes"),
+    "bitsandbytes int8, old config": (_int8, {"load_in_8bit": True}, "quantised (bitsandbytes"),
+    "bitsandbytes int8 tensors, no config": (_int8, None, "quantised (bitsandbytes"),
+    "compressed-tensors fp8": (_fp8, {"quant_method": "compressed-tensors", "format": "float-quantized"},
+                               "quantised (compressed-tensors"),
+    "compressed-tensors w4a16": (_w4a16, {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+                                 "quantised (compressed-tensors"),
+    "compressed-tensors w4a16 tensors, no config": (_w4a16, None, "quantised (compressed-tensors"),
+    "bare F8_E4M3 tensors": (lambda name, w: {name: w.to(torch.float8_e4m3fn)}, None, "is F8_E4M3"),
+    "float weights, stale gptq config": (lambda name, w: {name: w}, {"quant_method": "gptq", "bits": 4},
+                                         "quantised (gptq, says config.json's quantization_config)"),
+}
+
+
+@pytest.fixture
+def quantised(tiny_checkpoint):
+    """Factory: a tiny LLaMA checkpoint quantised as QUANTISED[case] says; returns its directory and fragment."""
+    def make(case: str):
+        directory = tiny_checkpoint("llama")[0]
+        tensors_of, config, fragment = QUANTISED[case]
+        _quantise(directory, tensors_of, config)
+        return directory, fragment
+    return make
+
+
+@pytest.mark.parametrize("case", sorted(QUANTISED))
+def test_a_quantised_checkpoint_is_refused_for_being_quantised(case, quantised, tmp_path):
+    directory, fragment = quantised(case)
+    before = tree_digest(directory)
+    output = tmp_path / "out"
+    result = run("fuse", directory, "--ratio", "0.5", "-o", output)
+    assert_one_line_error(result, 2, fragment, output)
+    assert "the original or a dequantised copy" in result.stderr and "fusing" not in result.stderr  # before any work
+    assert tree_digest(directory) == before
+
+
+def test_every_command_that_reads_a_checkpoint_refuses_a_quantised_one_and_inspect_reports_it(quantised, trained,
+                                                                                             tmp_path):
+    directory, _ = quantised("float weights, stale gptq config")
+    save_tokenizer(directory)
+    text = trained["text"]
+    commands = {
+        "merge-layers": ["merge-layers", directory, "--layers", "0-1", "--no-permute", "-o", tmp_path / "out"],
+        "tune": ["tune", trained["fused"], "--teacher", directory, "--data", text, "-o", tmp_path / "out"],
+        "finetune": ["finetune", directory, "--train", text, "-o", tmp_path / "out", "--max-steps", "1"],
+        "export": ["export", directory, "-o", tmp_path / "out"],
+        "eval": ["eval", directory, "--data", text],
+        "ntk-check": ["ntk-check", directory, "--data", text, "--samples", "4", "--dim", "8"],
+    }
+    for name, args in commands.items():
+        assert_one_line_error(run(*args), 2, "this checkpoint is quantised (gptq", tmp_path / "out")
+    result = run("inspect", directory, "--no-flops", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "quantised (gptq" in result.output
+    assert json.loads((tmp_path / "r.json").read_text())["quantised"].startswith("gptq")

@@ -324,3 +324,34 @@ def test_fuse_kmeans_init_option(tiny_checkpoint, tmp_path):
         outs[init] = (tmp_path / init / "model.safetensors").read_bytes()
         assert f"kmeans_init: {init}" in (tmp_path / init / "mlpfuse_recipe.yaml").read_text()
     assert outs["greedy"] != outs["kmeans-parallel"]  # the option reaches k-means
+
+
+FAISS_ONLY = pytest.mark.skipif(not km.available_backends()["faiss-cpu"], reason="faiss not installed")
+
+
+@FAISS_ONLY
+@pytest.mark.parametrize("seed", [2**31 - 1, 2**31, 2**32 - 1])
+def test_every_documented_seed_runs_through_faiss(seed):
+    x, truth = planted()
+    first = km.kmeans(x, 6, seed=seed, backend="faiss", n_init=2)  # seed + 1 is past 2**32 - 1 too
+    again = km.kmeans(x, 6, seed=seed, backend="faiss", n_init=2)
+    check_result(first, x, 6)
+    assert torch.equal(first.labels, again.labels) and same_partition(first.labels, truth)
+
+
+def test_faiss_seed_is_the_seed_below_2_31_and_wraps_above():
+    assert [km.faiss_seed(s) for s in (0, 7, 2**31 - 1)] == [0, 7, 2**31 - 1]  # outputs of these seeds unchanged
+    assert km.faiss_seed(2**31) == 0 and km.faiss_seed(2**32 - 1) == 2**31 - 1 and km.faiss_seed(2**32 + 9) == 9
+
+
+@FAISS_ONLY
+def test_fuse_with_the_largest_seed_through_faiss(tiny_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from mlpfuse.cli import app
+
+    source, _, _ = tiny_checkpoint("bert")
+    result = CliRunner().invoke(app, ["fuse", str(source), "-o", str(tmp_path / "out"), "--dim", "8",
+                                      "--backend", "faiss", "--seed", str(2**32 - 1)])
+    assert result.exit_code == 0, result.output
+    assert "seed: 4294967295" in (tmp_path / "out" / "mlpfuse_recipe.yaml").read_text()

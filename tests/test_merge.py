@@ -234,3 +234,14 @@ def test_bad_input_is_one_line_and_writes_nothing(checkpoints, texts, tmp_path, 
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", [["--no-permute"], ["--drop"]])
+def test_a_checkpoint_without_tokenizer_merges_when_no_text_is_read(mode, tiny_checkpoint, texts, tmp_path):
+    source = tiny_checkpoint("bert")[0]  # config and weights only, as fuse accepts
+    assert not list(source.glob("tokenizer*")) and not list(source.glob("vocab*"))
+    result = run("merge-layers", source, "--layers", "0-1", *mode, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert mlpfuse.load(tmp_path / "out").encoder.layer[0].output.dense is not None
+    result = run("merge-layers", source, "--layers", "0-1", *mode, "--eval", texts / "train.tsv", "-o", tmp_path / "x")
+    assert result.exit_code == 2 and "no tokenizer files" in result.stderr and not (tmp_path / "x").exists()

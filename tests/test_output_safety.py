@@ -2,14 +2,16 @@
 
 Covers: output inside / around / equal to an input, the current directory, an empty path;
 ``--overwrite`` only over an earlier mlpfuse output; a second concurrent run; a directory that
-appears at the target during the run; Ctrl-C after the final rename; a SIGKILLed run's leftovers;
-``--json`` paths checked first; read-only and full output filesystems (exit 3, nothing left).
+appears at the target during the run (with ``--overwrite`` too); Ctrl-C after the final rename; a
+SIGKILLed run's leftovers; ``--json`` paths checked first; read-only and full output filesystems
+(exit 3, nothing left), and too little free space for fuse's estimate (exit 3 before any k-means).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,6 +201,65 @@ def test_a_directory_created_at_the_target_during_the_run_is_kept(src, writer, w
                             TuneSettings(max_steps=1, batch_size=4, max_length=16), on_step=appear)
     assert out.is_dir() and sorted(p.name for p in out.iterdir()) == (["theirs.txt"] if with_file else [])
     assert [p for p in hidden(tmp_path) if "tune-state" not in p] == []
+
+
+@pytest.mark.parametrize("before", ["nothing", "an earlier output"])
+def test_with_overwrite_an_output_put_at_the_target_during_the_run_is_kept(src, before, tmp_path):
+    """--overwrite replaces what was at the target at the start, never what appeared (or took its place) meanwhile."""
+    earlier, out = tmp_path / "earlier", tmp_path / "out"
+    assert run("fuse", src.original, "--dim", "8", "-o", earlier).exit_code == 0
+    if before == "an earlier output":
+        shutil.copytree(earlier, out)
+
+    def put_theirs(*_):  # another earlier mlpfuse output, which --overwrite could replace had it been there
+        if not (out / "theirs.txt").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(earlier, out)
+            (out / "theirs.txt").write_text("created meanwhile")
+
+    change = "appeared" if before == "nothing" else "was replaced or changed"
+    with pytest.raises(InputError, match=f"{change} while this run worked and was left as it is"):
+        fuse_checkpoint(str(src.original), out, FuseSettings(dim=9), overwrite=True, on_layer=put_theirs)
+    assert (out / "theirs.txt").is_file() and json.loads((out / "config.json").read_text())["mlpfuse"]["widths"]["0"] == 8
+    assert hidden(tmp_path) == []  # left alone (still theirs, of width 8), the staging folder removed
+    assert run("fuse", src.original, "--dim", "9", "-o", out, "--overwrite").exit_code == 0  # there at the start
+
+
+def _count_calls(monkeypatch, module, name: str) -> list:
+    """Count the calls of the real ``module.name`` (it still runs)."""
+    real, calls = getattr(module, name), []
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def _report_free(monkeypatch, free: int) -> None:
+    """shutil.disk_usage as it is, but with ``free`` bytes free."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free))
+
+
+def test_too_little_free_space_for_the_estimated_output_exits_3_before_any_kmeans(src, tmp_path, monkeypatch):
+    from mlpfuse import kmeans
+
+    plain = tmp_path / "plain"
+    assert run("fuse", src.original, "--dim", "8", "-o", plain).exit_code == 0
+    written = (plain / "model.safetensors").stat().st_size
+    seedings = _count_calls(monkeypatch, kmeans, "_seed")  # every k-means run starts with its seeding
+    _report_free(monkeypatch, written // 2)
+    result = run("fuse", src.original, "--dim", "8", "-o", tmp_path / "out")
+    one_line_error(result, 3, "no space left for")
+    assert "free some space or choose another -o" in result.stderr and "fusing" not in result.stderr
+    assert seedings == []  # no k-means ran
+    assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
+    _report_free(monkeypatch, written)  # the estimate is a bound from below: room for the real output is enough
+    result = run("fuse", src.original, "--dim", "8", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert seedings and (tmp_path / "out" / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
 
 
 # ------------------------------------------------------------------ interruptions

@@ -160,3 +160,31 @@ def test_background_writer_abort_stops_the_thread_before_the_folder_goes(tmp_pat
     files_after_abort = sorted(p.name for p in tmp_path.iterdir())
     time.sleep(0.2)
     assert sorted(p.name for p in tmp_path.iterdir()) == files_after_abort
+
+
+def odd_layouts():
+    """Views whose strides no contiguous() call fixes: a width-1 bias cut from a [k, 65] feature matrix, etc."""
+    features = torch.arange(3 * 65, dtype=torch.float32).reshape(3, 65)
+    return {
+        "one.bias": features[:1, 32],  # [1], stride 65 (fuse --dim 1: b_in of the single cluster)
+        "one.column": features[:, 32:33],  # [3, 1], strides (65, 1)
+        "one.element": torch.as_strided(features, (1, 1), (65, 65)),  # [1, 1], strides (65, 65)
+        "every.other": features[:, ::2],  # step slicing
+        "broadcast": torch.ones(4, dtype=torch.bfloat16).expand(3, 4),  # stride 0
+        "offset": features.flatten()[7:19],  # storage offset
+        "bf16.column": features.to(torch.bfloat16)[1:, 64:],  # [2, 1], strides (65, 1)
+    }
+
+
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("compact_below", [64 << 20, 0])
+def test_any_strided_view_is_written_as_its_values(tmp_path, monkeypatch, background, compact_below):
+    monkeypatch.setattr(checkpoint, "_COMPACT_BELOW", compact_below)
+    writer = ShardedWriter(tmp_path, 10**9, background=background)
+    src = odd_layouts()
+    for name, t in src.items():
+        writer.add(name, t)
+    writer.close()
+    back, _ = read_back(tmp_path)
+    for name, t in src.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape and torch.equal(back[name], t), name

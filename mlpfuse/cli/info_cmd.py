@@ -24,7 +24,7 @@ def inspect(
 
     check_json_path(json_path, model)
 
-    directory = resolve_model(model)
+    directory = resolve_model(model, quantised_ok=True)  # reported below; every other command refuses it
     config = read_config(directory)
     facts = describe(directory, flops)
     section = config.get("mlpfuse") or {}
@@ -51,6 +51,9 @@ def inspect(
     else:
         out.print(f"{directory}: a plain {model_type} checkpoint (not fused)", highlight=False)
         out.print("remote code: not needed", highlight=False)
+    if facts["quantised"]:
+        out.print(f"quantised ({facts['quantised']}): mlpfuse's other commands need the original or a dequantised copy",
+                  highlight=False)
     if facts["width_fields"] and kind != "fused":
         out.print("MLP widths: " + ", ".join(f"{k}={v}" for k, v in facts["width_fields"].items()), highlight=False)
     params = facts["parameters"]
