@@ -61,6 +61,7 @@ class FuseSettings:
     per_layer: dict = field(default_factory=dict)
     max_shard_size: str = "5GB"
     allow_full_width: bool = False
+    multiple_of: int = 1  # every fused width rounded down to a multiple of this (never below 1 or above the original)
     experts: str | list | None = None  # MoE: experts to fuse in each chosen sparse layer (None = all)
     kmeans_init: str = "kmeans-parallel"  # k-means seeding: kmeans-parallel (k-means||) or greedy (k-means++)
     # --calibration: the data-aware form of the method, on calibration text run layer by layer (calibration.py)
@@ -305,7 +306,7 @@ def fuse_checkpoint(
     widths = _site_widths([s for s in sites if s.index not in absent], reader.shape, prefix, keys)
     chosen = [i for i in parse_layers(settings.layers, len(sites)) if i not in absent] if absent else settings.layers
     plans = plan_layers(sites, widths, chosen, settings.dim, settings.ratio,
-                        settings.per_layer, settings.allow_full_width)
+                        settings.per_layer, settings.allow_full_width, settings.multiple_of)
     _check_plans(settings, plans)
     if target is not None:  # a disk too small for the output is found now, not after the k-means
         check_free_space(target, estimated_output_bytes(plans, reader, prefix, keys, dtype))
@@ -490,7 +491,7 @@ def fuse_model(model: torch.nn.Module, settings: FuseSettings) -> FuseReport:
     sites = resolve_sites(spec, config)
     widths = _site_widths(sites, lambda k: tuple(state[k].shape), "", keys)
     plans = plan_layers(sites, widths, settings.layers, settings.dim, settings.ratio,
-                        settings.per_layer, settings.allow_full_width)
+                        settings.per_layer, settings.allow_full_width, settings.multiple_of)
     _check_plans(settings, plans)
     backend = resolve_backend(settings.backend, settings.device)
     options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device,

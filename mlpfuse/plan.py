@@ -64,6 +64,19 @@ def target_width(original: int, dim: int | None, ratio: float | None, where: str
     return int(dim)
 
 
+def check_multiple(multiple_of) -> None:
+    """Refuse a ``--multiple-of`` that is not a positive integer (InputError)."""
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise InputError(f"--multiple-of must be an integer >= 1, got {multiple_of!r}")
+
+
+def round_width(width: int, multiple_of: int, original: int) -> int:
+    """``width`` rounded down to a multiple of ``multiple_of`` (tensor-core and GGUF block friendly);
+    when that is 0, the smallest multiple, and never above ``original``."""
+    rounded = (width // multiple_of) * multiple_of
+    return min(rounded if rounded > 0 else multiple_of, original)
+
+
 @dataclass
 class LayerPlan:
     site: MLPSite
@@ -79,12 +92,15 @@ def plan_layers(
     ratio: float | None,
     overrides: dict | None = None,
     allow_full_width: bool = False,
+    multiple_of: int = 1,
 ) -> list[LayerPlan]:
     """One LayerPlan per chosen site; per-layer ``overrides`` ({index: {dim|ratio}}) beat the defaults.
 
-    ``--dim`` equal to the intermediate size is refused (nothing would be compressed) unless
+    Every width is then rounded by :func:`round_width` to a multiple of ``multiple_of``. ``--dim``
+    equal to the intermediate size is refused (nothing would be compressed) unless
     ``allow_full_width`` (the exactness check in tests and ntk-check uses it).
     """
+    check_multiple(multiple_of)
     chosen = parse_layers(layers, len(sites))
     overrides = _override_map(overrides)
     unknown = sorted(set(overrides) - set(chosen))
@@ -101,7 +117,7 @@ def plan_layers(
                 raise InputError(f"per-layer override for layer {index} has unknown key(s) {sorted(extra)}; use dim or ratio")
             layer_dim, layer_ratio = overrides[index].get("dim"), overrides[index].get("ratio")
         where = f" (layer {site.label})" if index in overrides or dim is not None else ""
-        width = target_width(original, layer_dim, layer_ratio, where)
+        width = round_width(target_width(original, layer_dim, layer_ratio, where), multiple_of, original)
         if width == original and not allow_full_width:
             raise InputError(
                 f"width {width} equals the intermediate size of layer {site.label}: nothing to compress; "

@@ -189,3 +189,27 @@ def test_already_fused_input_is_refused(bert_dir, tmp_path):
     assert run("fuse", bert_dir, "--dim", "8", "-o", tmp_path / "out").exit_code == 0
     one_line_error(run("fuse", tmp_path / "out", "--dim", "4", "-o", tmp_path / "o2"), 2, "already an mlpfuse checkpoint")
     assert Path(tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("args, widths", [
+    (["--ratio", "0.5", "--multiple-of", "8"], [16, 16]),  # 22 -> 16
+    (["--dim", "5", "--multiple-of", "8"], [8, 8]),  # below the first multiple: the first multiple
+    (["--ratio", "0.9", "--multiple-of", "64"], None),  # the first multiple is above the original 44: refused
+])
+def test_multiple_of_rounds_every_width(args, widths, tiny_checkpoint, tmp_path):
+    source, _, _ = tiny_checkpoint("llama")
+    result = CliRunner().invoke(app, ["fuse", str(source), "-o", str(tmp_path / "out"), "--layers", "all", *args,
+                                      "--json", str(tmp_path / "r.json")])
+    if widths is None:  # rounding up to the original width compresses nothing: refused like --dim 44
+        assert result.exit_code == 2 and "nothing to compress" in result.stderr, result.output
+        return
+    assert result.exit_code == 0, result.output
+    assert [layer["width"] for layer in json.loads((tmp_path / "r.json").read_text())["layers"]] == widths
+
+
+def test_multiple_of_must_be_a_positive_integer(tiny_checkpoint, tmp_path):
+    source, _, _ = tiny_checkpoint("llama")
+    result = CliRunner().invoke(app, ["fuse", str(source), "-o", str(tmp_path / "out"), "--ratio", "0.5",
+                                      "--multiple-of", "0"])
+    assert result.exit_code == 2 and "--multiple-of must be an integer >= 1" in result.stderr, result.output
+    assert not (tmp_path / "out").exists()

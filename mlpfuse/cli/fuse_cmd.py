@@ -24,7 +24,7 @@ RECIPE_FIELDS = {f.name for f in fields(FuseSettings)} - {"allow_full_width"} | 
 _NONE = type(None)
 RECIPE_TYPES = {  # what each recipe field may hold (YAML types)
     "model": (str,), "output": (str,), "overwrite": (bool,), "layers": (str, int, list), "dim": (int, _NONE),
-    "ratio": (float, _NONE), "method": (str,), "backend": (str,), "device": (str, _NONE), "seed": (int,),
+    "ratio": (float, _NONE), "multiple_of": (int,), "method": (str,), "backend": (str,), "device": (str, _NONE), "seed": (int,),
     "dtype": (str,), "per_layer": (dict, _NONE), "max_shard_size": (str, int), "experts": (str, int, list, _NONE),
     "kmeans_init": (str,), "calibration": (str, _NONE), "calibration_limit": (int, str, _NONE), "max_length": (int,),
     "calibration_batch_size": (int,),
@@ -39,6 +39,7 @@ def fuse(
     layers: str = typer.Option(None, "--layers", help="MLP layers to fuse: 4-11, 0,2,4 or all.", show_default="all"),
     dim: int = typer.Option(None, "--dim", help="Fused intermediate width k."),
     ratio: float = typer.Option(None, "--ratio", help="Fused width as a fraction of the original (instead of --dim)."),
+    multiple_of: int = typer.Option(None, "--multiple-of", help="Round every fused width down to a multiple of N (tensor cores, GGUF blocks); never below N's first multiple or above the original.", show_default="1"),
     method: str = typer.Option(None, "--method", help=f"Compression method: {METHODS_HELP}", show_default="fusion"),
     backend: str = backend_option(None),
     kmeans_init: str = typer.Option(None, "--kmeans-init", help="k-means seeding: kmeans-parallel (k-means||) or greedy (k-means++).", show_default="kmeans-parallel"),
@@ -83,6 +84,7 @@ def fuse(
         layers=merge(layers, recipe, "layers", "all"),
         dim=merge(dim, recipe, "dim"),
         ratio=merge(ratio, recipe, "ratio"),
+        multiple_of=merge(multiple_of, recipe, "multiple_of", 1),
         method=merge(method, recipe, "method", "fusion"),
         backend=merge(backend, recipe, "backend", "auto"),
         kmeans_init=merge(kmeans_init, recipe, "kmeans_init", "kmeans-parallel"),

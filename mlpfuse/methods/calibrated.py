@@ -40,6 +40,10 @@ from ..errors import InputError
 from ..mlp import MLPWeights
 
 CHUNK_TOKENS = 4096  # rows per chunk when one [tokens, p] tensor is given
+# Lloyd iterations of the importance-weighted k-means: FAISS's own default. The refit that follows
+# absorbs what further iterations would move, and one iteration of an 8B-sized layer (14,336 neurons,
+# 12,288 features, k = 7,168) is about 2.5 TFLOP.
+KMEANS_ITERATIONS = 25
 
 
 def token_chunks(x) -> list[torch.Tensor]:
@@ -246,7 +250,7 @@ def importance_clusters(mlp: MLPWeights, k: int, score: torch.Tensor, protected:
     if mlp.scale is not None:
         features[:, -mlp.w_out.shape[0]:] *= mlp.scale.float()[:, None]
     result = kmeans(features[others], k - m, seed=seed, backend=backend, device=device, init=init,
-                    weights=score[others].float())
+                    weights=score[others].float(), max_iter=KMEANS_ITERATIONS)
     labels = torch.empty(width, dtype=torch.long)
     labels[protected] = torch.arange(m)
     labels[others] = result.labels + m
