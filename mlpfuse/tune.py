@@ -12,8 +12,10 @@ first layer that contains a fused MLP on (earlier layers are identical in both m
 Each sequence's first non-padding token (the attention sink of a decoder) counts with weight
 ``first_token_weight`` in the MSE and in the variance. With ``kl_weight`` > 0 the KL divergence
 between the teacher's and the student's next-token distributions (temperature ``kl_temperature``)
-is added; otherwise the language-model head is never run. Only the weights of the fused MLP
-modules train; the cluster sizes P are a buffer and stay constant; everything else is frozen.
+is added, computed from the last hidden states a chunk of tokens at a time so that its memory does
+not grow with the vocabulary (:mod:`mlpfuse.tune_kl`); otherwise the language-model head is never
+run. Only the weights of the fused MLP modules train; the cluster sizes P are a buffer and stay
+constant; everything else is frozen.
 AdamW, one epoch by default. :func:`held_out_metrics` measures the student before and after on
 held-out text: perplexity for causal LMs, the hidden-state relative error otherwise.
 
@@ -29,6 +31,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +49,7 @@ from .modeling import TASKS, is_fused, load
 from .options import check_optional_positive, check_positive, check_seed
 from .runtime import check_window, file_sha256, load_tokenizer, max_positions, resolve_device
 from .source import resolve_model
+from .tune_kl import KLHeads, chunked_logit_kl, kl_heads, token_kl
 
 STATE_SUFFIX = ".tune-state"  # OUTPUT.tune-state/ beside the output holds an interrupted run's state
 STATE_VERSION = 1
@@ -112,6 +116,7 @@ class TuneReport:
     after: dict | None = None  # the same after tuning
     reference: dict | None = None  # the teacher's, where it is not trivially perfect (perplexity)
     evaluation: dict | None = None  # where the held-out text came from
+    kl_logits: str | None = None  # how the KL term got its logits: "chunks of N tokens", "full", None (no KL)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -248,8 +253,9 @@ def _replaying(model: torch.nn.Module, shared: tuple[str, int] | None, outputs: 
             del layers[i].forward
 
 
-def _forward(model: torch.nn.Module, encoded: dict, logits: bool) -> tuple:
-    """(hidden states, logits or None). Without ``logits`` a decoder runs only its base model, never
+def _forward(model: torch.nn.Module, encoded: dict, logits: bool = False, last: bool = False) -> tuple:
+    """(hidden states, then the logits with ``logits``, the base model's last hidden state [batch, seq,
+    hidden] with ``last``, else None). Without ``logits`` a decoder runs only its base model, never
     the (full-vocabulary) output head. Encoder-decoder models: the encoder's then the decoder's
     states (the text as decoder input)."""
     if getattr(model.config, "is_encoder_decoder", False):
@@ -259,7 +265,8 @@ def _forward(model: torch.nn.Module, encoded: dict, logits: bool) -> tuple:
     if logits:
         out = model(**encoded, output_hidden_states=True)
         return out.hidden_states, out.logits
-    return model.base_model(**encoded, output_hidden_states=True).hidden_states, None
+    out = model.base_model(**encoded, output_hidden_states=True)
+    return out.hidden_states, out.last_hidden_state if last else None
 
 
 def token_weights(mask: torch.Tensor, first_token_weight: float = 1.0) -> torch.Tensor:
@@ -329,22 +336,26 @@ def layerwise_loss(student_states, teacher_states, mask: torch.Tensor, tokens: t
 def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
              tokens: torch.Tensor | None = None) -> torch.Tensor:
     """KL(teacher || student) of the next-token distributions at temperature T, times T^2, summed
-    over non-padding tokens and divided by ``tokens`` (default: their count). Logits [batch, seq, vocab]."""
-    teacher_log = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    student_log = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    per_token = (teacher_log.exp() * (teacher_log - student_log)).sum(dim=-1)
+    over non-padding tokens and divided by ``tokens`` (default: their count). Logits [batch, seq, vocab].
+    Tuning computes the same from the last hidden states chunk by chunk where it can (:mod:`mlpfuse.tune_kl`)."""
+    per_token = token_kl(student_logits, teacher_logits, temperature)
     weights = mask.to(per_token.dtype)
     count = weights.sum() if tokens is None else tokens.to(per_token.dtype)
     return (per_token * weights).sum() / count * temperature ** 2
 
 
-def _batch_loss(student, teacher, encoded: dict, settings: TuneSettings, first_layer: int, reduce=None) -> torch.Tensor:
-    """The tuning loss of one batch (or of this rank's share when ``reduce`` sums over the ranks)."""
+def _batch_loss(student, teacher, encoded: dict, settings: TuneSettings, first_layer: int, reduce=None,
+                heads: KLHeads | None = None) -> torch.Tensor:
+    """The tuning loss of one batch (or of this rank's share when ``reduce`` sums over the ranks).
+
+    The KL term comes from the last hidden states chunk by chunk when ``heads`` are given
+    (:func:`mlpfuse.tune_kl.kl_heads`), from the full [batch, seq, vocab] logits otherwise."""
     kl = settings.kl_weight > 0
+    full_logits, last = kl and heads is None, kl and heads is not None
     mask = encoded["attention_mask"]
     shared = shared_layers(student)
     with torch.no_grad(), _recording(teacher, shared) as early:
-        target, target_logits = _forward(teacher, encoded, kl)
+        target, target_out = _forward(teacher, encoded, full_logits, last)
     weight_total, token_total, variances = None, None, None
     statistics = None
     if settings.layer_loss == "variance":
@@ -356,12 +367,15 @@ def _batch_loss(student, teacher, encoded: dict, settings: TuneSettings, first_l
     if statistics is not None:
         variances = layer_variances(statistics)
     with _replaying(student, shared, early):
-        states, logits = _forward(student, encoded, kl)
+        states, out = _forward(student, encoded, full_logits, last)
     loss = layerwise_loss(states, target, mask, weight_total, first_layer=first_layer,
                           first_token_weight=settings.first_token_weight, layer_loss=settings.layer_loss,
                           variances=variances)
-    if kl:
-        loss = loss + settings.kl_weight * logit_kl(logits, target_logits, mask, settings.kl_temperature, token_total)
+    if full_logits:
+        loss = loss + settings.kl_weight * logit_kl(out, target_out, mask, settings.kl_temperature, token_total)
+    elif last:
+        loss = loss + settings.kl_weight * chunked_logit_kl(out, target_out, heads, mask, settings.kl_temperature,
+                                                            token_total)
     return loss
 
 
@@ -417,20 +431,21 @@ def tune_model(
     writes = state_dir is not None and rank == 0  # under torchrun only rank 0 saves state
     first_layer = first_changed_state(student)
     shape = _statistics_shape(teacher, tokenizer, texts[0], settings, first_layer, device) if size > 1 else None
+    heads = _kl_heads(student, teacher, tokenizer, texts[0], settings, device)
     step = start_step
     try:
         for step in range(start_step, len(batches)):
             optimizer.zero_grad(set_to_none=True)
             if size == 1:
                 encoded = _encode(tokenizer, [texts[i] for i in batches[step]], settings.max_length, device)
-                loss = _batch_loss(student, teacher, encoded, settings, first_layer)
+                loss = _batch_loss(student, teacher, encoded, settings, first_layer, heads=heads)
                 value = loss.item()
                 if not math.isfinite(value):
                     raise InputError(f"the tuning loss became {value} at step {step + 1}; lower --lr")
                 loss.backward()
             else:
                 value = _distributed_step(student, teacher, tokenizer, [texts[i] for i in batches[step][rank::size]],
-                                          settings, device, list(named.values()), first_layer, shape)
+                                          settings, device, list(named.values()), first_layer, shape, heads)
                 if not math.isfinite(value):  # the same summed value on every rank: all stop
                     raise InputError(f"the tuning loss became {value} at step {step + 1}; lower --lr")
             optimizer.step()
@@ -455,7 +470,22 @@ def tune_model(
         "initial_loss": losses[0] if losses else float("nan"),
         "final_loss": sum(tail) / len(tail) if tail else float("nan"),
         "losses": losses, "trainable_parameters": sum(p.numel() for p in named.values()),
+        "kl_logits": None if not settings.kl_weight else f"chunks of {heads.chunk} tokens" if heads else "full",
     }
+
+
+def _kl_heads(student, teacher, tokenizer, text, settings: TuneSettings, device) -> KLHeads | None:
+    """The output heads for the chunked KL (:func:`mlpfuse.tune_kl.kl_heads`, checked on ``text``); None
+    without a KL term, for a model that is not a causal LM, or (with a warning) where a head does
+    not reproduce its model's logits: the KL then comes from the full logits."""
+    if not settings.kl_weight or not is_causal_lm(student):
+        return None
+    heads = kl_heads(student, teacher, _encode(tokenizer, [text], settings.max_length, device))
+    if heads is None:
+        warnings.warn(f"tune: the chunked KL cannot reproduce the logits of the student or the teacher "
+                      f"({type(student).__name__}, {type(teacher).__name__}) from its output head; computing the KL "
+                      f"from the full [tokens, vocabulary] logits (memory grows with the vocabulary)", stacklevel=2)
+    return heads
 
 
 def _statistics_shape(teacher, tokenizer, text, settings: TuneSettings, first_layer: int, device) -> tuple:
@@ -467,7 +497,7 @@ def _statistics_shape(teacher, tokenizer, text, settings: TuneSettings, first_la
 
 
 def _distributed_step(student, teacher, tokenizer, texts: list, settings: TuneSettings, device, parameters: list,
-                      first_layer: int, shape: tuple) -> float:
+                      first_layer: int, shape: tuple, heads: KLHeads | None = None) -> float:
     """One torchrun step on this rank's share ``texts`` of the batch (may be empty): backward, then
     the gradients summed over the ranks. Returns the whole batch's loss (the same on every rank).
 
@@ -476,7 +506,7 @@ def _distributed_step(student, teacher, tokenizer, texts: list, settings: TuneSe
     value = torch.zeros((), dtype=torch.float64)
     if texts:
         encoded = _encode(tokenizer, texts, settings.max_length, device)
-        loss = _batch_loss(student, teacher, encoded, settings, first_layer, reduce=all_reduce_sum)
+        loss = _batch_loss(student, teacher, encoded, settings, first_layer, reduce=all_reduce_sum, heads=heads)
         loss.backward()
         value = loss.detach().double().cpu()
     else:  # join the same all-reduces as the other ranks, with nothing to add
@@ -771,4 +801,5 @@ def tune_checkpoint(
         final_loss=result["final_loss"], trainable_parameters=result["trainable_parameters"],
         seconds=time.perf_counter() - start, resumed_from=result["resumed_from"], settings=asdict(settings),
         losses=result["losses"], before=before, after=after, reference=reference, evaluation=evaluation,
+        kl_logits=result["kl_logits"],
     )

@@ -3,6 +3,7 @@ the skipped LM head, and the before/after report on held-out text."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,8 +17,10 @@ from mlpfuse.fuse import FuseSettings, fuse_model
 from mlpfuse.source import bundled_model_path
 from mlpfuse.tune import (TuneSettings, first_changed_state, hidden_error, layerwise_loss, logit_kl, token_weights,
                           tune_checkpoint, tune_model)
+from mlpfuse.tune import _encode
+from mlpfuse.tune_kl import chunked_logit_kl, kl_heads, last_hidden_state
 
-from .conftest import tiny_config
+from .conftest import TINY, build_tiny, model_inputs, tiny_config
 from .test_bad_input import assert_one_line_error
 from .test_tune import make_checkpoints, write_texts
 
@@ -139,7 +142,9 @@ def test_without_kl_the_lm_head_is_never_called(llama_last_layer):
     without = run(0.0)
     assert calls == []
     with_kl = run(1.0)
-    assert len(calls) == 4  # 2 steps x (teacher + student)
+    # the check of the chunked heads (full forward + head, teacher and student), then per step each
+    # head once in the forward and once more in the checkpointed backward (one chunk at this size)
+    assert len(calls) == 4 + 2 * 4
     assert with_kl > without  # the KL term adds to the same first-step layer loss
 
 
@@ -263,3 +268,125 @@ def test_the_student_replays_the_teachers_early_layers_with_the_same_loss(llama_
     replayed.backward()
     assert student.model.layers[1].mlp.up_proj.weight.grad is not None
     assert "forward" not in vars(student.model.layers[0])  # the layer computes again afterwards
+
+
+# --- the chunked KL (memory that does not grow with the vocabulary) ----------------------------
+
+def _kl_pair(name: str, **overrides):
+    """A tiny teacher of family ``name`` and a student: the same model with its last layer's weights nudged."""
+    teacher, _ = build_tiny(name, seed=0, **overrides)
+    student, _ = build_tiny(name, seed=0, **overrides)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name_, parameter in student.named_parameters():
+            if ".1." in name_ and parameter.dim() == 2:  # layer 1 (every family here names it so)
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return student, teacher
+
+
+def _kl_and_grads(student, loss_of) -> tuple[float, dict]:
+    student.zero_grad(set_to_none=True)
+    loss = loss_of()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("llama", {}),
+    ("gemma2", {"final_logit_softcapping": 0.3}),  # a cap small enough to bend the tiny model's logits
+    ("gpt2", {}),
+])
+def test_chunked_kl_equals_the_full_logits_kl_in_loss_and_gradients(name, overrides):
+    student, teacher = _kl_pair(name, **overrides)
+    inputs = model_inputs(name, batch=2, length=7)  # 12 real tokens (row 0 ends in 2 padding positions)
+    mask = inputs["attention_mask"]
+    heads = kl_heads(student, teacher, inputs)
+    assert heads is not None
+    heads = dataclasses.replace(heads, chunk=5)  # 3 chunks, the last one short
+    with torch.no_grad():
+        teacher_logits, teacher_hidden = teacher(**inputs).logits, last_hidden_state(teacher, inputs)
+    full, full_grads = _kl_and_grads(student, lambda: logit_kl(student(**inputs).logits, teacher_logits, mask, 2.0))
+    chunked, chunked_grads = _kl_and_grads(student, lambda: chunked_logit_kl(
+        last_hidden_state(student, inputs), teacher_hidden, heads, mask, 2.0))
+    assert full > 1e-4 and chunked == pytest.approx(full, rel=1e-5)
+    assert full_grads.keys() == chunked_grads.keys() and len(full_grads) > 4
+    for key, grad in full_grads.items():
+        torch.testing.assert_close(chunked_grads[key], grad, rtol=1e-4, atol=1e-7, msg=key)
+    if overrides:  # the softcapping matters here: the bare projection does not give the model's logits
+        with torch.no_grad():
+            projected = teacher.get_output_embeddings()(teacher_hidden)
+            assert not torch.allclose(projected, teacher(**inputs).logits, atol=1e-3)
+
+
+def test_chunked_kl_ignores_padding_positions():
+    student, teacher = _kl_pair("llama")
+    inputs = model_inputs("llama", batch=2, length=7)
+    other = {**inputs, "input_ids": inputs["input_ids"].clone()}
+    other["input_ids"][0, -2:] = 5  # other tokens at row 0's (right) padding positions
+    heads = dataclasses.replace(kl_heads(student, teacher, inputs), chunk=4)
+    with torch.no_grad():
+        values = [chunked_logit_kl(last_hidden_state(student, batch), last_hidden_state(teacher, batch), heads,
+                                   batch["attention_mask"]).item() for batch in (inputs, other)]
+        full = logit_kl(student(**inputs).logits, teacher(**inputs).logits, inputs["attention_mask"]).item()
+    assert values[0] == pytest.approx(values[1], rel=1e-6) and values[0] == pytest.approx(full, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", [name for name in TINY if TINY[name][1] == "causal-lm"])
+def test_every_registered_causal_family_gets_the_chunked_kl(name):
+    """Each family's head (projection plus its config's logit scaling or softcapping) gives the model's logits."""
+    model, _ = build_tiny(name)
+    assert kl_heads(model, model, model_inputs(name)) is not None
+
+
+class _ScaledLlama(transformers.LlamaForCausalLM):
+    """A causal LM whose logits are something the chunked heads do not know of."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+
+def test_a_head_the_chunked_kl_does_not_know_falls_back_to_the_full_logits(llama_last_layer):
+    original, fused, _ = llama_last_layer
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(fused))
+    student, teacher = mlpfuse.load(fused, task="causal-lm"), mlpfuse.load(original, task="causal-lm")
+    inputs = _encode(tokenizer, ["good movie"], 16, "cpu")
+    assert kl_heads(student, teacher, inputs) is not None
+    scaled = _ScaledLlama(teacher.config).eval()
+    scaled.load_state_dict(teacher.state_dict())
+    assert kl_heads(student, scaled, inputs) is None
+    texts = ["good movie", "bad plot and a long dull film", "fine"]
+    with pytest.warns(UserWarning, match="full .tokens, vocabulary. logits"):
+        result = tune_model(student, scaled, tokenizer, texts, TuneSettings(batch_size=3, max_steps=1))
+    assert result["kl_logits"] == "full"
+
+
+def test_tuning_with_the_chunked_kl_follows_the_full_logits_run(llama_last_layer, monkeypatch):
+    """The same losses and trained weights, step by step, whether the KL comes from 3-token chunks or
+    from the full logits (packed windows and padded rows, the replayed early layer, AdamW)."""
+    import mlpfuse.tune as tune
+    import mlpfuse.tune_kl as tune_kl
+
+    original, fused, _ = llama_last_layer
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(fused))
+    texts = ["good movie", "bad plot and a long dull film", "fine", "a bright and funny actor"] * 2
+    settings = TuneSettings(batch_size=4, lr=3e-3, max_length=16, first_token_weight=0.5, kl_temperature=2.0)
+
+    def run() -> tuple[dict, dict]:
+        student, teacher = mlpfuse.load(fused, task="causal-lm"), mlpfuse.load(original, task="causal-lm")
+        result = tune_model(student, teacher, tokenizer, texts, settings)
+        return result, {n: p.detach().clone() for n, p in student.named_parameters() if "layers.1.mlp" in n}
+
+    monkeypatch.setattr(tune_kl, "KL_CHUNK_ELEMENTS", 3 * len(tokenizer))
+    chunked, chunked_weights = run()
+    assert chunked["kl_logits"] == "chunks of 3 tokens"
+    monkeypatch.setattr(tune, "kl_heads", lambda *args: None)
+    with pytest.warns(UserWarning):
+        full, full_weights = run()
+    assert full["kl_logits"] == "full"
+    assert chunked["losses"] == pytest.approx(full["losses"], rel=1e-5)
+    for key, weight in full_weights.items():
+        torch.testing.assert_close(chunked_weights[key], weight, rtol=1e-4, atol=1e-6, msg=key)
