@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 
 from .arch import MLPSite
+from .arch.activations import capture, token_rows
 from .arch.io import read_mlp, tensor_names
 from .checkpoint import CheckpointReader
 from .data import read_table
@@ -486,14 +487,6 @@ def run_calibrated(stream: StreamingModel, data: CalibrationData, plans: list, k
                              str(store), seconds)
 
 
-def _masked(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The rows of real tokens of an MLP tensor: [B, T, d] indexed by the mask, or [B*T, d] (models that
-    flatten tokens before the MLP) by the flattened mask."""
-    if tensor.dim() == 2 and tensor.shape[0] == mask.numel():
-        return tensor[mask.reshape(-1)]
-    return tensor[mask]
-
-
 class _Captured(Exception):
     """Raised by a hook once every MLP input of a layer is caught: the rest of its forward is not needed."""
 
@@ -503,23 +496,16 @@ def _capture_mlp_inputs(stream, layer, path, group, calls, chain, masks, store, 
     with its first mini-batch's intermediate values. With ``keep_outputs`` the layer's outputs too;
     without, each mini-batch after the first stops as soon as its MLP inputs are caught."""
     inputs = {plan.site.index: ([], None) for plan in group}
-    handles, seen = [], {}
     stop = {"armed": False}
+    outputs = []
 
-    def keep_input(module, args, index):
-        seen[("x", index)] = args[0]
-        if stop["armed"] and all(("x", plan.site.index) in seen for plan in group):
+    def caught_input(index):
+        if stop["armed"] and all(caught.get(plan.site.index, "x") is not None for plan in group):
             raise _Captured
 
-    for plan in group:
-        site = plan.site
-        first = stream.base.get_submodule(site.modules[0].path)
-        down = stream.base.get_submodule(site.module_path("down"))
-        handles.append(first.register_forward_pre_hook(lambda m, args, i=site.index: keep_input(m, args, i)))
-        handles.append(down.register_forward_pre_hook(lambda m, args, i=site.index: seen.__setitem__(("h", i), args[0])))
-    outputs = []
-    try:
+    with capture(stream.base, [plan.site for plan in group], ("x", "h"), on_input=caught_input) as caught:
         for b, call in enumerate(calls[path]):
+            caught.clear()
             stop["armed"] = b > 0 and not keep_outputs
             try:
                 out = call(layer, chain[b].to(stream.device))
@@ -529,16 +515,12 @@ def _capture_mlp_inputs(stream, layer, path, group, calls, chain, masks, store, 
                 pass
             for plan in group:
                 index = plan.site.index
-                if ("x", index) not in seen:
+                if caught.get(index, "x") is None:
                     raise InputError(f"--calibration: the forward pass never reached layer {plan.site.label}")
                 chunks, first_h = inputs[index]
-                chunks.append(_masked(seen[("x", index)], masks[b]).float().to(store))
+                chunks.append(token_rows(caught.get(index, "x"), masks[b]).float().to(store))
                 if first_h is None:
-                    inputs[index] = (chunks, _masked(seen[("h", index)], masks[b]).float())
-            seen.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
+                    inputs[index] = (chunks, token_rows(caught.get(index, "h"), masks[b]).float())
     return inputs, outputs
 
 
@@ -586,7 +568,7 @@ def _chain_error(chain: list, reference: list, masks: list) -> float:
     """``||chain - reference|| / ||reference||`` over the real tokens of every mini-batch."""
     diff = norm = 0.0
     for got, want, mask in zip(chain, reference, masks):
-        got, want = _masked(got, mask.to(got.device)).double(), _masked(want, mask.to(want.device)).double()
+        got, want = token_rows(got, mask.to(got.device)).double(), token_rows(want, mask.to(want.device)).double()
         diff += float((got - want).pow(2).sum())
         norm += float(want.pow(2).sum())
     return math.sqrt(diff / norm) if norm > 0 else (0.0 if diff == 0 else float("inf"))

@@ -25,6 +25,7 @@ from scipy.optimize import linear_sum_assignment
 
 from . import __version__
 from .arch import MLPSite, find_prefix, lookup, resolve_sites
+from .arch.activations import capture, token_rows
 from .arch.io import SCALE_BUFFER, module_specs, read_mlp, site_hidden, tensor_names, write_mlp
 from .checkpoint import CheckpointReader, ShardedWriter, parse_size, read_config, write_json
 from .data import read_table
@@ -264,30 +265,18 @@ class ModelSession:
     def activations(self, texts: list[str], sites: list[MLPSite], max_tokens: int) -> dict[int, dict[str, torch.Tensor]]:
         """Pre-activations (up and gate projection outputs) of ``sites`` on non-padding tokens."""
         store: dict[tuple[int, str], list] = {}
-        handles, mask_box = [], {}
-        for site in sites:
-            for site_module in site.modules:
-                if site_module.roles == ("down",):
-                    continue
-                module = self.base.get_submodule(site_module.path)
-
-                def hook(_module, _inputs, output, index=site.index, roles=site_module.roles):
-                    flat = output.reshape(-1, output.shape[-1])[mask_box["mask"]].float()
-                    for role, part in zip(roles, flat.chunk(len(roles), -1)):  # a packed [gate; up] output splits
-                        store.setdefault((index, role), []).append(part)
-
-                handles.append(module.register_forward_hook(hook))
         tokens = 0
-        try:
+        with capture(self.base, sites, ("pre",)) as caught:
             for batch in self.batches(texts):
-                mask_box["mask"] = batch["attention_mask"].reshape(-1).bool()
+                caught.clear()
+                mask = batch["attention_mask"].bool()
                 self._forward(batch)
-                tokens += int(mask_box["mask"].sum())
+                for site in sites:
+                    for role, part in caught.get(site.index, "pre").items():
+                        store.setdefault((site.index, role), []).append(token_rows(part, mask).float())
+                tokens += int(mask.sum())
                 if tokens >= max_tokens:
                     break
-        finally:
-            for handle in handles:
-                handle.remove()
         out: dict[int, dict[str, torch.Tensor]] = {}
         for (index, role), chunks in store.items():
             out.setdefault(index, {})[role] = torch.cat(chunks)[:max_tokens]

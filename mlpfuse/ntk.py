@@ -33,6 +33,7 @@ from typing import Callable, Iterable
 import torch
 
 from .arch import lookup, resolve_sites
+from .arch.activations import by_sample, token_rows
 from .arch.io import module_width, written_layouts
 from .arch.spec import MLPSite
 from .checkpoint import read_config
@@ -200,14 +201,12 @@ def probe(model: torch.nn.Module, site: MLPSite, batches: list[dict], scalar: Sc
             roles = list(modules)
             cotangents = torch.autograd.grad(f.sum(), [captured[role][1] for role in roles])
             keep = batch["attention_mask"].bool()
-            # some families (OPT) run their MLP on flattened [batch * tokens, hidden]: back to [batch, tokens, ...]
-            by_sample = lambda t: t.reshape(*keep.shape, t.shape[-1])  # noqa: E731
-            mlp_outputs.append(by_sample(captured["down"][1].detach())[keep])
+            mlp_outputs.append(token_rows(captured["down"][1].detach(), keep))
             hiddens.append(hidden.detach()[keep])
             per_batch = []
             for role, cotangent in zip(roles, cotangents):
-                per_batch.extend(_per_sample_grads(modules[role], by_sample(captured[role][0].detach()),
-                                                   by_sample(cotangent), chunk))
+                per_batch.extend(_per_sample_grads(modules[role], by_sample(captured[role][0].detach(), keep),
+                                                   by_sample(cotangent, keep), chunk))
             grads.append(per_batch)
     finally:
         for hook in hooks:
