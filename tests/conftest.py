@@ -18,6 +18,11 @@ import transformers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread (here and in the subprocesses tests start), unless OMP_NUM_THREADS says otherwise: tiny
+# models gain nothing from more, and on a shared, busy CPU torch's threads spin waiting for each other (on
+# 2 cores at load 4-5, test_finetune, test_ntk and test_kmeans took 71 s of CPU with 2 threads, 14 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 

@@ -39,6 +39,7 @@ def report():
     return run_bench(preset_sources(TINY, layers="1", dims=[K], label="tiny"), BenchSettings(**QUICK, memory=True))
 
 
+@pytest.mark.slow
 def test_every_field_is_measured_and_ratios_refer_to_the_original(report):
     original, fused = report.models
     data = json.loads(json.dumps(report.to_dict()))
@@ -57,6 +58,7 @@ def test_every_field_is_measured_and_ratios_refer_to_the_original(report):
     assert fused.ratios["inference_paired"] == pytest.approx(per_round[len(per_round) // 2])
 
 
+@pytest.mark.slow
 def test_parameter_and_flop_counts_match_the_hand_computation(report):
     original, fused = report.models
     for model, widths in ((original, [I, I]), (fused, [I, K])):

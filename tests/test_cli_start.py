@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 import mlpfuse
 from mlpfuse.cli import app
+from mlpfuse.cli.commands import COMMANDS
 
 HEAVY = ("torch", "transformers", "faiss", "scipy")
 
@@ -64,6 +65,66 @@ def test_informational_commands_import_no_heavy_library(args):
     assert result.stdout.strip()
 
 
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_commands_help_imports_no_heavy_library(command):
+    """``fuse --help`` cost 11-14 s of CPU (torch, transformers, torch.distributed) before it printed."""
+    result = _python("-c", RUN_AND_REPORT.format(heavy=HEAVY), command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert _heavy_line(result.stderr) == "HEAVY="
+    assert "Usage:" in result.stdout
+
+
+# a mistyped model or data path in each command -> (arguments, the one-line error)
+MISTYPED = {
+    "fuse": (["./no-such-model", "--dim", "8", "-o", "out"], "no such checkpoint directory: ./no-such-model"),
+    "fuse --calibration": (["minilm", "--ratio", "0.5", "--calibration", "no-such.tsv", "-o", "out"],
+                           "data file no-such.tsv not found"),
+    "tune": (["./no-such-model", "--teacher", "minilm", "--data", "x.tsv", "-o", "out"], "no such checkpoint directory"),
+    "tune --data": (["minilm", "--teacher", "minilm", "--data", "no-such.tsv", "-o", "out"], "data file no-such.tsv not found"),
+    "finetune": (["./no-such-model", "--train", "x.tsv", "-o", "out"], "no such checkpoint directory"),
+    "finetune --train": (["minilm", "--train", "no-such.tsv", "-o", "out"], "data file no-such.tsv not found"),
+    "eval": (["./no-such-model", "--data", "x.tsv"], "no such checkpoint directory"),
+    "export": (["./no-such-model", "-o", "out"], "no such checkpoint directory"),
+    "ntk-check": (["minilm", "--data", "no-such.tsv"], "data file no-such.tsv not found"),
+    "bench": (["minilm", "./no-such-model"], "no such checkpoint directory"),
+    "merge-layers": (["./no-such-model", "-o", "out"], "no such checkpoint directory"),
+    "merge-layers --calibration": (["minilm", "--calibration", "no-such.tsv", "-o", "out"], "data file no-such.tsv not found"),
+    "inspect": (["./no-such-model"], "no such checkpoint directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISTYPED))
+def test_a_mistyped_path_is_refused_before_any_heavy_import(case, tmp_path):
+    args, message = MISTYPED[case]
+    (tmp_path / "x.tsv").write_text("sentence\tlabel\na fine film\t1\n")  # a data file that is there
+    result = _python("-c", RUN_AND_REPORT.format(heavy=HEAVY), case.split()[0], *args, cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("HEAVY=")]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and message in lines[0], lines
+    assert _heavy_line(result.stderr) == "HEAVY="
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_lines_copies_of_library_values_agree():
+    """What --help shows without importing the library (it pulls torch) is what the library uses."""
+    from dataclasses import fields
+
+    from mlpfuse.bench import PRESETS
+    from mlpfuse.cli import bench_cmd, finetune_cmd, fuse_cmd, ntk_cmd, tune_cmd
+    from mlpfuse.finetune import TASK_CHOICES
+    from mlpfuse.fuse import FuseSettings
+    from mlpfuse.ntk import DEFAULT_METHODS
+    from mlpfuse.tune import TuneSettings
+
+    tune_defaults = TuneSettings()
+    assert tune_cmd.TUNE_DEFAULTS == {name: getattr(tune_defaults, name) for name in tune_cmd.TUNE_DEFAULTS}
+    assert finetune_cmd.TASK_CHOICES == TASK_CHOICES
+    assert bench_cmd.PRESET_NAMES == tuple(PRESETS)
+    assert ntk_cmd.DEFAULT_METHODS == DEFAULT_METHODS
+    settings = {f.name for f in fields(FuseSettings)} - {"allow_full_width"}
+    assert fuse_cmd.RECIPE_FIELDS == settings | {"model", "output", "overwrite"}
+
+
 def test_version_prints_the_package_version():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0
@@ -72,7 +133,6 @@ def test_version_prints_the_package_version():
 
 
 def test_help_lists_every_command_and_every_method():
-    from mlpfuse.cli.commands import COMMANDS
     from mlpfuse.methods import get_method, method_names
 
     result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
@@ -94,7 +154,7 @@ def test_a_mistyped_command_gets_a_suggestion_without_importing_any():
 
 def test_listed_one_line_help_is_the_commands_own():
     """The table that lets --help list commands without importing them says what each command's docstring says."""
-    from mlpfuse.cli.commands import COMMANDS, load_command
+    from mlpfuse.cli.commands import load_command
 
     for name, (_, _, short) in COMMANDS.items():
         command = load_command(name)
@@ -102,39 +162,79 @@ def test_listed_one_line_help_is_the_commands_own():
         assert command.help.splitlines()[0] == short, name
 
 
-def _interrupt_after_import(module: str, args: list[str], cwd: Path) -> tuple[int, list[str]]:
-    """Run ``python -m mlpfuse ARGS``, send SIGINT as soon as ``module`` has been imported.
+FUSE_ARGS = ["fuse", "minilm", "--layers", "5", "--dim", "64", "-o", "out"]
+STARTING = "interrupted while starting: nothing was done"
+NOTHING_WRITTEN = "interrupted: nothing was written (partial output removed)"  # the command body had started
 
-    ``-X importtime`` reports each import on stderr as it finishes: a sync point that does not depend
-    on how fast this machine is. Returns the exit status and stderr without the import-time lines.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "MLPFUSE_DEBUG"}
-    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "mlpfuse", *args], cwd=cwd, env=env,
+
+def _mlpfuse(args: list[str], cwd: Path, env: dict | None = None, importtime: bool = False) -> subprocess.Popen:
+    """``python -m mlpfuse ARGS`` with stderr piped (``-X importtime`` reports each import there as it finishes)."""
+    env = {k: v for k, v in (env or os.environ).items() if k != "MLPFUSE_DEBUG"}
+    flags = ["-X", "importtime"] if importtime else []
+    return subprocess.Popen([sys.executable, *flags, "-m", "mlpfuse", *args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _interrupt_when(proc: subprocess.Popen, ready) -> tuple[int, list[str]]:
+    """Send SIGINT once ``ready(line)`` is true of a stderr line; the exit status and the stderr lines
+    (without import-time lines, which serve only as sync points that do not depend on this machine's speed)."""
     sent, lines = False, []
     try:
         for line in proc.stderr:
-            if line.startswith("import time:"):
-                if not sent and line.rsplit("|", 1)[-1].strip() == module:
-                    proc.send_signal(signal.SIGINT)
-                    sent = True
-            else:
+            if not sent and ready(line):
+                proc.send_signal(signal.SIGINT)
+                sent = True
+            if not line.startswith("import time:") and line.strip():
                 lines.append(line.rstrip("\n"))
         proc.wait(timeout=120)
     finally:
         proc.kill()
-    assert sent, f"{module} was never imported: {lines}"
-    return proc.returncode, [line for line in lines if line.strip()]
+    assert sent, f"never ready to interrupt: {lines}"
+    return proc.returncode, lines
 
 
-@pytest.mark.parametrize("module", ["typer", "torch", "mlpfuse.fuse"])
+@pytest.mark.parametrize("module", ["mlpfuse.cli.commands", "typer", pytest.param("torch", marks=pytest.mark.slow),
+                                    pytest.param("mlpfuse.fuse", marks=pytest.mark.slow)])
 def test_ctrl_c_while_starting_is_one_line_and_exit_130(module, tmp_path):
-    code, lines = _interrupt_after_import(module, ["fuse", "minilm", "--layers", "5", "--dim", "64", "-o", "out"],
-                                          tmp_path)
-    # 130, or killed by SIGINT (CPython re-raises it when a KeyboardInterrupt passed through eval/exec):
-    # a shell reports both as 130
-    assert code in (130, -signal.SIGINT), (code, lines)
-    assert len(lines) == 1 and "interrupted" in lines[0], lines
+    proc = _mlpfuse(FUSE_ARGS, tmp_path, importtime=True)
+    code, lines = _interrupt_when(
+        proc, lambda line: line.startswith("import time:") and line.rsplit("|", 1)[-1].strip() == module)
+    assert code == 130, lines
+    assert lines in ([STARTING], [NOTHING_WRITTEN])  # the library is imported once the command's inputs are checked
+    assert not (tmp_path / "out").exists()
+
+
+# Makes start-up raise KeyboardInterrupt inside code run from a string (as dataclasses and namedtuple
+# build their methods), as a Ctrl-C landing there would: CPython then killed `python -m` with SIGINT.
+CTRL_C_IN_EXEC = """
+import sys
+
+class CtrlCInExec:
+    def find_spec(self, name, path=None, target=None):
+        if name == "mlpfuse.cli.commands":
+            sys.meta_path.remove(self)
+            exec("raise KeyboardInterrupt")
+
+sys.meta_path.insert(0, CtrlCInExec())
+"""
+
+
+def test_ctrl_c_inside_generated_code_while_starting_still_exits_130(tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(CTRL_C_IN_EXEC)
+    path = os.pathsep.join([str(tmp_path / "site"), str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
+    proc = _mlpfuse(FUSE_ARGS, tmp_path, env={**os.environ, "PYTHONPATH": path})
+    lines = [line for line in proc.communicate(timeout=120)[1].splitlines() if line.strip()]
+    assert (proc.returncode, lines) == (130, [STARTING])
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_fuse_is_one_true_line_and_exit_130(tmp_path):
+    """The command reports the interruption; nothing else adds a second (false) line."""
+    proc = _mlpfuse(["fuse", "minilm", "--layers", "0-5", "--dim", "64", "-o", "out"], tmp_path)
+    code, lines = _interrupt_when(proc, lambda line: line.startswith("fusing: layer 0 "))
+    assert code == 130, lines
+    assert [line for line in lines if not line.startswith("fusing: layer")] == [NOTHING_WRITTEN], lines
     assert not (tmp_path / "out").exists()
 
 

@@ -22,6 +22,7 @@ def test_plain_process_is_not_distributed(monkeypatch):
     assert distributed.is_worker()
 
 
+@pytest.mark.slow
 def test_two_ranks_byte_identical_to_one_process(tiny_checkpoint, tmp_path):
     pytest.importorskip("torch.distributed.run")
     source, _, _ = tiny_checkpoint("llama")  # 2 layers: layer 0 on rank 0, layer 1 on rank 1
@@ -44,6 +45,7 @@ def test_two_ranks_byte_identical_to_one_process(tiny_checkpoint, tmp_path):
     assert done.stdout.count("parameters:") == 1  # only rank 0 reports
 
 
+@pytest.mark.slow
 def test_tune_on_two_ranks_matches_one_process(tmp_path):
     """Data parallel tune: each rank takes half of every batch of 8; the step is the one-process step."""
     pytest.importorskip("torch.distributed.run")
@@ -83,6 +85,7 @@ def test_tune_on_two_ranks_matches_one_process(tmp_path):
     assert multi_report["final_loss"] == pytest.approx(report.final_loss, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_finetune_on_two_cpu_ranks_matches_one_process(tmp_path):
     """Trainer under torchrun without GPUs: the ranks join (gloo), so 32 rows at --batch-size 4 per
     rank take 4 steps of global batch 8 and end where one process with --batch-size 8 ends."""

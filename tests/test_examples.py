@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -17,9 +18,10 @@ from typer.testing import CliRunner
 
 import mlpfuse
 from mlpfuse.cli import app
-from mlpfuse.cli.fuse_cmd import RECIPE_FIELDS
+from mlpfuse.cli.common import load_recipe
+from mlpfuse.cli.fuse_cmd import RECIPE_FIELDS, RECIPE_TYPES
 
-from .conftest import build_tiny
+from .conftest import WORDS, build_tiny, save_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 RECIPES = sorted(EXAMPLES.glob("*.yaml"))
@@ -56,20 +58,29 @@ LOCAL_MODEL = {
 def test_every_recipe_has_a_local_model_and_only_known_fields():
     assert {p.name for p in RECIPES} == set(LOCAL_MODEL)
     for recipe in RECIPES:
-        data = yaml.safe_load(recipe.read_text())
-        assert set(data) <= RECIPE_FIELDS, (recipe.name, set(data) - RECIPE_FIELDS)
+        load_recipe(str(recipe), RECIPE_FIELDS, RECIPE_TYPES)  # the loader `fuse --config` uses: names and types
+        # a field a comment suggests (`#   name: value`) must exist too
+        suggested = set(re.findall(r"^#\s+([a-z_]+):\s", recipe.read_text(), flags=re.MULTILINE))
+        assert suggested <= RECIPE_FIELDS, (recipe.name, suggested - RECIPE_FIELDS)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_fuses_and_exports_a_local_model(recipe, tmp_path):
     model, task = LOCAL_MODEL[recipe.name]()
     model.save_pretrained(tmp_path / "src")
+    recipe_data = yaml.safe_load(recipe.read_text())
+    flags = []
+    if recipe_data.get("calibration"):  # the recipe's text, as a few rows of the tiny tokenizer's words
+        save_tokenizer(tmp_path / "src")
+        rows = [" ".join(WORDS[i:i + 12]) for i in range(0, 48, 4)]
+        (tmp_path / "cal.tsv").write_text("sentence\n" + "\n".join(rows) + "\n")
+        flags = ["--calibration", str(tmp_path / "cal.tsv")]
     result = CliRunner().invoke(app, ["fuse", str(tmp_path / "src"), "--config", str(recipe), "-o", str(tmp_path / "fused"),
-                                      "--json", str(tmp_path / "report.json")])
+                                      "--json", str(tmp_path / "report.json"), *flags])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["parameters"]["after"] < report["parameters"]["before"]
-    recipe_data = yaml.safe_load(recipe.read_text())
+    assert (report["calibration"] is not None) == bool(flags)
     if "dim" in recipe_data:
         assert {layer["width"] for layer in report["layers"]} == {recipe_data["dim"]}
     result = CliRunner().invoke(app, ["export", str(tmp_path / "fused"), "-o", str(tmp_path / "plain"), "--pad"])
@@ -124,6 +135,7 @@ def _shim(directory: Path) -> dict:
             "PYTHONPATH": root + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
 
 
+@pytest.mark.slow
 def test_ci_workflow_steps_run_on_a_local_model(tmp_path):
     """The workflow's run steps, in order, as bash runs them on GitHub (install steps skipped)."""
     workflow = yaml.safe_load(WORKFLOW.read_text())
@@ -158,6 +170,7 @@ def test_ci_workflow_steps_run_on_a_local_model(tmp_path):
     assert result.returncode == 1 and "FAIL" in result.stdout
 
 
+@pytest.mark.slow
 def test_api_script_runs_fuse_tune_finetune_export(tmp_path):
     """The Python API example on the bundled MiniLM and a few SST-2 rows (the real data)."""
     data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"

@@ -26,6 +26,8 @@ AUTO = mlpfuse.TASKS  # task -> transformers Auto class name
 # BLOOM's MLP is always 4 x hidden: no config field can hold a fused width, so export refuses it.
 FIXED_WIDTH = {"bloom"}
 FAMILIES = sorted(set(TINY) - FIXED_WIDTH)
+# The quick run (-m "not slow") exports one of each layout: encoder, Conv1D, gated, stacked experts.
+QUICK_FAMILIES = {"bert", "gpt2", "llama", "mixtral"}
 
 
 def _build(name: str):
@@ -60,7 +62,8 @@ def exported(tmp_path_factory):
     return make
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in QUICK_FAMILIES else pytest.mark.slow)
+                                  for name in FAMILIES])
 def test_export_is_the_plain_architecture_with_the_fused_logits(name, exported):
     item = exported(name)
     root, task, inputs = item["root"], item["task"], item["inputs"]
@@ -79,6 +82,7 @@ def test_export_is_the_plain_architecture_with_the_fused_logits(name, exported):
     assert any(config.get(k) != source.get(k) for k in item["report"].widths)
 
 
+@pytest.mark.slow
 def test_exports_load_with_plain_transformers_in_a_fresh_process(exported, tmp_path):
     """Every family in one fresh process that imports only transformers (no trust_remote_code)."""
     jobs = []

@@ -90,6 +90,7 @@ def test_gpt2_merged_layers_load_with_their_bias_shapes_and_the_averaged_mlp(gpt
         assert torch.allclose(model(ids).logits, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gpt2_merged_layers_load_with_trust_remote_code_in_a_fresh_process(gpt2, tmp_path):
     merged, ids, expected = gpt2
     out = tmp_path / "logits.pt"
@@ -159,6 +160,7 @@ def _duplicated_llama(directory: Path, sizes=(257, 343)) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow
 def test_cluster_sizes_stay_exact_in_bfloat16_on_disk_after_load_and_after_to(tmp_path):
     original = _duplicated_llama(tmp_path / "src")
     out = tmp_path / "bf16"
@@ -250,6 +252,7 @@ def test_the_check_compares_the_reload_with_the_model_in_memory(bert, tmp_path):
 
 # ------------------------------------------------------------------ registration when loading
 
+@pytest.mark.slow
 def test_import_registers_nothing_and_load_registers_once(bert, tmp_path):
     assert run("fuse", bert, "--dim", "7", "-o", tmp_path / "f").exit_code == 0
     proc = _fresh_python(f"""

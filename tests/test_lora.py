@@ -90,6 +90,7 @@ def test_dora_merge_on_a_fused_projection_is_refused():
         lora.merge_and_unload()
 
 
+@pytest.mark.slow
 def test_exact_merge_with_only_transformers_and_peft_through_trust_remote_code(tmp_path):
     """The hook ships in the checkpoint's own code: no mlpfuse import needed for an exact merge."""
     import subprocess

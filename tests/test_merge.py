@@ -123,6 +123,7 @@ def _mlp_keys(path: Path, layer_fragment: str) -> list[str]:
         return [k for k in f.keys() if layer_fragment in k]
 
 
+@pytest.mark.slow
 def test_merged_bert_checkpoint_ties_one_module_stores_it_once_and_loads_without_mlpfuse(checkpoints, texts, tmp_path):
     source = checkpoints("bert")
     before = tree_digest(source)

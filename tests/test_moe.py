@@ -152,6 +152,7 @@ def test_fused_checkpoint_loads_with_same_routers(family, saved, tmp_path):
         assert buffer.sum(-1).eq(I if "shared" not in name else SHARED_I).all()  # cluster sizes add up
 
 
+@pytest.mark.slow
 def test_mixtral_trust_remote_code_in_fresh_process(saved, tmp_path):
     source, _ = saved["mixtral"]
     fuse_checkpoint(str(source), tmp_path / "out", FuseSettings(dim=4, layers="0", backend="torch"))

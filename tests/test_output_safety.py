@@ -163,6 +163,7 @@ def test_a_second_run_to_a_locked_output_fails_at_once(src, writer, tmp_path):
     assert hidden(tmp_path) == []  # the holder cleaned up its lock and staging directory
 
 
+@pytest.mark.slow
 def test_two_concurrent_fuse_processes_one_wins_the_other_fails_cleanly(src, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -324,6 +325,7 @@ else:
 
 
 @pytest.mark.parametrize("writer", QUICK)
+@pytest.mark.slow
 def test_a_killed_run_leaves_a_marked_temp_dir_that_the_next_run_removes(src, writer, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}

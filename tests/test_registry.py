@@ -130,6 +130,7 @@ def test_full_width_fusion_is_exact_through_a_written_checkpoint(name, full_widt
     assert torch.allclose(outputs_of(loaded, expected["inputs"]), expected["logits"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_every_family_loads_with_trust_remote_code_in_one_fresh_process(full_width, root):
     cases = {}
     for name in FAMILIES:

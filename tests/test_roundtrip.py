@@ -38,6 +38,7 @@ def test_load_and_save_pretrained_round_trip_keeps_logits_and_scale_bits(tiny_ch
     assert len(disk_scales) == 2 and all(v.sum().item() == 40 for v in disk_scales.values())
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_in_a_process_without_mlpfuse(tiny_checkpoint, tmp_path):
     expected = {}
     for name in ("bert", "roberta", "gpt2", "llama"):
@@ -66,6 +67,7 @@ def test_trust_remote_code_loads_in_a_process_without_mlpfuse(tiny_checkpoint, t
     assert result.stdout.strip().endswith("ok")
 
 
+@pytest.mark.slow
 def test_plain_automodel_without_remote_code_fails_loudly(tiny_checkpoint, tmp_path):
     source, _, _ = tiny_checkpoint("bert")
     _fuse(source, tmp_path / "fused")

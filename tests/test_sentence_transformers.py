@@ -89,6 +89,7 @@ def st_sources(tmp_path_factory):
     return original, write_texts(directory / "text.tsv", rows=8)
 
 
+@pytest.mark.slow
 def test_every_writer_carries_the_pipeline(st_sources, tmp_path):
     original, data = st_sources
     before = tree_digest(original)

@@ -23,6 +23,7 @@ def main() -> None:
     # (a layer's feature matrix, k-means' sums) is then filled ~4x faster, page faults being most of
     # its cost (docs/results.md, fuse at scale). THP_MEM_ALLOC_ENABLE=0 in the environment opts out.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    code = 0
     try:
         from .commands import app
         from .common import terminate
@@ -32,7 +33,22 @@ def main() -> None:
         app()
     except KeyboardInterrupt:  # outside a command body (start-up, imports); commands report their own
         sys.stderr.write("interrupted while starting: nothing was done\n")
-        sys.exit(EXIT_INTERRUPTED)
+        code = EXIT_INTERRUPTED
+    except SystemExit as exc:  # the app always ends here: typer exits with the command's status
+        code = exc.code
+    if code == EXIT_INTERRUPTED:
+        _forget_interrupt()
+    sys.exit(code)
+
+
+def _forget_interrupt() -> None:
+    """Let ``python -m mlpfuse`` exit 130 after an interruption it reported, not be killed by SIGINT (status -2).
+
+    CPython marks a KeyboardInterrupt that escapes code it runs from a string (``exec``: dataclasses and
+    namedtuple build their methods so, during imports) as unhandled even when it is caught later, and at
+    exit kills a ``-m`` process with SIGINT. Running one string that succeeds clears the mark.
+    """
+    exec("None")
 
 
 def __getattr__(name: str):

@@ -5,17 +5,19 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from ..bench import PRESETS, BenchReport, BenchSettings, checkpoint_sources, plot_report, preset_sources, run_bench
 from ..errors import InputError
-from .common import DebugOption, JsonOption, check_json_path, handle_errors, log, results_console, write_json_report
+from .common import DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, log, results_console, write_json_report
 from .options import batch_size_option, device_option, seed_option
+
+# The names of mlpfuse/bench.py's PRESETS, for --help (not imported here: it pulls torch; a test checks they agree)
+PRESET_NAMES = ("roberta-base", "bert-base", "minilm", "gpt2", "tiny")
 
 
 @handle_errors
 def bench(
     models: list[str] = typer.Argument(None, help="ORIGINAL FUSED [FUSED...]: checkpoint directories (or 'minilm'); "
                                                   "ratios are against the first."),
-    shape: str = typer.Option(None, "--shape", help=f"Instead of checkpoints, a preset with random weights: {', '.join(PRESETS)}."),
+    shape: str = typer.Option(None, "--shape", help=f"Instead of checkpoints, a preset with random weights: {', '.join(PRESET_NAMES)}."),
     layers: str = typer.Option(None, "--layers", help="With --shape: layers to fuse (default: the preset's, e.g. 4-11)."),
     dim: list[int] = typer.Option(None, "--dim", help="With --shape: fused width; repeat for several fused models."),
     assign: str = typer.Option("round-robin", "--assign", help="With --shape: round-robin (fast, same shapes) or kmeans (real fusion)."),
@@ -40,13 +42,17 @@ def bench(
     """Measure training-step time, inference time, peak memory, parameters and FLOPs: fused vs original."""
     check_json_path(json_path, *(models or []))
     check_json_path(plot, *(models or []), what="--plot")
+    if shape is not None and models:
+        raise InputError("give either checkpoints or --shape, not both")
+    if shape is None and (layers is not None or dim):
+        raise InputError("--layers and --dim build fused models from a --shape preset; with checkpoints, fuse them first")
+    if shape is None and len(models or []) >= 2:  # fewer: checkpoint_sources says what is missing
+        check_inputs(*models)
+    from ..bench import BenchSettings, checkpoint_sources, plot_report, preset_sources, run_bench  # heavy (torch)
+
     if shape is not None:
-        if models:
-            raise InputError("give either checkpoints or --shape, not both")
         sources = preset_sources(shape, layers, dim, assign)
     else:
-        if layers is not None or dim:
-            raise InputError("--layers and --dim build fused models from a --shape preset; with checkpoints, fuse them first")
         sources = checkpoint_sources(list(models or []))
     settings = BenchSettings(steps=steps, warmup=warmup, batch_size=batch_size, seq_len=seq_len, dtype=dtype, device=device,
                              compile=compile, compile_mode=compile_mode, compile_scope=compile_scope, adamw=adamw, memory=memory, inference=inference,
@@ -75,7 +81,7 @@ def _time(timing) -> str:
     return "-" if timing is None else f"{timing.median * 1e3:,.1f} ms ±{100 * timing.spread / 2:.0f}%"
 
 
-def report_table(report: BenchReport) -> Table:
+def report_table(report) -> Table:
     """One row per model; fused rows show their ratio to the original under each figure."""
     s = report.settings
     title = (f"bench: {s['dtype']}, batch {s['batch_size']} x seq {s['seq_len']}, {s['steps']} interleaved rounds "
@@ -98,7 +104,7 @@ def report_table(report: BenchReport) -> Table:
     return table
 
 
-def summary_lines(report: BenchReport) -> list[str]:
+def summary_lines(report) -> list[str]:
     """The headline ratios, one line per fused model, and how memory was measured."""
     lines = []
     for m in report.models[1:]:

@@ -1,8 +1,9 @@
 """The ``mlpfuse`` typer app: a thin command line over the library API.
 
-Start-up is light: each command's module (and with it torch, transformers, faiss) is imported only
-when that command runs; ``mlpfuse --help`` lists every command from the table below. Adding a command
-is one entry in ``COMMANDS``.
+Start-up is light: each command's module is imported only when that command runs (or shows its
+--help), and the library behind it (torch, transformers, faiss) only once the command has checked its
+inputs, so ``--help`` and a mistyped path answer at once. ``mlpfuse --help`` lists every command from
+the table below. Adding a command is one entry in ``COMMANDS``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class LazyGroup(TyperGroup):
         debug = "--debug" in [*ctx._protected_args, *ctx.args]
         try:
             return super().invoke(ctx)
+        except typer.Exit:  # the exit the command chose, its line printed (an Exit is a RuntimeError)
+            raise
         except KeyboardInterrupt:  # command bodies report their own (handle_errors)
             if debug:
                 raise

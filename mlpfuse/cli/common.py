@@ -163,6 +163,26 @@ def check_json_path(path: str | None, *models: str | None, files: tuple = (), wh
     check_report_path(path, local_inputs(*models) + [f for f in files if f and not str(f).startswith("hub:")], what)
 
 
+def check_inputs(*models: str | None, files: tuple = ()) -> None:
+    """Before the heavy imports: a model or data file that is not there is refused now, in a fraction of a second.
+
+    Each local data file's first row is read, so a missing or unreadable file gets the library's own
+    message (``hub:`` datasets are left to the command); then each model argument is resolved as the
+    library will resolve it (a hub id is fetched now, and found in the cache later). Files and names
+    that are no local directory come first: resolving a checkpoint that is there checks it is not
+    quantised, which imports torch and transformers.
+    """
+    from ..data import read_table
+    from ..source import BUNDLED_NAMES, resolve_model
+
+    for file in files:
+        if file and not str(file).startswith("hub:"):
+            read_table(str(file), limit=1)
+    names = [str(name) for name in models if name]
+    for name in sorted(names, key=lambda n: n.lower() in BUNDLED_NAMES or Path(n).expanduser().exists()):
+        resolve_model(name)
+
+
 def local_inputs(*models: str | None) -> list[Path]:
     """The local directories named by model arguments (the bundled model's included)."""
     from ..source import BUNDLED_NAMES, bundled_model_path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from .common import DebugOption, JsonOption, check_json_path, handle_errors, results_console, write_json_report
+from .common import DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, results_console, write_json_report
 from .options import device_option, max_length_option, text_column_option
 
 
@@ -28,6 +28,7 @@ def evaluate(
 
     check_protocol(max_length, limit_tokens)
     check_json_path(json_path, model, files=(data,))
+    check_inputs(model, files=(data,))
     report = evaluate_checkpoint(model, data, text_column, max_length, limit_tokens, device)
     table = Table(title=f"perplexity of {model} on {data}")
     table.add_column("perplexity", justify="right")

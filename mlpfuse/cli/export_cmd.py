@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .common import DebugOption, JsonOption, check_json_path, handle_errors, results_console, write_json_report
+from .common import DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, results_console, write_json_report
 from .options import max_shard_size_option, output_option, overwrite_option
 
 
@@ -20,9 +20,10 @@ def export(
     debug: bool = DebugOption,
 ):
     """Fold P into the weights and write the base architecture (llama, bert, gpt2...): loads with plain transformers."""
-    from ..export import export_checkpoint
-
     check_json_path(json_path, model)
+    check_inputs(model)
+    from ..export import export_checkpoint  # heavy (torch, transformers): once the inputs are known to exist
+
     report = export_checkpoint(model, output, pad=pad, adapter=adapter, overwrite=overwrite, max_shard_size=max_shard_size)
     out = results_console(json_path)
     widths = ", ".join(f"{name}={width}" for name, width in report.widths.items()) or "unchanged"

@@ -6,11 +6,12 @@ import typer
 from rich.table import Table
 
 from ..errors import InputError
-from ..finetune import TASK_CHOICES, FinetuneSettings, finetune as run_finetune
-from .common import DebugOption, JsonOption, check_json_path, handle_errors, log, results_console, write_json_report
+from .common import DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, log, results_console, write_json_report
 from .options import (batch_size_option, log_every_option, max_length_option, max_steps_option, output_option,
                       overwrite_option, seed_option, text_column_option, text_pair_column_option)
 
+# mlpfuse/finetune.py's TASK_CHOICES, for --help (not imported here: it pulls torch; a test checks they agree)
+TASK_CHOICES = ("classification", "regression", "causal-lm")
 METRIC_NAMES = ("accuracy", "f1", "pearson", "spearman", "perplexity", "eval_loss")
 
 
@@ -66,6 +67,9 @@ def finetune(
         if output is None:
             raise InputError("no output directory given: pass -o DIR (or --eval-only to only evaluate)")
     check_json_path(json_path, model, files=(train, eval_file))
+    check_inputs(model, files=(train, eval_file))
+    from ..finetune import FinetuneSettings, finetune as run_finetune  # heavy: once the inputs are known to exist
+
     settings = FinetuneSettings(task=task, text_column=text_column, pair_column=pair_column, label_column=label_column,
                                 epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, warmup=warmup,
                                 weight_decay=weight_decay, max_steps=max_steps, seed=seed, limit_train=limit_train,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import fields
 
 import typer
 from rich.table import Table
 
 from ..errors import InputError
-from ..fuse import FuseSettings, fuse_checkpoint
-from .common import DebugOption, JsonOption, check_json_path, handle_errors, layer_progress, load_recipe, log, merge, results_console, write_json_report
+from .common import (DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, layer_progress, load_recipe, log,
+                     merge, results_console, write_json_report)
 from .options import (METHODS_HELP, backend_option, device_option, max_shard_size_option,
                       optional_max_length_option, optional_text_column_option, output_option, overwrite_option,
                       seed_option)
@@ -20,9 +19,10 @@ from .options import (METHODS_HELP, backend_option, device_option, max_shard_siz
 CALIBRATION_DEFAULTS = {"calibration_limit": None, "max_length": 2048, "calibration_batch_size": 8,
                         "text_column": "sentence", "protect": 0.02, "ridge": 1e-3}
 
-RECIPE_FIELDS = {f.name for f in fields(FuseSettings)} - {"allow_full_width"} | {"model", "output", "overwrite"}
 _NONE = type(None)
-RECIPE_TYPES = {  # what each recipe field may hold (YAML types)
+# What each recipe field may hold (YAML types): the fields of FuseSettings but allow_full_width, plus model,
+# output and overwrite (tests/test_cli_start.py checks it against FuseSettings, not imported here: it pulls torch).
+RECIPE_TYPES = {
     "model": (str,), "output": (str,), "overwrite": (bool,), "layers": (str, int, list), "dim": (int, _NONE),
     "ratio": (float, _NONE), "multiple_of": (int,), "method": (str,), "backend": (str,), "device": (str, _NONE), "seed": (int,),
     "dtype": (str,), "per_layer": (dict, _NONE), "max_shard_size": (str, int), "experts": (str, int, list, _NONE),
@@ -30,6 +30,7 @@ RECIPE_TYPES = {  # what each recipe field may hold (YAML types)
     "calibration_batch_size": (int,),
     "text_column": (str,), "protect": (float,), "ridge": (float,),
 }
+RECIPE_FIELDS = set(RECIPE_TYPES)
 
 
 @handle_errors
@@ -77,6 +78,9 @@ def fuse(
     if calibration is None and any(v is not None for v in extra.values()):
         flag = next(name for name, v in extra.items() if v is not None).replace("_", "-")
         raise InputError(f"--{flag} applies to data-aware fusion: pass --calibration FILE too (or drop --{flag})")
+    check_inputs(model, files=(calibration,))
+    from ..fuse import FuseSettings, fuse_checkpoint  # heavy (torch, transformers): once the inputs are known to exist
+
     if dim is not None or ratio is not None:  # a flag for the width replaces the recipe's width entirely
         recipe.pop("dim", None)
         recipe.pop("ratio", None)

@@ -18,13 +18,13 @@ def inspect(
     debug: bool = DebugOption,
 ):
     """What to know before deploying: fused or exported, widths per layer, remote code, parameter and FLOP savings."""
-    from ..checkpoint import read_config  # heavy (torch): imported here so `architectures` starts light
-    from ..deployinfo import describe
     from ..source import resolve_model
 
     check_json_path(json_path, model)
-
     directory = resolve_model(model, quantised_ok=True)  # reported below; every other command refuses it
+    from ..checkpoint import read_config  # heavy (torch): once the model is found, so a mistyped path fails at once
+    from ..deployinfo import describe
+
     config = read_config(directory)
     facts = describe(directory, flops)
     section = config.get("mlpfuse") or {}

@@ -6,8 +6,7 @@ import typer
 from rich.table import Table
 
 from ..errors import InputError
-from ..merge import MergeSettings, merge_checkpoint, plot_similarity
-from .common import DebugOption, JsonOption, check_json_path, handle_errors, log, results_console, write_json_report
+from .common import DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, log, results_console, write_json_report
 from .options import (batch_size_option, max_length_option, max_shard_size_option, output_option, overwrite_option,
                       seed_option, text_column_option, text_pair_column_option)
 
@@ -43,6 +42,9 @@ def merge_layers(
         raise InputError("--plot needs activations: pass --calibration FILE")
     check_json_path(json_path, model, files=(calibration, eval_path))
     check_json_path(plot, model, files=(calibration, eval_path), what="--plot")
+    check_inputs(model, files=(calibration, eval_path))
+    from ..merge import MergeSettings, merge_checkpoint, plot_similarity  # heavy: once the inputs are known to exist
+
     settings = MergeSettings(
         layers=layers, count=count, mode="drop" if drop else "permute" if permute else "average",
         calibration=calibration, eval=eval_path, column=column, pair_column=pair_column, calibration_limit=calibration_limit,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from ..ntk import DEFAULT_METHODS, ntk_check, plot_report
-from .common import DebugOption, JsonOption, check_json_path, handle_errors, log, results_console, write_json_report
+from .common import DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, log, results_console, write_json_report
 from .options import (METHODS_HELP, backend_option, batch_size_option, device_option, max_length_option, text_column_option,
                       text_pair_column_option)
+
+# mlpfuse/ntk.py's DEFAULT_METHODS, for --help (not imported here: it pulls torch; a test checks they agree)
+DEFAULT_METHODS = ("fusion", "cluster", "svd", "sketch", "mmd", "prune")
 
 
 @handle_errors
@@ -37,6 +39,9 @@ def ntk_check_command(
     """Compare compression methods by MLP output error and Adam-NTK error (paper Table 1)."""
     check_json_path(json_path, model, files=(data,))
     check_json_path(plot, model, files=(data,), what="--plot")
+    check_inputs(model, files=(data,))
+    from ..ntk import ntk_check, plot_report  # heavy (torch, transformers): once the inputs are known to exist
+
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     compare_list = [p.strip() for entry in (compare or []) for p in entry.split(",") if p.strip()]
     if compare_list and methods == ",".join(DEFAULT_METHODS) and dim is None:

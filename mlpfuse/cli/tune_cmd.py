@@ -7,10 +7,13 @@ from contextlib import contextmanager
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..tune import TuneSettings, state_directory, tune_checkpoint
-from .common import DebugOption, JsonOption, check_json_path, handle_errors, interruption_message, log, results_console, write_json_report
+from .common import (DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, interruption_message, log,
+                     results_console, write_json_report)
 from .options import (batch_size_option, device_option, log_every_option, max_length_option, max_steps_option, output_option,
                       overwrite_option, seed_option, text_column_option, text_pair_column_option)
+
+# Defaults of TuneSettings shown by --help (mlpfuse/tune.py holds the same; not imported here: it pulls torch).
+TUNE_DEFAULTS = {"lr": 1e-4, "first_token_weight": 1.0, "kl_temperature": 1.0, "eval_rows": 256}
 
 
 @contextmanager
@@ -53,7 +56,7 @@ def tune(
     output: str = output_option(required=True),
     text_column: str = text_column_option(),
     pair_column: str = text_pair_column_option(),
-    lr: float = typer.Option(TuneSettings.lr, "--lr", help="AdamW learning rate."),
+    lr: float = typer.Option(TUNE_DEFAULTS["lr"], "--lr", help="AdamW learning rate."),
     batch_size: int = batch_size_option(32),
     max_length: int = max_length_option(128),
     epochs: int = typer.Option(1, "--epochs", help="Passes over the data."),
@@ -64,16 +67,16 @@ def tune(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUTPUT.tune-state/."),
     layer_loss: str = typer.Option(None, "--layer-loss",
                                    help="variance: per-layer MSE / the teacher's variance of that layer, averaged; mse: the paper's summed MSE (default: variance for causal LMs, mse otherwise)."),
-    first_token_weight: float = typer.Option(TuneSettings.first_token_weight, "--first-token-weight",
+    first_token_weight: float = typer.Option(TUNE_DEFAULTS["first_token_weight"], "--first-token-weight",
                                              help="Loss weight of each sequence's first token (the attention sink); 0 masks it."),
     kl_weight: float = typer.Option(None, "--kl-weight",
                                     help="Add this times the KL divergence of the next-token distributions (default: 1 for causal LMs, 0 otherwise; 0: the LM head is never run)."),
-    kl_temperature: float = typer.Option(TuneSettings.kl_temperature, "--kl-temperature", help="Softmax temperature of the KL term."),
+    kl_temperature: float = typer.Option(TUNE_DEFAULTS["kl_temperature"], "--kl-temperature", help="Softmax temperature of the KL term."),
     eval_data: str = typer.Option(None, "--eval-data",
                                   help="Held-out text for the before/after report (default: the rows of --data after --limit)."),
     pack: bool = typer.Option(None, "--pack/--no-pack",
                               help="Join the rows into windows of --max-length tokens (default: on for causal LMs; encoders: off)."),
-    eval_rows: int = typer.Option(TuneSettings.eval_rows, "--eval-rows", help="Held-out rows for the before/after report (0: no report)."),
+    eval_rows: int = typer.Option(TUNE_DEFAULTS["eval_rows"], "--eval-rows", help="Held-out rows for the before/after report (0: no report)."),
     device: str = device_option(),
     log_every: int = log_every_option(10),
     overwrite: bool = overwrite_option(),
@@ -82,6 +85,9 @@ def tune(
 ):
     """Tune the fused MLPs so each layer's hidden states match the original model's (paper Sec. 4.4)."""
     check_json_path(json_path, fused, teacher, files=(data,) + ((eval_data,) if eval_data else ()))
+    check_inputs(fused, teacher, files=(data, eval_data))
+    from ..tune import TuneSettings, state_directory, tune_checkpoint  # heavy: once the inputs are known to exist
+
     settings = TuneSettings(text_column=text_column, pair_column=pair_column, lr=lr, batch_size=batch_size,
                             max_length=max_length, epochs=epochs, max_steps=max_steps, seed=seed, limit=limit,
                             save_every=save_every, device=device, layer_loss=layer_loss,
