@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import typer
 import yaml
 from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..errors import InputError, MlpfuseError
@@ -245,7 +246,8 @@ def layer_progress(description: str, total: int):
     Yields ``advance(text)``, called once per finished layer.
     """
     if log.is_terminal:
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("left"), TimeRemainingColumn())
         with Progress(*columns, console=log, transient=True) as progress:
             task = progress.add_task(description, total=total)
 
@@ -254,7 +256,12 @@ def layer_progress(description: str, total: int):
 
             yield advance
     else:
+        started, done = time.monotonic(), [0]
+
         def advance(text: str) -> None:
-            log.print(f"{description}: {text}", highlight=False)
+            done[0] += 1
+            elapsed = time.monotonic() - started
+            left = elapsed / done[0] * (total - done[0])
+            log.print(f"{description}: {text} [{done[0]}/{total}, about {left:.0f}s left]", highlight=False)
 
         yield advance
