@@ -340,13 +340,11 @@ def make_batch(config, batch_size: int, seq_len: int, device: torch.device, seed
 
 
 def check_seq_len(config, seq_len: int, label: str) -> None:
-    """Refuse sequences longer than the model's position table."""
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit is None:
-        return
-    if config.model_type in ("roberta", "xlm-roberta", "camembert"):  # positions start after the padding index
-        limit -= (config.pad_token_id or 0) + 1
-    if seq_len > limit:
+    """Refuse sequences longer than the model's position table (its family's limit, arch/registry.py)."""
+    from .arch import max_positions
+
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
         raise InputError(f"--seq-len {seq_len} is longer than {label} allows ({limit} positions)")
 
 
@@ -595,11 +593,9 @@ def source_config(source: ModelSource):
     if source.checkpoint is None:
         config = dict(source.config)
         return transformers.AutoConfig.for_model(config.pop("model_type"), **config)
-    from .checkpoint import read_config
-    from .remote.modeling_mlpfuse import base_config_from
-    from .source import resolve_model
+    from .modeling import checkpoint_config
 
-    return base_config_from(read_config(resolve_model(source.checkpoint)))
+    return checkpoint_config(source.checkpoint)
 
 
 def _run(sources, settings, device, say, start) -> BenchReport:

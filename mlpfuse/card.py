@@ -1,6 +1,25 @@
-"""The model card (README.md) written next to a fused checkpoint."""
+"""The model cards (README.md) written into derived checkpoints (mlpfuse/writer.py writes them)."""
 
 from __future__ import annotations
+
+
+_LOADING = """## Loading
+
+```python
+import mlpfuse
+model = mlpfuse.load("path/to/this/dir", task="sequence-classification", num_labels=2)
+```
+
+or, with only transformers installed:
+
+```python
+from transformers import AutoModel
+model = AutoModel.from_pretrained("path/to/this/dir", trust_remote_code=True)
+```
+
+The returned model is the standard transformers class of the base architecture with narrower MLP
+projections; submodule names are unchanged, so PEFT/LoRA target names still apply.
+"""
 
 
 def model_card(report: dict) -> str:
@@ -35,20 +54,22 @@ Parameters: {before:,} before, {after:,} after ({saved:.1f}% fewer).
 |---|---|---|---|
 {rows}
 
-## Loading
+{_LOADING}"""
 
-```python
-import mlpfuse
-model = mlpfuse.load("path/to/this/dir", task="sequence-classification", num_labels=2)
-```
 
-or, with only transformers installed:
+def derived_card(source: str, version: str, summary: str) -> str:
+    """Markdown for a checkpoint derived from an mlpfuse checkpoint (merge-layers, tune): what was
+    done (``summary``, one sentence) to which source, and how to load it."""
+    name = source.rstrip("/").rsplit("/", 1)[-1] or source
+    return f"""---
+library_name: transformers
+tags:
+- mlpfuse
+---
 
-```python
-from transformers import AutoModel
-model = AutoModel.from_pretrained("path/to/this/dir", trust_remote_code=True)
-```
+# {name}: {summary}
 
-The returned model is the standard transformers class of the base architecture with narrower MLP
-projections; submodule names are unchanged, so PEFT/LoRA target names still apply.
-"""
+This checkpoint was written by [mlpfuse](https://pypi.org/project/mlpfuse/) {version} from `{source}`:
+{summary}. Its `config.json` records how (the `mlpfuse` section).
+
+{_LOADING}"""

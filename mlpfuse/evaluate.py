@@ -170,11 +170,12 @@ def require_causal_lm(directory) -> None:
 
     Raises InputError (exit 2) naming the recorded class.
     """
+    from .arch import is_causal_lm
     from .checkpoint import read_config
     from .format import base_config_dict, checkpoint_task
 
     config = base_config_dict(read_config(directory))
-    if checkpoint_task(config) != "causal-lm":
+    if not is_causal_lm(config) or checkpoint_task(config) != "causal-lm":  # the family, and the head saved
         recorded = ", ".join(config.get("architectures") or []) or "no architecture"
         raise InputError(f"{directory} is not a causal language model ({recorded}); perplexity needs a causal LM "
                          f"(a *ForCausalLM / *LMHeadModel checkpoint)")

@@ -27,8 +27,9 @@ from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import parse_size, read_config
 from .deployinfo import EXPORT_SECTION, WIDTH_FIELD
+from .format import export_section
 from .errors import EnvironmentProblem, InputError, MlpfuseError
-from .output import carry_side_files, claim_output, guarded_outputs, staging_directory
+from .output import claim_output, guarded_outputs
 from .modeling import model_class_for
 from .remote.modeling_mlpfuse import (
     FUSED_MODEL_TYPE,
@@ -42,6 +43,7 @@ from .remote.modeling_mlpfuse import (
     fused_model_class,
 )
 from .source import resolve_model
+from .writer import DerivedCheckpoint, write_derived
 
 _PROBES = (11, 13)  # two values given to a width field to see which tensors it sizes (and by how much)
 
@@ -372,16 +374,12 @@ def export_checkpoint(model: str, output: str | Path, pad: bool = False, adapter
     )
     if expert_pad:
         report.padding["experts"] = {"neurons": expert_pad}
-    section = getattr(base_config, "mlpfuse", None) or {}
-    setattr(exported.config, EXPORT_SECTION, {
-        "source": str(model), "method": section.get("method"), "fused_widths": section.get("widths"),
-        "padded": report.padded, "adapter": adapter, "version": section.get("version"),
-    })
-    with staging_directory(target, overwrite) as staging:
-        exported.save_pretrained(staging, max_shard_size=max_shard)
-        carry_side_files(source, staging)
-        del exported, fused
-        report.max_abs_diff = verify_export(staging, cls.__name__, inputs, reference)
+    setattr(exported.config, EXPORT_SECTION, export_section(getattr(base_config, "mlpfuse", None) or {},
+                                                            source=str(model), padded=report.padded, adapter=adapter))
+    checkpoint = DerivedCheckpoint(source=source, model=exported, max_shard_bytes=max_shard,
+                                   check=lambda staging: verify_export(staging, cls.__name__, inputs, reference))
+    del exported, fused  # the writer lets go of the model once saved: the check loads the copy on disk
+    report.max_abs_diff = write_derived(target, checkpoint, overwrite)
     report.files = sorted(p.name for p in target.iterdir())
     report.seconds = time.perf_counter() - start
     return report

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .checkpoint import read_config
-from .output import carry_side_files, claim_output, guarded_outputs, resolve_target, staging_directory
+from .output import claim_output, guarded_outputs, resolve_target
 from .data import Table, read_table
 from .errors import InputError
 from .modeling import load
@@ -325,14 +325,9 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
               "label2id": label2id, "fused": bool(getattr(net.config, "mlpfuse", None)),
               "parameters": sum(p.numel() for p in net.parameters())}
     if target is not None and _is_main_process():
-        with staging_directory(target, overwrite) as staging:
-            net.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            carry_side_files(directory, staging)  # e.g. sentence-transformers modules
+        from .writer import DerivedCheckpoint, write_derived
 
-            from .modeling import verify_checkpoint
-
-            verify_checkpoint(staging, reference=net)
-            (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n",
-                                               encoding="utf-8")
+        write_derived(target, DerivedCheckpoint(
+            source=directory, model=net, tokenizer=tokenizer, reference=net,
+            files={REPORT_FILE: json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"}), overwrite)
     return report

@@ -76,12 +76,12 @@ def checkpoint_task(config: dict) -> str | None:
     return None
 
 
-def fuse_section(*, version: str, method: str, layers: list, seed: int, backend: str | None, dtype: str,
-                 source: str, source_sha256: str, parameters: dict, packages: dict, modules: list) -> dict:
+def fuse_section(*, method: str, layers: list, seed: int, backend: str | None, dtype: str,
+                 source: str, source_sha256: str, parameters: dict, modules: list) -> dict:
     """The section ``fuse`` writes. ``layers``: the fused layers' reports (``index``, ``label``,
-    ``width``, ``original_width``); ``modules``: the module entries that rebuild them."""
+    ``width``, ``original_width``); ``modules``: the module entries that rebuild them. The writer
+    (mlpfuse/writer.py) adds ``version`` and ``packages``."""
     return {
-        "version": version,
         "method": method,
         "layers": [layer.index for layer in layers],
         "layer_labels": [layer.label for layer in layers],
@@ -93,23 +93,47 @@ def fuse_section(*, version: str, method: str, layers: list, seed: int, backend:
         "source": source,
         "source_sha256": source_sha256,
         "parameters": parameters,
-        "packages": packages,
         "modules": modules,
     }
 
 
-def merge_section(prior: dict, *, version: str, modules: list, tied: list, record: dict, source: str,
-                  packages: dict, parameters: dict, source_sha256: str) -> dict:
+def memory_section(prior: dict, *, method: str, seed: int, backend: str | None, layers: list, modules: list) -> dict:
+    """The section ``fuse_model`` gives a model in memory: ``prior`` (its section, maybe empty) with
+    the newly fused ``layers`` (reports: ``index``, ``width``) and their module entries added."""
+    from . import __version__
+
+    return {
+        "version": __version__, "method": method, "seed": seed, "backend": backend,
+        "layers": sorted(set(prior.get("layers", [])) | {layer.index for layer in layers}),
+        "widths": {**prior.get("widths", {}), **{str(layer.index): layer.width for layer in layers}},
+        "modules": prior.get("modules", []) + modules,
+    }
+
+
+def merge_section(prior: dict, *, modules: list, tied: list, record: dict, source: str, parameters: dict,
+                  source_sha256: str) -> dict:
     """The section ``merge-layers`` writes: ``prior`` (the input's section, maybe empty) with the
-    window's modules, tied entries and merge ``record`` added."""
+    window's modules, tied entries and merge ``record`` added (the writer adds ``version`` and ``packages``)."""
     section = {
-        "version": version, "method": prior.get("method", "merge-layers"),
+        "method": prior.get("method", "merge-layers"),
         "layers": prior.get("layers", []), "widths": prior.get("widths", {}),
         **{k: v for k, v in prior.items() if k not in ("modules", "tied", "merges")},
         "modules": modules, "tied": prior.get("tied", []) + tied,
         "merges": prior.get("merges", []) + [record],
-        "source": prior.get("source", source), "packages": packages, "parameters": parameters,
+        "source": prior.get("source", source), "parameters": parameters,
     }
     if "source_sha256" not in prior:
         section["source_sha256"] = source_sha256
     return section
+
+
+def tuning_section(prior: dict, record: dict) -> dict:
+    """The section ``tune`` writes: ``prior`` (the fused input's) with the tuning ``record``."""
+    return {**prior, "tuning": record}
+
+
+def export_section(prior: dict, *, source: str, padded: bool, adapter: str | None) -> dict:
+    """The provenance an exported (plain) config.json keeps under :data:`EXPORT_SECTION`, from the
+    fused input's section ``prior``."""
+    return {"source": source, "method": prior.get("method"), "fused_widths": prior.get("widths"),
+            "padded": padded, "adapter": adapter, "version": prior.get("version")}

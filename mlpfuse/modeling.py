@@ -124,3 +124,28 @@ def verify_checkpoint(directory: str | Path, reference: torch.nn.Module | None =
     from .verify import check_loads_clean
 
     return check_loads_clean(Path(directory), reference)
+
+
+def saved_task(config: dict | str | Path) -> str:
+    """The :func:`load` task that rebuilds the class saved in ``architectures`` of ``config`` (a
+    config.json dict, or a checkpoint directory), so the head is kept on save (``base`` when none
+    is recorded or it is no task of :data:`TASKS`)."""
+    from .format import checkpoint_task
+
+    task = checkpoint_task(config if isinstance(config, dict) else read_config(Path(config)))
+    return task if task in TASKS else "base"
+
+
+def is_causal_lm_model(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a decoder language model (its family: :func:`mlpfuse.arch.is_causal_lm`)
+    loaded with its output head (held-out metric: perplexity)."""
+    from .arch import is_causal_lm
+
+    return is_causal_lm(model.config) and model.base_model is not model and model.get_output_embeddings() is not None
+
+
+def checkpoint_config(path: str | Path) -> transformers.PretrainedConfig:
+    """The base architecture's config object of checkpoint ``path`` (plain or fused; a directory, hub id
+    or bundled name), its ``mlpfuse`` section attached; no weight is read. Raises InputError as
+    :func:`mlpfuse.source.resolve_model` does."""
+    return remote.base_config_from(read_config(resolve_model(str(path))))

@@ -32,16 +32,14 @@ from typing import Callable, Iterable
 
 import torch
 
-from .arch import lookup, resolve_sites
+from .arch import MLPSite, lookup, resolve_sites
 from .arch.activations import by_sample, token_rows
 from .arch.io import module_width, written_layouts
-from .arch.spec import MLPSite
-from .checkpoint import read_config
 from .data import encode_texts, read_table
 from .errors import InputError
 from .fuse import FuseSettings, fuse_model
 from .methods import check_can_write, get_method
-from .modeling import load
+from .modeling import load, saved_task
 from .options import check_seed
 from .plan import parse_layers, target_width
 from .runtime import encoder_decoder_inputs, load_tokenizer, resolve_device
@@ -334,8 +332,7 @@ def ntk_check_model(
 
 
 def _task_for(directory: Path) -> str:
-    architectures = read_config(directory).get("architectures") or []
-    return "sequence-classification" if any(a.endswith("ForSequenceClassification") for a in architectures) else "base"
+    return "sequence-classification" if saved_task(directory) == "sequence-classification" else "base"
 
 
 def load_for_check(path: str) -> torch.nn.Module:

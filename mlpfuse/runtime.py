@@ -71,29 +71,13 @@ def resolve_device(name: str | None, flag: str = "--device"):
     return device
 
 
-POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
-
-
-def max_positions(config) -> int | None:
-    """The longest sequence (tokens) a model's config allows, or None when it names no limit.
-
-    ``config``: a ``config.json`` dict or a transformers config; the first positive integer among
-    :data:`POSITION_FIELDS` (a base-config section of a fused checkpoint's config counts too).
-    """
-    data = config if isinstance(config, dict) else config.to_dict()
-    for source in (data, data.get("base_config") or {}):
-        for name in POSITION_FIELDS:
-            value = source.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    return None
-
-
 def check_window(max_length: int, config, flag: str = "--max-length", default: int | None = None) -> int:
     """The window length to use: ``max_length``, or the model's positions when ``max_length`` is the
     command's ``default`` and the model has fewer (a default adapts to the model; a value given
     on purpose does not). Raises InputError when windows of ``max_length`` tokens are longer than
     the model's positions otherwise."""
+    from .arch import max_positions  # the family's position table (arch/registry.py)
+
     limit = max_positions(config)
     if limit is not None and max_length > limit:
         if max_length == default:

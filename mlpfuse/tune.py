@@ -41,18 +41,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import CheckpointReader, read_config
-from .output import carry_side_files, check_target, claim_output, guarded_outputs, staging_directory
-from .data import encode_texts, read_table
 from .distributed import all_reduce_gradients, all_reduce_sum, is_worker, leave, world
 from .errors import InputError
-from .modeling import TASKS, is_fused, load
+from .format import tuning_section
+from .modeling import is_causal_lm_model, is_fused, load, saved_task
 from .options import check_optional_positive, check_positive, check_seed
-from .runtime import check_window, file_sha256, load_tokenizer, max_positions, resolve_device
+from .output import check_target, claim_output, guarded_outputs
+from .runtime import check_window, file_sha256, load_tokenizer, resolve_device
 from .source import resolve_model
+from .tune_data import _encode, held_out_metrics, held_out_texts, pack_texts, training_texts  # noqa: F401  (pack_texts: public)
 from .tune_kl import KLHeads, chunked_logit_kl, kl_heads, token_kl
+from .writer import DerivedCheckpoint, write_derived
 
 STATE_SUFFIX = ".tune-state"  # OUTPUT.tune-state/ beside the output holds an interrupted run's state
 STATE_VERSION = 1
+RECIPE_FILE = "mlpfuse_tune_recipe.yaml"
 
 
 @dataclass
@@ -410,7 +413,7 @@ def tune_model(
     if not texts:
         raise InputError("no text to tune on")
     check_settings(settings)
-    settings = resolve_settings(settings, is_causal_lm(student))
+    settings = resolve_settings(settings, is_causal_lm_model(student))
     device = resolve_device(settings.device)
     student.to(device).eval()  # eval: no dropout, so the target and the run are deterministic
     teacher.to(device).eval()
@@ -478,7 +481,7 @@ def _kl_heads(student, teacher, tokenizer, text, settings: TuneSettings, device)
     """The output heads for the chunked KL (:func:`mlpfuse.tune_kl.kl_heads`, checked on ``text``); None
     without a KL term, for a model that is not a causal LM, or (with a warning) where a head does
     not reproduce its model's logits: the KL then comes from the full logits."""
-    if not settings.kl_weight or not is_causal_lm(student):
+    if not settings.kl_weight or not is_causal_lm_model(student):
         return None
     heads = kl_heads(student, teacher, _encode(tokenizer, [text], settings.max_length, device))
     if heads is None:
@@ -548,78 +551,6 @@ def hidden_error(student, teacher, tokenizer, texts: list, max_length: int = 128
     return float(relative.mean())
 
 
-def is_causal_lm(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a decoder language model with an output head (held-out metric: perplexity)."""
-    return model.base_model is not model and not getattr(model.config, "is_encoder_decoder", False) \
-        and model.get_output_embeddings() is not None and type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
-
-
-def held_out_metrics(student, teacher, tokenizer, texts: list, settings: TuneSettings, reference: bool = False) -> dict:
-    """What :func:`tune_checkpoint` reports before and after tuning, on held-out ``texts``.
-
-    Causal LMs: ``{"perplexity", "mean_nll", "tokens"}`` by the ``mlpfuse.evaluate`` protocol (rows
-    joined by newlines, 512-token windows, the first 4,096 tokens) of ``student`` (of ``teacher``
-    with ``reference=True``); other models: ``{"hidden_error"}`` (:func:`hidden_error`).
-    """
-    from .evaluate import perplexity
-
-    model = teacher if reference else student
-    was_training = model.training
-    try:
-        if is_causal_lm(student):
-            window = min(512, max_positions(model.config) or 512)  # the eval protocol's windows, as long as the model allows
-            result = perplexity(model, tokenizer, [t if isinstance(t, str) else " ".join(t) for t in texts], window)
-            return {"perplexity": result.perplexity, "mean_nll": result.mean_nll, "tokens": result.tokens}
-        return {"hidden_error": hidden_error(student, teacher, tokenizer, texts, settings.max_length,
-                                             settings.batch_size)}
-    finally:
-        model.train(was_training)
-
-
-def held_out_texts(data: str, settings: TuneSettings) -> tuple[list, dict]:
-    """The held-out rows for the before/after report, and where they came from.
-
-    ``settings.eval_data`` given: its first ``eval_rows`` rows. Otherwise the rows of ``data``
-    after the first ``limit`` (rows tuning does not see); when tuning uses the whole file, its last
-    ``eval_rows`` rows, marked ``held_out: False`` (seen in training). ``eval_rows`` 0: no report.
-    """
-    rows = settings.eval_rows
-    if not rows:
-        return [], {"rows": 0}
-    if settings.eval_data:
-        table = read_table(settings.eval_data, limit=rows)
-        return table.texts(settings.text_column, settings.pair_column), {
-            "data": str(settings.eval_data), "rows": len(table), "held_out": True}
-    limit = settings.limit
-    table = read_table(data, limit=None if limit is None else limit + rows)
-    texts = table.texts(settings.text_column, settings.pair_column)
-    if limit is not None and len(texts) > limit:
-        return texts[limit:], {"data": str(data), "first_row": limit, "rows": len(texts) - limit, "held_out": True}
-    tail = texts[-rows:]
-    return tail, {"data": str(data), "first_row": len(texts) - len(tail), "rows": len(tail), "held_out": False}
-
-
-def pack_texts(tokenizer, texts: list, max_length: int) -> list[list[int]]:
-    """The rows joined with newlines, tokenised without special tokens and cut into consecutive
-    windows of ``max_length`` token ids, each led by the tokenizer's BOS when it adds one (the
-    ``mlpfuse.evaluate`` protocol's windows; a last window of one token is dropped). Packed
-    windows train a decoder on the long contexts it is evaluated and used on, with one attention
-    sink per window, and without padding."""
-    from .evaluate import packed_windows
-
-    return packed_windows(tokenizer, [t if isinstance(t, str) else " ".join(t) for t in texts], max_length)
-
-
-def _encode(tokenizer, texts: list, max_length: int, device) -> dict:
-    if texts and isinstance(texts[0], list):  # packed windows of token ids: right-pad the shorter last one
-        from .evaluate import padded_batch
-
-        input_ids, mask = padded_batch(texts, tokenizer.pad_token_id)
-        return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
-    encoded = encode_texts(tokenizer, texts, max_length)
-    return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
 def _save_state(state_dir: Path, identity: dict, named: dict, optimizer, step: int, losses: list) -> None:
     """Write the resumable state into a temporary folder, then swap it in (a crash never leaves half a state)."""
     state_dir = Path(state_dir)
@@ -684,14 +615,6 @@ def check_teacher(fused_config: dict, teacher_config: dict, fused: str, teacher:
                          f"({'; '.join(differ[:4])}); give the original model")
 
 
-def _task_of(config: dict) -> str:
-    """The loader task matching the checkpoint's saved class, so the head is kept on save."""
-    from .format import checkpoint_task
-
-    task = checkpoint_task(config)
-    return task if task in TASKS else "base"
-
-
 @guarded_outputs
 def tune_checkpoint(
     fused: str,
@@ -732,7 +655,7 @@ def tune_checkpoint(
     state_dir = state_directory(target)
     if resume and not (state_dir / "state.json").is_file():
         raise _no_saved_state(state_dir)
-    task = _task_of(config)
+    task = saved_task(config)  # the head saved is the head kept
     if settings.kl_weight and task != "causal-lm":
         raise InputError(f"--kl-weight compares next-token distributions and needs a causal language model; "
                          f"{fused} is saved as a {task} model: leave --kl-weight at 0")
@@ -740,8 +663,7 @@ def tune_checkpoint(
         raise InputError(f"--pack joins rows into windows of tokens for a causal language model; {fused} is saved "
                          f"as a {task} model: leave --pack off")
     settings = resolve_settings(settings, task == "causal-lm")
-    table = read_table(data, limit=settings.limit)
-    texts = table.texts(settings.text_column, settings.pair_column)
+    rows, texts = training_texts(data, settings)
     held_out, evaluation = ([], {"rows": 0}) if worker else held_out_texts(data, settings)
     data_sha = file_sha256(data) if Path(data).expanduser().is_file() else ""
 
@@ -764,7 +686,7 @@ def tune_checkpoint(
         device = resolve_device(settings.device)
         student.to(device), teacher_model.to(device)
         before = held_out_metrics(student, teacher_model, tokenizer, held_out, settings)
-        if is_causal_lm(student):
+        if is_causal_lm_model(student):
             reference = held_out_metrics(student, teacher_model, tokenizer, held_out, settings, reference=True)
     identity = {"fused": CheckpointReader(fused_dir).sha256(), "data_sha256": data_sha}
     result = tune_model(student, teacher_model, tokenizer, texts, settings, on_step=None if worker else on_step,
@@ -774,7 +696,7 @@ def tune_checkpoint(
     after = held_out_metrics(student, teacher_model, tokenizer, held_out, settings) if held_out else None
     record = {
         "data": str(data), "data_sha256": data_sha, "text_column": settings.text_column,
-        "pair_column": settings.pair_column, "rows": len(table), "sequences": len(texts),
+        "pair_column": settings.pair_column, "rows": rows, "sequences": len(texts),
         "packed": bool(texts) and isinstance(texts[0], list), "teacher": str(teacher),
         "steps": result["steps"], "total_steps": result["total_steps"],
         "initial_loss": result["initial_loss"], "final_loss": result["final_loss"],
@@ -784,16 +706,12 @@ def tune_checkpoint(
         "kl_weight": settings.kl_weight, "kl_temperature": settings.kl_temperature,
         "evaluation": evaluation, "before": before, "after": after, "reference": reference,
     }
-    student.config.mlpfuse = {**(student.config.mlpfuse or {}), "tuning": record}
     student.to("cpu", dtype)
-    with staging_directory(target, overwrite) as staging:
-        student.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        carry_side_files(fused_dir, staging)  # e.g. sentence-transformers modules
-
-        from .modeling import verify_checkpoint
-
-        verify_checkpoint(staging, reference=student)
+    write_derived(target, DerivedCheckpoint(
+        source=fused_dir, model=student, section=tuning_section(student.config.mlpfuse or {}, record),
+        tokenizer=tokenizer, reference=student, recipe_file=RECIPE_FILE,
+        recipe={"fused": str(fused), "teacher": str(teacher), "data": str(data), **asdict(settings)},
+        summary=f"tuned layer by layer against {teacher} on {Path(str(data)).name}"), overwrite)
     shutil.rmtree(state_dir, ignore_errors=True)
     return TuneReport(
         fused=str(fused), teacher=str(teacher), data=str(data), data_sha256=data_sha, output=str(target),

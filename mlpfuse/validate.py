@@ -288,16 +288,13 @@ def _integer_message(key: str, reader) -> str:
 
 
 def check_causal_lm(config: dict, model: str) -> None:
-    """Refuse a causal-LM task on a model that is not a decoder language model (BERT, T5...).
+    """Refuse a causal-LM task on a model that is not a decoder language model (BERT, T5...): the
+    family decides (:func:`mlpfuse.arch.is_causal_lm`; an encoder counts when its config sets ``is_decoder``)."""
+    from .arch import is_causal_lm
+    from .arch.registry import encoder_class
 
-    Uses transformers' own task mappings: the model type must have a causal-LM class, and an
-    encoder with a masked-LM class (BERT, RoBERTa) counts only when its config sets ``is_decoder``.
-    """
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    model_type = config.get("base_model_type") or config.get("model_type")
-    encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.get("is_decoder")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder:
-        kind = "an encoder" if encoder or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "not a decoder-only model"
+    if not is_causal_lm(config):
+        model_type = config.get("base_model_type") or config.get("model_type")
+        kind = "an encoder" if encoder_class(model_type) else "not a decoder-only model"
         raise InputError(f"--task causal-lm needs a decoder language model, but {model} is a {model_type} model "
                          f"({kind}); use --task classification or regression, or a decoder checkpoint")

@@ -16,7 +16,8 @@ from mlpfuse.arch.io import read_mlp, tensor_names
 from mlpfuse.calibration import StreamingModel, read_calibration, relative_error, run_calibrated
 from mlpfuse.checkpoint import CheckpointReader, read_config
 from mlpfuse.cli import app
-from mlpfuse.fuse import FuseSettings, compress_dense, fuse_checkpoint
+from mlpfuse.fuse import FuseSettings, fuse_checkpoint
+from mlpfuse.fuse_layers import compress_dense
 from mlpfuse.methods import Calibration, MethodOptions, get_method
 from mlpfuse.modeling import load
 from mlpfuse.plan import plan_layers
@@ -230,7 +231,7 @@ def test_same_seed_same_bytes(tmp_path):
 
 
 def test_the_report_warns_about_degenerate_k_means_and_exploding_errors(tmp_path):
-    from mlpfuse.fuse import LayerReport, layer_warnings
+    from mlpfuse.fuse_report import LayerReport, layer_warnings
 
     def layer(sizes, error):
         return LayerReport(index=0, label="0", original_width=20, width=sum(sizes.values()), params_before=1,

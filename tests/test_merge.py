@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import mlpfuse
 from mlpfuse.cli import app
-from mlpfuse.merge import align, merge_aligned, permute_mlp
+from mlpfuse.merge_window import align, merge_aligned, permute_mlp
 from mlpfuse.mlp import MLPWeights
 from mlpfuse.remote.modeling_mlpfuse import ZeroProjection
 

@@ -296,7 +296,7 @@ def test_ctrl_c_right_after_the_final_rename_says_the_output_was_written(src, wr
 
 
 def test_ctrl_c_during_the_work_says_nothing_was_written_and_leaves_nothing(src, tmp_path, monkeypatch):
-    import mlpfuse.fuse as fuse_module
+    import mlpfuse.fuse_layers as fuse_module
 
     real = fuse_module.fuse_layer
 

@@ -113,6 +113,31 @@ def test_every_registered_model_type_has_a_tiny_config():
     assert registered == covered
 
 
+def test_each_entry_says_what_transformers_says_about_causal_lm_and_positions():
+    """The entry answers "a decoder-only LM?" (perplexity, packed text) as transformers' task mappings do,
+    and the usable positions are the config's table (RoBERTa: less the rows before the first position)."""
+    from transformers.models.auto import modeling_auto as auto
+
+    from mlpfuse.arch import is_causal_lm, max_positions
+
+    for spec in ARCHITECTURES:
+        for model_type in spec.model_types:
+            decoder_only = (model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                            and model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+                            and model_type not in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+            assert spec.causal_lm == decoder_only, model_type
+    for name in FAMILIES:
+        config = tiny_config(name)
+        assert is_causal_lm(config) == (TINY[name][1] == "causal-lm"), name
+        fused = {"model_type": "mlpfuse", "base_model_type": config.model_type, **{
+            k: v for k, v in config.to_dict().items() if k != "model_type"}}
+        assert is_causal_lm(fused) == is_causal_lm(config) and max_positions(fused) == max_positions(config)
+    assert is_causal_lm({"model_type": "bert", "is_decoder": True}) and not is_causal_lm({"model_type": "bert"})
+    roberta = tiny_config("roberta")  # 70 rows, pad_token_id 1: positions 2..69 are usable
+    assert max_positions(roberta) == 68 == roberta.max_position_embeddings - roberta.pad_token_id - 1
+    assert max_positions(tiny_config("gpt2")) == 64 and max_positions(tiny_config("t5")) is None
+
+
 def test_architectures_command_lists_every_model_type():
     result = CliRunner().invoke(app, ["architectures"], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output

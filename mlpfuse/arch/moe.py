@@ -157,3 +157,29 @@ def write_experts(site: MLPSite, experts: list[MLPWeights], fused: set, prefix: 
             "hidden": experts[0].hidden, "scaled": [m.scale is not None for m in experts],
             "tensors": [f"{e}.down.weight" for e in range(len(experts))]}
     return tensors, [spec]
+
+
+def site_widths(sites: list[MLPSite], shape_of, prefix: str, keys) -> dict[int, int]:
+    """Each site's MLP width (a MoE layer's: its routed experts'), from tensor shapes alone."""
+    return {site.index: expert_width(site, prefix, keys, shape_of) if site.experts
+            else site_width(site, tensor_names(site, prefix, keys), shape_of) for site in sites}
+
+
+def site_keys(site: MLPSite, prefix: str, keys) -> set[str]:
+    """Every tensor name of ``site``: its MLP's, or a MoE layer's routed and shared experts'."""
+    if site.experts:
+        return expert_keys(site, prefix, keys) | shared_keys(site, prefix, keys)
+    return set(tensor_names(site, prefix, keys).values())
+
+
+def needed_layouts(sites: list[MLPSite], experts=None) -> dict[str, str]:
+    """Layout -> label of the first site that needs it: what a method must be able to write to
+    compress ``sites`` (``experts``: the ``--experts`` choice for MoE layers)."""
+    from .io import written_layouts
+
+    needs: dict[str, str] = {}
+    for site in sites:
+        units = parse_experts(experts, site) if site.experts else None
+        for layout in written_layouts(site, units):
+            needs.setdefault(layout, site.label)
+    return needs

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from .spec import CONV1D, ArchSpec, ExpertTemplate, Projections, SiteTemplate
+from .spec import CONV1D, POSITION_FIELDS, ArchSpec, ExpertTemplate, Projections, SiteTemplate
 
 _LLAMA_LIKE = Projections(up="up_proj", down="down_proj", gate="gate_proj")
 _PACKED = Projections(up=None, down="down_proj", gate_up="gate_up_proj")  # one [gate; up] module
@@ -30,6 +30,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         model_types=("bert", "roberta"),
         sites=(SiteTemplate("encoder.layer.{i}", "num_hidden_layers"),),
         projections=Projections(up="intermediate.dense", down="output.dense"),
+        positions_after_padding=("roberta",),
     ),
     ArchSpec(
         name="GPT-2",
@@ -163,6 +164,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             projections=Projections(up="w3", down="w2", gate="w1"), router="layers.{i}.mlp.gate",
             stacked="layers.{i}.mlp.experts")),),
         projections=_LLAMA_LIKE,
+    causal_lm=True,
     ),
     ArchSpec(
         name="Qwen2-MoE (MoE + shared expert)",
@@ -170,18 +172,21 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers",
                             experts=_qwen_like_experts("qwen", shared="layers.{i}.mlp.shared_expert")),),
         projections=_LLAMA_LIKE,
+    causal_lm=True,
     ),
     ArchSpec(
         name="Qwen3-MoE (MoE)",
         model_types=("qwen3_moe",),
         sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers", experts=_qwen_like_experts("qwen")),),
         projections=_LLAMA_LIKE,
+    causal_lm=True,
     ),
     ArchSpec(
         name="OLMoE (MoE)",
         model_types=("olmoe",),
         sites=(SiteTemplate("layers.{i}.mlp", "num_hidden_layers", experts=_qwen_like_experts("all")),),
         projections=_LLAMA_LIKE,
+    causal_lm=True,
     ),
 )
 
@@ -198,3 +203,72 @@ def lookup(model_type: str | None) -> ArchSpec:
     raise InputError(
         f"unsupported model type {model_type!r}; supported: {', '.join(supported_model_types())}"
     )
+
+
+def _config_dict(config) -> dict:
+    """A config.json dict, a transformers config or a fused checkpoint's config as a plain dict
+    whose ``model_type`` is the base architecture's."""
+    data = dict(config) if isinstance(config, dict) else config.to_dict()
+    if data.get("model_type") == "mlpfuse" and data.get("base_model_type"):
+        data["model_type"] = data["base_model_type"]
+    return data
+
+
+def entry_for(config) -> ArchSpec | None:
+    """The registry entry of ``config``'s model type (a fused checkpoint's: its base type), or None."""
+    model_type = _config_dict(config).get("model_type")
+    return next((spec for spec in ARCHITECTURES if model_type in spec.model_types), None)
+
+
+def is_causal_lm(config) -> bool:
+    """Whether ``config`` (config.json dict, fused or plain, or a transformers config) describes a
+    decoder-only language model: perplexity is its loss, its text is packed into windows.
+
+    A registered family answers from its entry (:attr:`ArchSpec.causal_lm`; tests/test_registry.py
+    checks it against transformers' task mappings); an encoder family counts when its config sets
+    ``is_decoder``. An unregistered type answers from transformers' mappings: it has a causal-LM
+    class and neither a masked-LM nor a sequence-to-sequence one (or ``is_decoder`` is set).
+    """
+    data = _config_dict(config)
+    if data.get("is_encoder_decoder"):
+        return False
+    spec = entry_for(data)
+    if spec is not None:
+        return spec.causal_lm or (bool(data.get("is_decoder")) and causal_lm_class(data["model_type"]))
+    return causal_lm_class(data.get("model_type")) and (bool(data.get("is_decoder")) or not encoder_class(data.get("model_type")))
+
+
+def causal_lm_class(model_type: str | None) -> bool:
+    """Whether transformers has a causal-LM class for ``model_type``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def encoder_class(model_type: str | None) -> bool:
+    """Whether transformers has a masked-LM or sequence-to-sequence class for ``model_type`` (not decoder-only)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+                                                         MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+
+    return model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence (tokens) ``config`` allows, or None when it names no limit.
+
+    ``config``: a config.json dict (fused or plain) or a transformers config. The first positive
+    integer among the entry's :attr:`ArchSpec.position_fields` (unregistered types:
+    :data:`~mlpfuse.arch.spec.POSITION_FIELDS`; a ``base_config`` sub-dict counts too), less the
+    ``pad_token_id + 1`` rows a RoBERTa-like family keeps before its first position.
+    """
+    data = _config_dict(config)
+    spec = entry_for(data)
+    fields = spec.position_fields if spec is not None else POSITION_FIELDS
+    for source in (data, data.get("base_config") or {}):
+        for name in fields:
+            value = source.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                if spec is not None and data.get("model_type") in spec.positions_after_padding:
+                    value -= (data.get("pad_token_id") or 0) + 1
+                return value
+    return None

@@ -91,6 +91,9 @@ class SiteTemplate:
     experts: ExpertTemplate | None = None
 
 
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """One registry entry. ``gated_flag``: config attribute that switches to ``gated_projections``."""
@@ -102,7 +105,11 @@ class ArchSpec:
     layout: str = LINEAR
     gated_projections: Projections | None = None
     gated_flag: str | None = None
-    causal_lm: bool = False  # a decoder-only language model: validation loss is perplexity (merge-layers)
+    causal_lm: bool = False  # a decoder-only language model (perplexity, packed text): see registry.is_causal_lm
+    # config fields that may name the size of the position table, the first positive one wins (registry.max_positions)
+    position_fields: tuple[str, ...] = POSITION_FIELDS
+    # model types whose position ids start after the padding index (RoBERTa): pad_token_id + 1 rows are not usable
+    positions_after_padding: tuple[str, ...] = ()
 
     def projections_for(self, config: dict) -> Projections:
         """The projections this config uses (T5 v1.1 is gated, T5 v1.0 is not)."""

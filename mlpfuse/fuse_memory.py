@@ -1,0 +1,71 @@
+"""``fuse_model``: the fuse pipeline applied in place to a transformers model held in memory (data-free).
+
+Used by ntk-check, bench, tune and the tests; the same planning (mlpfuse/plan.py) and per-site
+compression (:func:`mlpfuse.fuse_layers.fuse_layer`) as ``fuse``, with the model's own state as
+the source and its modules swapped for the fused ones instead of a checkpoint written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .arch import lookup, resolve_sites
+from .errors import InputError
+from .format import memory_section
+from .fuse_layers import fuse_layer
+from .fuse_moe import expert_parameter_count
+from .arch.moe import site_widths
+from .fuse_plan import check_plans
+from .fuse_report import FuseReport, expert_share
+from .kmeans import resolve_backend
+from .methods import MethodOptions
+from .plan import plan_layers
+from .remote.modeling_mlpfuse import apply_fusion_layout, fused_model_class
+
+
+def fuse_model(model: torch.nn.Module, settings) -> FuseReport:
+    """Fuse the chosen MLPs of an in-memory transformers model in place; returns the report.
+
+    ``settings``: a :class:`mlpfuse.fuse.FuseSettings`. The model's class becomes the fused subclass
+    of its own class, so ``save_pretrained`` writes an mlpfuse checkpoint and ``mlpfuse.load`` reads it
+    back. Data-free only: ``settings.calibration`` raises InputError (the calibration pass streams a
+    checkpoint: :func:`mlpfuse.fuse.fuse_checkpoint`).
+    """
+    if settings.calibration is not None:
+        raise InputError("calibration runs on a checkpoint: use fuse_checkpoint (mlpfuse fuse --calibration)")
+    config = model.config.to_dict()
+    spec = lookup(config.get("model_type"))
+    base = model.base_model
+    state = base.state_dict()
+    keys = set(state)
+    sites = resolve_sites(spec, config)
+    widths = site_widths(sites, lambda k: tuple(state[k].shape), "", keys)
+    plans = plan_layers(sites, widths, settings.layers, settings.dim, settings.ratio,
+                        settings.per_layer, settings.allow_full_width, settings.multiple_of)
+    check_plans(settings, plans)
+    backend = resolve_backend(settings.backend, settings.device)
+    options = MethodOptions(seed=settings.seed, backend=settings.backend, device=settings.device,
+                            kmeans_init=settings.kmeans_init)
+    params_before = sum(p.numel() for p in model.parameters())
+    layers, modules = [], []
+    for plan in plans:
+        layer = fuse_layer(plan, settings, options, "", keys, lambda k: state[k].detach(), None)
+        apply_fusion_layout(base, layer.specs)
+        loaded = base.load_state_dict(layer.tensors, strict=False)
+        if loaded.unexpected_keys:
+            raise RuntimeError(f"fused tensors did not match the new modules: {loaded.unexpected_keys}")
+        modules.extend(layer.specs)
+        layers.append(layer.report)
+    report = FuseReport(
+        source=getattr(model.config, "_name_or_path", "") or "<in-memory>", source_path="", output=None,
+        model_type=config["model_type"], method=settings.method, seed=settings.seed, backend=backend,
+        layers=layers, parameters={"before": params_before, "after": sum(p.numel() for p in model.parameters())},
+    )
+    if any(site.experts for site in sites):
+        in_experts = expert_parameter_count(sites, "", keys, lambda k: tuple(state[k].shape))
+        saved = params_before - report.parameters["after"]
+        report.parameters.update(expert_share(in_experts, saved, params_before))
+    model.config.mlpfuse = memory_section(getattr(model.config, "mlpfuse", None) or {}, method=settings.method,
+                                          seed=settings.seed, backend=backend, layers=layers, modules=modules)
+    model.__class__ = fused_model_class(type(model))  # also registers what the class can record
+    return report
