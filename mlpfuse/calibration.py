@@ -50,16 +50,16 @@ from .data import read_table
 from .errors import InputError
 from .methods import Calibration, MethodOptions
 from .mlp import MLPWeights
-from .options import check_positive
+from .options import CALIBRATION_DEFAULTS, check_positive
 
 # The field's usual calibration for decoders (GPTQ, llm-compressor): 128 sequences of 2,048 tokens
 # (shortened to the model's positions). Encoders read one sentence per sequence: 512 of them.
 DEFAULT_LIMIT = 128  # decoders: sequences (windows of packed text)
 DEFAULT_ENCODER_LIMIT = 512  # encoders: sequences (rows)
-DEFAULT_MAX_LENGTH = 2048  # tokens per calibration sequence
-DEFAULT_BATCH_SIZE = 8  # sequences per mini-batch of the layer-by-layer pass
-DEFAULT_PROTECT = 0.02  # protected neurons: a fraction of the fused width (>= 1: a count)
-DEFAULT_RIDGE = 1e-3  # ridge strength alpha of the output refit (scale-free, see methods.calibrated.ridge_refit)
+DEFAULT_MAX_LENGTH = CALIBRATION_DEFAULTS["max_length"]  # tokens per calibration sequence
+DEFAULT_BATCH_SIZE = CALIBRATION_DEFAULTS["calibration_batch_size"]  # sequences per mini-batch of the layer-by-layer pass
+DEFAULT_PROTECT = CALIBRATION_DEFAULTS["protect"]  # protected neurons: a fraction of the fused width (>= 1: a count)
+DEFAULT_RIDGE = CALIBRATION_DEFAULTS["ridge"]  # ridge strength alpha of the output refit (scale-free, see methods.calibrated.ridge_refit)
 ACTIVATION_TOLERANCE = 1e-3  # relative error allowed when checking a candidate activation against the layer
 
 

@@ -24,7 +24,7 @@ from .fuse_layers import execute, layer_computer
 from .fuse_memory import fuse_model  # noqa: F401  (public: mlpfuse.fuse.fuse_model)
 from .fuse_plan import check_source, plan_fuse
 from .fuse_report import FuseReport, LayerReport, derived_checkpoint, fuse_report
-from .options import check_seed
+from .options import CALIBRATION_DEFAULTS, check_seed
 from .output import check_free_space, claim_output, guarded_outputs
 from .source import resolve_model
 from .writer import DerivedWriter
@@ -56,7 +56,7 @@ class FuseSettings:
     calibration_limit: int | str | None = None
     max_length: int = DEFAULT_MAX_LENGTH  # tokens per calibration sequence (shortened to the model's positions)
     calibration_batch_size: int = DEFAULT_BATCH_SIZE  # sequences per mini-batch of the layer-by-layer pass
-    text_column: str = "sentence"
+    text_column: str = CALIBRATION_DEFAULTS["text_column"]
     protect: float = DEFAULT_PROTECT  # protected neurons per layer: fraction of the fused width, or a count >= 1
     ridge: float = DEFAULT_RIDGE  # ridge strength alpha of the output refit
 

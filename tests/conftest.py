@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,80 @@ def tree_digest(directory: Path) -> str:
             digest.update(str(path.relative_to(directory)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+# ---- checkpoints and text for the commands that read text (tune, finetune, output safety, ...)
+
+TEXT_WORDS = "good bad great awful fine movie film plot actor boring funny sad long short dull bright".split()
+
+
+def write_texts(path: Path, rows: int = 48, seed: int = 0, labels=("pos", "neg"), pair: bool = False) -> Path:
+    """A small TSV of random English word sentences with a label column (and optionally a pair column)."""
+    rng = random.Random(seed)
+    header = ["sentence", "label"] + (["sentence2"] if pair else [])
+    lines = ["\t".join(header)]
+    for _ in range(rows):
+        row = [" ".join(rng.choice(TEXT_WORDS) for _ in range(rng.randint(2, 9))), rng.choice(labels)]
+        if pair:
+            row.append(" ".join(rng.choice(TEXT_WORDS) for _ in range(rng.randint(2, 6))))
+        lines.append("\t".join(str(v) for v in row))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def make_checkpoints(directory: Path, kind: str = "bert", seed: int = 0) -> tuple[Path, Path]:
+    """A tiny original model (with the bundled MiniLM tokenizer) and its fused copy, saved."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(bundled_model_path()))
+    vocab = len(tokenizer)
+    torch.manual_seed(seed)
+    if kind == "bert":
+        model = transformers.BertModel(tiny_config("bert", vocab_size=vocab, intermediate_size=64))
+    else:
+        config = tiny_config("llama", vocab_size=vocab, intermediate_size=48, pad_token_id=tokenizer.pad_token_id)
+        model = transformers.LlamaForCausalLM(config)
+    original, fused = directory / f"{kind}-original", directory / f"{kind}-fused"
+    model.save_pretrained(original)
+    tokenizer.save_pretrained(original)
+    fuse_model(model, FuseSettings(layers="all", dim=16, seed=0))
+    model.save_pretrained(fused)
+    tokenizer.save_pretrained(fused)
+    return original, fused
+
+
+def make_checkpoints(directory: Path, kind: str = "bert", seed: int = 0) -> tuple[Path, Path]:
+    """A tiny original model (with the bundled MiniLM tokenizer) and its fused copy (every layer at width
+    16), saved; ``kind`` bert (BertModel) or llama (LlamaForCausalLM)."""
+    from mlpfuse.fuse import FuseSettings, fuse_model
+    from mlpfuse.source import bundled_model_path
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(bundled_model_path()))
+    vocab = len(tokenizer)
+    torch.manual_seed(seed)
+    if kind == "bert":
+        model = transformers.BertModel(tiny_config("bert", vocab_size=vocab, intermediate_size=64))
+    else:
+        config = tiny_config("llama", vocab_size=vocab, intermediate_size=48, pad_token_id=tokenizer.pad_token_id)
+        model = transformers.LlamaForCausalLM(config)
+    original, fused = directory / f"{kind}-original", directory / f"{kind}-fused"
+    model.save_pretrained(original)
+    tokenizer.save_pretrained(original)
+    fuse_model(model, FuseSettings(layers="all", dim=16, seed=0))
+    model.save_pretrained(fused)
+    tokenizer.save_pretrained(fused)
+    return original, fused
+
+
+def slow_kernels(model, site, inputs, scalar):
+    """Adam and SGD NTK of ``site``'s parameters by one plain autograd pass per sample (ntk-check's reference)."""
+    from mlpfuse.ntk import _forward
+
+    base = model.base_model
+    params = [p for module in site.modules for p in base.get_submodule(module.path).parameters()]
+    rows = []
+    for i in range(inputs["input_ids"].shape[0]):
+        sample = {k: v[i:i + 1] for k, v in inputs.items()}
+        outputs, hidden = _forward(model, sample)
+        value = scalar(outputs, hidden, sample["attention_mask"])[0]
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)]))
+    g = torch.stack(rows).double()
+    return g @ g.sign().T, g @ g.T

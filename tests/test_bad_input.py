@@ -25,7 +25,7 @@ from mlpfuse.source import bundled_model_path
 from mlpfuse.validate import check_checkpoint
 
 from .conftest import DENSE_FAMILIES, build_tiny, save_tokenizer, tree_digest
-from .test_tune import make_checkpoints, write_texts
+from .conftest import make_checkpoints, write_texts
 
 runner = CliRunner()
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

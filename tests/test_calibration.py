@@ -295,10 +295,3 @@ def test_the_in_memory_fuse_refuses_calibration_rather_than_ignoring_it():
     model, _ = build_tiny("llama")
     with pytest.raises(InputError, match="fuse_checkpoint"):
         fuse_model(model, FuseSettings(ratio=0.5, calibration="x.tsv"))
-
-
-def test_the_cli_shows_the_library_defaults():
-    from mlpfuse.cli.fuse_cmd import CALIBRATION_DEFAULTS
-
-    defaults = FuseSettings()
-    assert CALIBRATION_DEFAULTS == {name: getattr(defaults, name) for name in CALIBRATION_DEFAULTS}

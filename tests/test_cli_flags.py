@@ -92,7 +92,8 @@ def test_merge_layers_feeds_the_pair_column_to_the_model(tmp_path):
     from mlpfuse.errors import InputError
     from mlpfuse.merge import MergeSettings, merge_checkpoint
 
-    from .test_tune import WORDS, make_checkpoints
+    from .conftest import TEXT_WORDS as WORDS
+    from .conftest import make_checkpoints
 
     original, _ = make_checkpoints(tmp_path)
     rng = random.Random(0)

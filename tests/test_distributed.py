@@ -54,7 +54,7 @@ def test_tune_on_two_ranks_matches_one_process(tmp_path):
 
     from mlpfuse.tune import TuneSettings, tune_checkpoint
 
-    from .test_tune import make_checkpoints, write_texts
+    from .conftest import make_checkpoints, write_texts
 
     original, fused = make_checkpoints(tmp_path)
     data = write_texts(tmp_path / "text.tsv", rows=30)  # 4 batches of 8, the last of 6 (3 per rank)
@@ -98,7 +98,7 @@ def test_finetune_on_two_cpu_ranks_matches_one_process(tmp_path):
     from mlpfuse.finetune import FinetuneSettings, finetune
 
     from .test_finetune import write_keyword_texts
-    from .test_tune import make_checkpoints
+    from .conftest import make_checkpoints
 
     _, fused = make_checkpoints(tmp_path)
     config = json.loads((fused / "config.json").read_text())  # dropout off: the ranks' RNG streams differ

@@ -1,19 +1,18 @@
-"""An MLP of m distinct neurons each repeated r times, fused to k = m: exact output and Adam NTK.
+"""An MLP of m distinct neurons each repeated r times, fused to k = m: exact output and Adam NTK, with
+every k-means backend (the method's maths, by plain autograd).
 
-Folded clustering (sqrt(P) in both layers) keeps neither (DESIGN.md, paper Sec. 4.3).
+That folded clustering (sqrt(P) in both layers) keeps neither, and that the real modules of a
+model keep both only with the standalone scale, is tests/test_ntk.py's duplicated-neurons test
+(DESIGN.md, paper Sec. 4.3).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
-from mlpfuse import FuseSettings, fuse_model
 from mlpfuse.methods import MethodOptions, get_method
 from mlpfuse.mlp import MLPWeights
-
-from .conftest import tiny_config
 
 DISTINCT, REPEAT, HIDDEN = 6, 3, 16
 
@@ -58,47 +57,3 @@ def test_fusion_is_exact_in_output_and_adam_ntk(backend):
     act = torch.nn.functional.gelu
     assert torch.allclose(fused.forward(x, act), mlp.forward(x, act), atol=1e-10)
     assert torch.allclose(mlp_ntk(fused, x), mlp_ntk(mlp, x), rtol=1e-9, atol=1e-9)
-
-
-def test_folded_clustering_keeps_neither():
-    mlp = repeated_mlp()
-    x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    clustered = get_method("cluster")(mlp, DISTINCT, MethodOptions(backend="torch"))
-    act = torch.nn.functional.gelu
-    assert not torch.allclose(clustered.forward(x, act), mlp.forward(x, act), atol=1e-4)
-    original, folded = mlp_ntk(mlp, x), mlp_ntk(clustered, x)
-    assert (folded - original).norm() / original.norm() > 1e-2
-
-
-def _bert_with_repeated_layer():
-    config = tiny_config("bert", vocab_size=50, hidden_size=HIDDEN, num_attention_heads=2,
-                         intermediate_size=DISTINCT * REPEAT, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = transformers.BertModel(config).double().eval()
-    mlp = repeated_mlp()
-    layer = model.encoder.layer[0]
-    with torch.no_grad():
-        layer.intermediate.dense.weight.copy_(mlp.w_in)
-        layer.intermediate.dense.bias.copy_(mlp.b_in)
-        layer.output.dense.weight.copy_(mlp.w_out)
-    return model
-
-
-def _model_ntk(model, module_names, ids):
-    params = [p for n, p in model.named_parameters() if any(n.startswith(m) for m in module_names)]
-    direction = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    fns = [lambda row=row: model(input_ids=ids[row:row + 1]).last_hidden_state[0, 0] @ direction for row in range(len(ids))]
-    return adam_ntk(params, fns)
-
-
-@pytest.mark.parametrize("method, exact", [("fusion", True), ("cluster", False)])
-def test_real_modules_keep_the_ntk_only_with_the_standalone_scale(method, exact):
-    original = _bert_with_repeated_layer()
-    fused = _bert_with_repeated_layer()
-    fuse_model(fused, FuseSettings(layers="0", dim=DISTINCT, method=method, backend="torch"))
-    ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(3))
-    same_output = torch.allclose(fused(input_ids=ids).last_hidden_state, original(input_ids=ids).last_hidden_state, atol=1e-9)
-    mlp_modules = ["encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense"]
-    k_orig, k_fused = _model_ntk(original, mlp_modules, ids), _model_ntk(fused, mlp_modules, ids)
-    same_ntk = torch.allclose(k_fused, k_orig, rtol=1e-7, atol=1e-9)
-    assert same_output == exact and same_ntk == exact

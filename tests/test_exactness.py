@@ -1,4 +1,5 @@
-"""Exactness facts of MLP Fusion on every registered architecture (tiny random configs)."""
+"""Narrow fusion on every dense family, and the in-memory path against the checkpoint path (tiny random
+configs). Full-width exactness through a written checkpoint is tests/test_registry.py's, for every family."""
 
 from __future__ import annotations
 
@@ -11,17 +12,6 @@ from mlpfuse import FuseSettings, fuse_checkpoint
 from .conftest import DENSE_FAMILIES, TINY, model_inputs, outputs_of
 
 ALL_FAMILIES = DENSE_FAMILIES
-
-
-@pytest.mark.parametrize("name", ALL_FAMILIES)
-def test_full_width_fusion_reproduces_the_original_through_a_checkpoint(name, tiny_checkpoint, tmp_path):
-    source, model, task = tiny_checkpoint(name)
-    width = TINY[name][2]
-    report = fuse_checkpoint(str(source), tmp_path / "out", FuseSettings(layers="all", dim=width, allow_full_width=True))
-    assert all(layer.width == width for layer in report.layers)
-    fused = mlpfuse.load(tmp_path / "out", task=task).eval()
-    inputs = model_inputs(name)
-    assert torch.allclose(outputs_of(fused, inputs), outputs_of(model, inputs), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ALL_FAMILIES)

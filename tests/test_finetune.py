@@ -17,7 +17,8 @@ from mlpfuse.cli import app
 from mlpfuse.finetune import FinetuneSettings, finetune, label_mapping
 
 from .conftest import tree_digest
-from .test_tune import WORDS, make_checkpoints, write_texts
+from .conftest import TEXT_WORDS as WORDS
+from .conftest import make_checkpoints, write_texts
 
 FAST = ["--epochs", "1", "--batch-size", "8", "--max-length", "16", "--lr", "1e-3"]
 

@@ -29,7 +29,7 @@ from mlpfuse.output import INCOMPLETE_MARKER, claim_output
 from mlpfuse.tune import TuneSettings, tune_checkpoint
 
 from .conftest import tree_digest
-from .test_tune import make_checkpoints, write_texts
+from .conftest import make_checkpoints, write_texts
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -37,7 +37,7 @@ from mlpfuse.ntk import ScalarOutput, chosen_site, ntk_check_model, probe
 from mlpfuse.tune import TuneSettings, tune_checkpoint
 
 from .conftest import MOE_FAMILIES, TINY, WORDS, build_tiny, model_inputs, outputs_of, save_tokenizer, tiny_config
-from .test_ntk import slow_kernels
+from .conftest import slow_kernels
 
 FAMILIES = list(TINY)
 AUTO = {"masked-lm": "AutoModelForMaskedLM", "sequence-classification": "AutoModelForSequenceClassification",

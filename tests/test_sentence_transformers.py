@@ -15,7 +15,7 @@ from mlpfuse.output import carry_side_files
 from mlpfuse.source import bundled_model_path
 
 from .conftest import tree_digest
-from .test_tune import make_checkpoints, write_texts
+from .conftest import make_checkpoints, write_texts
 
 sentence_transformers = pytest.importorskip("sentence_transformers")
 

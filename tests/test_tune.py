@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -13,48 +12,10 @@ from typer.testing import CliRunner
 
 import mlpfuse
 from mlpfuse.cli import app
-from mlpfuse.fuse import FuseSettings, fuse_model
-from mlpfuse.source import bundled_model_path
 from mlpfuse.runtime import file_sha256
 from mlpfuse.tune import TuneSettings, layerwise_loss, state_directory, tune_checkpoint, tune_model
 
-from .conftest import tiny_config, tree_digest
-
-WORDS = "good bad great awful fine movie film plot actor boring funny sad long short dull bright".split()
-
-
-def write_texts(path: Path, rows: int = 48, seed: int = 0, labels=("pos", "neg"), pair: bool = False) -> Path:
-    """A small TSV of random word sentences with a label column (and optionally a pair column)."""
-    rng = random.Random(seed)
-    header = ["sentence", "label"] + (["sentence2"] if pair else [])
-    lines = ["\t".join(header)]
-    for _ in range(rows):
-        row = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))), rng.choice(labels)]
-        if pair:
-            row.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))))
-        lines.append("\t".join(str(v) for v in row))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def make_checkpoints(directory: Path, kind: str = "bert", seed: int = 0) -> tuple[Path, Path]:
-    """A tiny original model (with the bundled MiniLM tokenizer) and its fused copy, saved."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(bundled_model_path()))
-    vocab = len(tokenizer)
-    torch.manual_seed(seed)
-    if kind == "bert":
-        model = transformers.BertModel(tiny_config("bert", vocab_size=vocab, intermediate_size=64))
-    else:
-        config = tiny_config("llama", vocab_size=vocab, intermediate_size=48, pad_token_id=tokenizer.pad_token_id)
-        model = transformers.LlamaForCausalLM(config)
-    original, fused = directory / f"{kind}-original", directory / f"{kind}-fused"
-    model.save_pretrained(original)
-    tokenizer.save_pretrained(original)
-    fuse_model(model, FuseSettings(layers="all", dim=16, seed=0))
-    model.save_pretrained(fused)
-    tokenizer.save_pretrained(fused)
-    return original, fused
-
+from .conftest import make_checkpoints, tree_digest, write_texts
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

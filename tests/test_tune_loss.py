@@ -22,7 +22,7 @@ from mlpfuse.tune_kl import chunked_logit_kl, kl_heads, last_hidden_state
 
 from .conftest import TINY, build_tiny, model_inputs, tiny_config
 from .test_bad_input import assert_one_line_error
-from .test_tune import make_checkpoints, write_texts
+from .conftest import make_checkpoints, write_texts
 
 runner = CliRunner()
 

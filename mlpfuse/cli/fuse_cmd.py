@@ -8,16 +8,13 @@ import typer
 from rich.table import Table
 
 from ..errors import InputError
+from ..options import CALIBRATION_DEFAULTS  # light: no torch
 from .common import (DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, layer_progress, load_recipe, log,
                      merge, results_console, write_json_report)
 from .options import (METHODS_HELP, backend_option, device_option, max_shard_size_option,
                       optional_max_length_option, optional_text_column_option, output_option, overwrite_option,
                       seed_option)
 
-# Defaults of the calibration flags (mlpfuse/calibration.py holds the same; not imported: it pulls torch).
-# calibration_limit None: 128 sequences for decoders, 512 for encoders (resolved by the library).
-CALIBRATION_DEFAULTS = {"calibration_limit": None, "max_length": 2048, "calibration_batch_size": 8,
-                        "text_column": "sentence", "protect": 0.02, "ridge": 1e-3}
 
 _NONE = type(None)
 # What each recipe field may hold (YAML types): the fields of FuseSettings but allow_full_width, plus model,
