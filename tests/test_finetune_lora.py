@@ -138,6 +138,14 @@ def test_instruction_lora_merged_equals_unmerged_and_exports(data, tmp_path, fam
     _adapter_moved(tmp_path / "adapter")
     plain = "LlamaForCausalLM" if family == "llama" else "GPT2LMHeadModel"
     _check_merged_equals_unmerged(base, tmp_path / "merged", tmp_path / "adapter", "causal-lm", tmp_path, plain)
+    # the unmerged adapter, merged by `export BASE --adapter`, is the merged output's export
+    result = CliRunner().invoke(app, ["export", str(base), "--adapter", str(tmp_path / "adapter"), "-o",
+                                      str(tmp_path / "plain-from-adapter")])
+    assert result.exit_code == 0, result.output[-2000:]
+    inputs = _inputs(base)
+    torch.testing.assert_close(_logits(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain-from-adapter")), inputs),
+                               _logits(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain")), inputs),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_svd_checkpoint_takes_lora_on_its_factors(data, tmp_path):
