@@ -261,7 +261,10 @@ def finetune_model(model, tokenizer, train: Table | None, evaluation: Table | No
     """Train ``model`` on ``train`` (skipped when None) and evaluate on ``evaluation``; returns metrics.
 
     The returned dict has ``train_seconds``, ``train_steps``, ``train_loss`` and the eval metrics
-    (``accuracy``/``f1``, ``pearson``/``spearman`` or ``perplexity``, plus ``eval_loss``).
+    (``accuracy``/``f1``, ``pearson``/``spearman`` or ``perplexity``, plus ``eval_loss``); for
+    causal-LM instruction eval data (:mod:`mlpfuse.instruct`) ``response_perplexity``,
+    ``response_mean_nll`` and ``response_tokens`` instead of the Trainer's loss. ``model`` may be
+    a PEFT model (``--lora``: :func:`mlpfuse.lora.attach`).
     """
     import transformers
 
@@ -327,6 +330,10 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
     Without ``train`` it only evaluates (the model must already carry its task head). ``output``
     receives the fine-tuned checkpoint (fused format for fused inputs), its tokenizer and
     ``mlpfuse_finetune.json``; it appears only when complete. Returns the report dict.
+
+    With ``settings.lora`` only LoRA adapters (and a new task head) train (:mod:`mlpfuse.lora`);
+    ``settings.merge`` merges them before saving, else ``output`` holds the adapter (PEFT's files),
+    the tokenizer and the report, whose ``base`` names the checkpoint it applies to.
     """
     import transformers
 

@@ -125,7 +125,7 @@ def segments(tokenizer, messages: list[dict]) -> list[tuple[list[int], bool]]:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = _render(tokenizer, messages[:i], True) if i else _render(tokenizer, [], True)
+            prompt = _render(tokenizer, messages[:i], True)
             full = _render(tokenizer, messages[:i + 1], False)
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise InputError("the tokenizer's chat template does not render a conversation as its earlier turns "
