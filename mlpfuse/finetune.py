@@ -26,6 +26,8 @@ from .checkpoint import read_config
 from .output import claim_output, guarded_outputs, resolve_target
 from .data import Table, read_table
 from .errors import InputError
+from .instruct import TEXT, InstructDataset, data_format, encode_instructions, response_perplexity
+from .instruct import collator as instruct_collator
 from .modeling import load
 from .options import check_optional_positive, check_positive, check_seed
 from .runtime import load_tokenizer
@@ -56,6 +58,18 @@ class FinetuneSettings:
     limit_train: int | None = None
     limit_eval: int | None = None
     bf16: bool = False
+    # instruction data (causal-lm; mlpfuse/instruct.py): format from the columns present
+    messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    packing: bool = False
+    # LoRA (PEFT; mlpfuse/lora.py)
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] | None = None  # None: every linear projection of the layers
+    merge: bool = True  # with lora: merge the adapter on save (else write the adapter beside the base)
 
 
 def check_settings(settings: FinetuneSettings) -> None:
@@ -74,6 +88,22 @@ def check_settings(settings: FinetuneSettings) -> None:
                         (settings.limit_eval, "--limit-eval")):
         check_optional_positive(value, flag)
     check_seed(settings.seed)
+    check_lora_settings(settings)
+
+
+def check_lora_settings(settings: FinetuneSettings) -> None:
+    """One-line InputErrors for LoRA values no run can use (and LoRA-only flags without --lora)."""
+    if not settings.lora:
+        if not settings.merge:
+            raise InputError("--no-merge applies to --lora only (full fine-tuning writes the whole model)")
+        return
+    check_positive(settings.lora_rank, "--lora-rank", integer=True)
+    check_positive(settings.lora_alpha, "--lora-alpha")
+    if not 0 <= settings.lora_dropout < 1:
+        raise InputError(f"--lora-dropout must be in [0, 1), got {settings.lora_dropout}")
+    if settings.lora_targets is not None and (not settings.lora_targets
+                                              or any(not str(t).strip() for t in settings.lora_targets)):
+        raise InputError("--lora-targets needs module names separated by commas, e.g. q_proj,v_proj")
 
 
 class _Encoded(torch.utils.data.Dataset):
@@ -114,7 +144,11 @@ def _label_key(value) -> str:
 
 
 def encode_table(table: Table, tokenizer, settings: FinetuneSettings, label2id: dict | None) -> _Encoded:
-    """Tokenize a table's rows into Trainer features; one-line InputErrors for bad labels."""
+    """Tokenize a table's rows into Trainer features; one-line InputErrors for bad labels.
+
+    Causal-LM instruction data (messages, prompt/response) goes to :mod:`mlpfuse.instruct`."""
+    if settings.task == "causal-lm" and data_format(table, settings) != TEXT:
+        return encode_instructions(table, tokenizer, settings)
     texts = table.texts(settings.text_column, settings.pair_column)
     if settings.pair_column:
         first, second = (list(x) for x in zip(*texts))
@@ -227,17 +261,26 @@ def finetune_model(model, tokenizer, train: Table | None, evaluation: Table | No
     """Train ``model`` on ``train`` (skipped when None) and evaluate on ``evaluation``; returns metrics.
 
     The returned dict has ``train_seconds``, ``train_steps``, ``train_loss`` and the eval metrics
-    (``accuracy``/``f1``, ``pearson``/``spearman`` or ``perplexity``, plus ``eval_loss``).
+    (``accuracy``/``f1``, ``pearson``/``spearman`` or ``perplexity``, plus ``eval_loss``); for
+    causal-LM instruction eval data (:mod:`mlpfuse.instruct`) ``response_perplexity``,
+    ``response_mean_nll`` and ``response_tokens`` instead of the Trainer's loss. ``model`` may be
+    a PEFT model (``--lora``: :func:`mlpfuse.lora.attach`).
     """
     import transformers
 
     check_settings(settings)
     train_set = encode_table(train, tokenizer, settings, label2id) if train is not None else None
-    eval_set = encode_table(evaluation, tokenizer, settings, label2id) if evaluation is not None else None
+    # instruction eval data: the answer tokens' perplexity (instruct.response_perplexity), not the Trainer's loss
+    instruct_eval = (evaluation is not None and settings.task == "causal-lm"
+                     and data_format(evaluation, settings) != TEXT)
+    eval_set = (encode_table(evaluation, tokenizer, settings, label2id)
+                if evaluation is not None and not instruct_eval else None)
+    collator = (instruct_collator(tokenizer) if isinstance(train_set, InstructDataset)
+                else _collator(settings.task, tokenizer))
     with tempfile.TemporaryDirectory(prefix="mlpfuse-trainer-", dir=work_dir) as scratch:
         trainer = transformers.Trainer(
             model=model, args=_training_arguments(settings, scratch), train_dataset=train_set,
-            eval_dataset=eval_set, data_collator=_collator(settings.task, tokenizer), processing_class=tokenizer,
+            eval_dataset=eval_set, data_collator=collator, processing_class=tokenizer,
             compute_metrics=None if settings.task == "causal-lm" else metric_function(settings.task, len(label2id or {})),
             callbacks=callbacks,
         )
@@ -258,6 +301,10 @@ def finetune_model(model, tokenizer, train: Table | None, evaluation: Table | No
                     metrics[key[5:] if key != "eval_loss" else key] = value
             if settings.task == "causal-lm":
                 metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
+        if instruct_eval:
+            start = time.perf_counter()
+            metrics.update(response_perplexity(model, tokenizer, evaluation, settings))
+            metrics["eval_seconds"] = time.perf_counter() - start
     return metrics
 
 
@@ -283,6 +330,10 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
     Without ``train`` it only evaluates (the model must already carry its task head). ``output``
     receives the fine-tuned checkpoint (fused format for fused inputs), its tokenizer and
     ``mlpfuse_finetune.json``; it appears only when complete. Returns the report dict.
+
+    With ``settings.lora`` only LoRA adapters (and a new task head) train (:mod:`mlpfuse.lora`);
+    ``settings.merge`` merges them before saving, else ``output`` holds the adapter (PEFT's files),
+    the tokenizer and the report, whose ``base`` names the checkpoint it applies to.
     """
     import transformers
 
@@ -302,8 +353,10 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
     eval_table = read_table(evaluation, limit=settings.limit_eval) if evaluation is not None else None
     for table in (train_table, eval_table):
         if table is not None:
-            table.texts(settings.text_column, settings.pair_column)  # fail early on a missing column
-            if settings.task != "causal-lm":
+            if settings.task == "causal-lm":
+                data_format(table, settings)  # fail early on missing columns (text or instruction data)
+            else:
+                table.texts(settings.text_column, settings.pair_column)  # fail early on a missing column
                 table.column(settings.label_column)
 
     tokenizer = load_tokenizer(directory)
@@ -319,11 +372,30 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
     transformers.set_seed(settings.seed)  # the new head's initialisation depends on the seed
     kwargs = _model_kwargs(settings, label2id) if train_table is not None else {}
     net = load(directory, task=task_name, **kwargs)
+    if settings.lora:
+        if train_table is None:
+            raise InputError("--lora trains adapters: it needs --train (evaluate a LoRA output without --lora)")
+        from . import lora
+
+        net = lora.attach(net, settings, trains_head=settings.task != "causal-lm")
     metrics = finetune_model(net, tokenizer, train_table, eval_table, settings, label2id, callbacks=callbacks)
+    lora_report = None
+    if settings.lora:
+        lora_report = lora.summary(net, merged=settings.merge)
+        metrics.update(trainable_parameters=lora_report["trainable_parameters"],
+                       total_parameters=lora_report["total_parameters"], merged=settings.merge)
+        if settings.merge:
+            net = lora.merge(net)
     report = {"model": str(model), "train": train, "eval": evaluation, "output": str(target) if target else None,
               "task": settings.task, "settings": asdict(settings), "metrics": metrics,
               "label2id": label2id, "fused": bool(getattr(net.config, "mlpfuse", None)),
               "parameters": sum(p.numel() for p in net.parameters())}
+    if lora_report is not None:
+        report.update(lora=lora_report, base=str(directory))
+    if target is not None and _is_main_process() and settings.lora and not settings.merge:
+        _write_adapter(net, tokenizer, target, overwrite, directory, report,
+                       lambda: load(directory, task=task_name, **kwargs))
+        return report
     if target is not None and _is_main_process():
         from .writer import DerivedCheckpoint, write_derived
 
@@ -331,3 +403,14 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
             source=directory, model=net, tokenizer=tokenizer, reference=net,
             files={REPORT_FILE: json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"}), overwrite)
     return report
+
+
+def _write_adapter(net, tokenizer, target: Path, overwrite: bool, base: Path, report: dict, load_base) -> None:
+    """``--lora --no-merge``: the adapter, the tokenizer and the report (naming the base) in ``target``."""
+    from .lora import save_adapter
+
+    with staging_directory(target, overwrite) as staging:
+        save_adapter(net, staging, base, load_base)
+        tokenizer.save_pretrained(staging)
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n",
+                                           encoding="utf-8")

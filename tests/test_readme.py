@@ -70,12 +70,15 @@ def test_readme_workflow_runs_as_written(tmp_path, monkeypatch):
     work.mkdir()
     (tmp_path / "shared").symlink_to(SHARED)
     commands = recorded_commands(work)
-    assert [c[0] for c in commands] == ["fuse", "ntk-check", "tune", "finetune", "finetune", "bench", "bench",
-                                        "merge-layers", "export", "inspect"]
+    assert [c[0] for c in commands] == ["fuse", "ntk-check", "tune", "finetune", "finetune", "finetune", "export",
+                                        "bench", "bench", "merge-layers", "export", "inspect"]
     monkeypatch.chdir(work)
     run_in_order(commands)
     plain = transformers.AutoModelForSequenceClassification.from_pretrained("sst2-plain")  # "loads it anywhere"
     assert type(plain).__name__ == "BertForSequenceClassification"
+    lora = transformers.AutoModelForSequenceClassification.from_pretrained("sst2-lora-plain")  # fuse -> LoRA -> export
+    assert type(lora).__name__ == "BertForSequenceClassification"
+    assert json.loads((work / "sst2-lora" / "mlpfuse_finetune.json").read_text())["lora"]["merged"] is True
     assert json.loads((work / "metrics.json").read_text())["metrics"]["accuracy"] >= 0
 
 

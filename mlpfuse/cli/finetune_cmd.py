@@ -12,7 +12,7 @@ from .options import (batch_size_option, log_every_option, max_length_option, ma
 
 # mlpfuse/finetune.py's TASK_CHOICES, for --help (not imported here: it pulls torch; a test checks they agree)
 TASK_CHOICES = ("classification", "regression", "causal-lm")
-METRIC_NAMES = ("accuracy", "f1", "pearson", "spearman", "perplexity", "eval_loss")
+METRIC_NAMES = ("accuracy", "f1", "pearson", "spearman", "perplexity", "response_perplexity", "eval_loss")
 
 
 def _progress_callback(every: int):
@@ -27,6 +27,15 @@ def _progress_callback(every: int):
                           f"epoch {state.epoch or 0:.2f}", highlight=False)
 
     return StepLines()
+
+
+def _split_targets(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise InputError(f"--lora-targets {text!r}: give module names separated by commas, e.g. q_proj,v_proj")
+    return names
 
 
 @handle_errors
@@ -50,6 +59,16 @@ def finetune(
     limit_eval: int = typer.Option(None, "--limit-eval", help="Use only the first N evaluation rows."),
     seed: int = seed_option(0),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 mixed precision (GPU)."),
+    prompt_column: str = typer.Option("prompt", "--prompt-column", help="causal-lm instruction data: column with the prompt."),
+    response_column: str = typer.Option("response", "--response-column", help="causal-lm instruction data: column with the answer (the only tokens with loss)."),
+    messages_column: str = typer.Option("messages", "--messages-column", help="causal-lm chat data: column with a list of {role, content} messages."),
+    packing: bool = typer.Option(False, "--packing", help="causal-lm instruction data: join rows into --max-length sequences."),
+    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (PEFT) instead of every weight."),
+    lora_rank: int = typer.Option(8, "--lora-rank", help="LoRA rank r."),
+    lora_alpha: float = typer.Option(16.0, "--lora-alpha", help="LoRA alpha (the update is scaled by alpha / r)."),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="Dropout on the LoRA input."),
+    lora_targets: str = typer.Option(None, "--lora-targets", help="Comma list of module names for LoRA (default: every linear projection of the layers)."),
+    merge: bool = typer.Option(True, "--merge/--no-merge", help="With --lora: merge the adapter into the model on save (--no-merge: write the adapter only)."),
     eval_only: bool = typer.Option(False, "--eval-only", help="Only evaluate MODEL (already fine-tuned) on --eval."),
     log_every: int = log_every_option(10),
     overwrite: bool = overwrite_option(),
@@ -57,7 +76,11 @@ def finetune(
     debug: bool = DebugOption,
 ):
     """Fine-tune (classification, regression, causal LM) and evaluate an original or fused checkpoint."""
+    if not merge and not lora:
+        raise InputError("--no-merge applies to --lora only (full fine-tuning writes the whole model)")
     if eval_only:
+        if lora:
+            raise InputError("--lora trains adapters: drop --eval-only, or evaluate a LoRA output without --lora")
         if eval_file is None:
             raise InputError("--eval-only needs --eval FILE")
         train, output = None, None
@@ -73,7 +96,10 @@ def finetune(
     settings = FinetuneSettings(task=task, text_column=text_column, pair_column=pair_column, label_column=label_column,
                                 epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, warmup=warmup,
                                 weight_decay=weight_decay, max_steps=max_steps, seed=seed, limit_train=limit_train,
-                                limit_eval=limit_eval, bf16=bf16)
+                                limit_eval=limit_eval, bf16=bf16, prompt_column=prompt_column,
+                                response_column=response_column, messages_column=messages_column, packing=packing,
+                                lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                lora_targets=_split_targets(lora_targets), merge=merge)
     report = run_finetune(model, train, eval_file, output, settings, overwrite=overwrite,
                           callbacks=[_progress_callback(log_every)])
     out = results_console(json_path)
@@ -87,5 +113,8 @@ def finetune(
     if "train_seconds" in metrics:
         table.add_row("train seconds", f"{metrics['train_seconds']:.1f}")
         table.add_row("train steps", str(metrics["train_steps"]))
+    if "trainable_parameters" in metrics:
+        table.add_row("trainable parameters", f"{metrics['trainable_parameters']:,} of {metrics['total_parameters']:,}")
+        table.add_row("adapter", "merged" if metrics["merged"] else "saved unmerged")
     out.print(table)
     write_json_report(json_path, report)
