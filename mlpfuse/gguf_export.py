@@ -23,6 +23,7 @@ Only then is it renamed to the target.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -325,7 +326,7 @@ def gguf_tensors(state: dict, family: GgufFamily, arch: str, config, conv1d: set
             tensor = tensor.T
         if family.norm_plus_one and "norm" in name and name.endswith(".weight"):
             tensor = tensor + 1.0
-        if family.rope == "norm" and re.search(r"\.attn_[qk]\.(weight|bias)$", name):
+        if (family.rope == "norm" or arch == "deci") and re.search(r"\.attn_[qk]\.(weight|bias)$", name):
             tensor = _permute_rope(tensor, heads if ".attn_q." in name else kv_heads)
         if family.qkv and name.endswith((".attn_qkv.weight", ".attn_qkv.bias")):
             tensor = _reorder_qkv(tensor, family, config)
@@ -344,7 +345,8 @@ def _encode(name: str, tensor: torch.Tensor, outtype: str):
         return data.astype(np.float16), None
     if outtype == "bf16":
         return gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
-    if data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    if data.shape[-1] % block == 0:
         return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
     return data.astype(np.float16), None  # rows that do not fill whole Q8_0 blocks
 
@@ -378,9 +380,9 @@ def read_back(path: Path, expected: dict[str, tuple], metadata: dict) -> None:
 
 def probe_prompts(directory: Path, vocab_size: int) -> tuple[list[str] | None, list[list[int]]]:
     """Token ids of :data:`PROMPTS` by the checkpoint's transformers tokenizer (as a user's would be)."""
-    from transformers import AutoTokenizer
+    from .runtime import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    tokenizer = load_tokenizer(directory)
     ids = [list(tokenizer(text)["input_ids"]) for text in PROMPTS]
     if all(ids) and max(max(i) for i in ids) < vocab_size:
         return list(PROMPTS), ids
@@ -395,6 +397,35 @@ def reference_logits(model: torch.nn.Module, prompts: list[list[int]]) -> list[n
             logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
             out.append(logits.float().numpy())
     return out
+
+
+@contextlib.contextmanager
+def plain_cpu_buffers(llama_cpp):
+    """Load models without llama.cpp's CPU "repack" buffers (``use_extra_bufts = False``).
+
+    Repacking rearranges quantised weights for faster kernels at load time; it does not change what the
+    file holds. With it, llama-cpp-python 0.3.36 crashes (SIGSEGV) evaluating any Q8_0 matrix product on
+    an AVX-512 CPU, also for files quantised by llama.cpp's own ``llama_model_quantize`` (docs/deploy.md).
+    llama-cpp-python's ``Llama`` has no argument for it, so its default-parameters function is wrapped
+    for the duration of the load.
+    """
+    module = getattr(llama_cpp, "llama_cpp", None)
+    original = getattr(module, "llama_model_default_params", None)
+    if original is None:
+        yield
+        return
+
+    def without_repack():
+        params = original()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = without_repack
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = original
 
 
 def llama_cpp_check(path: Path, prompts: list[list[int]], reference: list[np.ndarray], outtype: str,
@@ -412,8 +443,10 @@ def llama_cpp_check(path: Path, prompts: list[list[int]], reference: list[np.nda
         return None
     longest = max(len(p) for p in prompts)
     try:
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, longest + 8), n_batch=max(64, longest + 8),
-                              logits_all=True, verbose=False, n_threads=max(1, min(4, os.cpu_count() or 1)), seed=0)
+        with plain_cpu_buffers(llama_cpp):
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, longest + 8), n_batch=max(64, longest + 8),
+                                  logits_all=True, verbose=False, n_threads=max(1, min(4, os.cpu_count() or 1)),
+                                  seed=0)
     except Exception as exc:  # noqa: BLE001 - llama.cpp refusing the file is what this check is for
         raise MlpfuseError(f"llama.cpp cannot load the written GGUF: {exc}") from None
     try:

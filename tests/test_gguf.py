@@ -16,12 +16,16 @@ import torch
 import transformers
 
 from mlpfuse.arch.gguf_table import GGUF_FAMILIES
-from mlpfuse.errors import InputError
+from typer.testing import CliRunner
+
+from mlpfuse.cli import app
+from mlpfuse.errors import InputError, MlpfuseError
 from mlpfuse.export import export_checkpoint
 from mlpfuse.fuse import FuseSettings, fuse_checkpoint
-from mlpfuse.gguf_export import PROMPTS, export_gguf
+from mlpfuse.gguf_export import PROMPTS, export_gguf, plain_cpu_buffers
+from mlpfuse.runtime import load_tokenizer
 
-from .conftest import TINY, build_tiny
+from .conftest import build_tiny, tree_digest
 
 gguf = pytest.importorskip("gguf")
 try:
@@ -35,7 +39,9 @@ VOCAB = 128  # the tiny tokenizer's 101 tokens, the rest unused rows
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
 # transformers model_type -> the TINY entry that builds it
 TINY_NAME = {"gemma3_text": "gemma3_text"}
-FAMILIES = sorted(GGUF_FAMILIES)
+# the quick run (-m "not slow") runs one of each layout: LLaMA (norm rotary), Qwen2 (biases, neox), GPT-2 (Conv1D)
+QUICK = {"llama", "qwen2", "gpt2"}
+FAMILIES = [f if f in QUICK else pytest.param(f, marks=pytest.mark.slow) for f in sorted(GGUF_FAMILIES)]
 
 
 def save_bpe_tokenizer(directory) -> None:
@@ -112,7 +118,8 @@ def _plain_logits(directory, prompts):
 
 
 def _llama_cpp_logits(path, prompts):
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    with plain_cpu_buffers(llama_cpp):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     out = []
     for ids in prompts:
         llm.reset()
@@ -129,9 +136,91 @@ def test_family_runs_in_llama_cpp_like_the_transformers_export(tmp_path, family)
     report = export_gguf(str(fused), tmp_path / "out.gguf", outtype="f32")
     assert report.check is not None and all(report.check["top1_equal"]) and report.check["tokens_agree"]
     export_checkpoint(str(fused), tmp_path / "plain")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(fused))
+    tokenizer = load_tokenizer(fused)
     prompts = [tokenizer(text)["input_ids"] for text in PROMPTS]
     plain, ours = _plain_logits(tmp_path / "plain", prompts), _llama_cpp_logits(tmp_path / "out.gguf", prompts)
     for reference, got in zip(plain, ours):
         assert int(got.argmax()) == int(reference.argmax())
         assert np.abs(got - reference).max() / np.abs(reference).max() < 1e-2
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_per_layer_widths_without_padding_run_as_deci(tmp_path, family):
+    fused = fused_source(tmp_path, family, layers="0")  # layer 0 fused to 22 neurons, layer 1 keeps 44
+    report = export_gguf(str(fused), tmp_path / "out.gguf", outtype="f32")
+    assert report.per_layer and report.widths == [22, 44] and not report.padded and report.arch == "deci"
+    reader, fields = _reader_fields(tmp_path / "out.gguf")
+    assert list(fields["deci.feed_forward_length"]) == [22, 44]
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    assert shapes["blk.0.ffn_gate.weight"] == (32, 22) and shapes["blk.1.ffn_gate.weight"] == (32, 44)
+    assert all(report.check["top1_equal"]) and report.check["max_relative_diff"] < 1e-2
+
+
+def test_per_layer_widths_refused_where_llama_cpp_reads_one_width_and_padded_with_pad(tmp_path):
+    fused = fused_source(tmp_path, "gpt2", layers="0")
+    with pytest.raises(InputError, match="--pad"):
+        export_gguf(str(fused), tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+    report = export_gguf(str(fused), tmp_path / "out.gguf", pad=True, outtype="f32")
+    assert report.padded and not report.per_layer and report.widths == [128]
+    assert gguf.GGUFReader(str(tmp_path / "out.gguf")).fields["gpt2.feed_forward_length"].contents() == 128
+
+
+def test_unsupported_family_refused_naming_the_supported(tmp_path):
+    source = tmp_path / "src"
+    build_tiny("bert")[0].save_pretrained(source)
+    fuse_checkpoint(str(source), tmp_path / "fused", FuseSettings(ratio=0.5, backend="torch", seed=0))
+    with pytest.raises(InputError, match="supported: .*llama.*qwen2"):
+        export_gguf(str(tmp_path / "fused"), tmp_path / "out.gguf")
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
+def test_outtypes_run_and_agree(tmp_path, outtype):
+    fused = fused_source(tmp_path, "llama")
+    report = export_gguf(str(fused), tmp_path / "out.gguf", outtype=outtype)
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "out.gguf")).tensors}
+    assert kinds["blk.0.ffn_up.weight"] == {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[outtype]
+    # rows of 22 (the fused width) do not fill 32-value Q8_0 blocks: that tensor is f16
+    assert kinds["blk.0.ffn_down.weight"] == {"f16": "F16", "bf16": "BF16", "q8_0": "F16"}[outtype]
+    assert kinds["blk.0.attn_norm.weight"] == "F32"
+    assert report.check["max_relative_diff"] < {"f16": 1e-2, "bf16": 5e-2, "q8_0": 2e-1}[outtype]
+
+
+def test_failed_check_leaves_no_output_and_inputs_untouched(tmp_path, monkeypatch):
+    import mlpfuse.gguf_export as module
+
+    fused = fused_source(tmp_path, "llama")
+    before = tree_digest(fused)
+
+    def fail(*args, **kwargs):
+        raise MlpfuseError("llama.cpp disagrees")
+
+    monkeypatch.setattr(module, "llama_cpp_check", fail)
+    with pytest.raises(MlpfuseError):
+        export_gguf(str(fused), tmp_path / "out" / "model.gguf")
+    assert not (tmp_path / "out" / "model.gguf").exists() and not list((tmp_path / "out").glob(".*"))
+    assert tree_digest(fused) == before
+
+
+def test_cli_gguf_json_overwrite_and_bad_flags(tmp_path):
+    fused = fused_source(tmp_path, "llama")
+    out, report = tmp_path / "m.gguf", tmp_path / "r.json"
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(fused), "--format", "gguf", "--outtype", "f32", "-o", str(out),
+                                 "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["arch"] == "llama" and data["widths"] == [22] and data["tokenizer"]["chat_template"]
+    again = runner.invoke(app, ["export", str(fused), "--format", "gguf", "-o", str(out)])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert runner.invoke(app, ["export", str(fused), "--format", "gguf", "-o", str(out), "--overwrite"]).exit_code == 0
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"not mine")
+    refused = runner.invoke(app, ["export", str(fused), "--format", "gguf", "-o", str(other), "--overwrite"])
+    assert refused.exit_code == 2 and other.read_bytes() == b"not mine"
+    bad = runner.invoke(app, ["export", str(fused), "--outtype", "f16", "-o", str(tmp_path / "plain")])
+    assert bad.exit_code == 2 and "--format gguf" in bad.output
+    bad = runner.invoke(app, ["export", str(fused), "--format", "onnx", "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "gguf" in bad.output

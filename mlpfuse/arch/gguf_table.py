@@ -12,7 +12,8 @@ Per-layer MLP widths: llama.cpp reads ``{arch}.feed_forward_length`` as one valu
 most architectures size every layer's FFN tensors from layer 0's value. ``deci`` (LLaMA with per-layer
 widths, written for Nemotron-NAS) sizes each layer from its own value and computes a LLaMA block
 (RMSNorm, SiLU-gated MLP, ``norm`` rotary, optional q/k/v biases), so LLaMA-shaped families with
-differing widths are written as ``deci`` (``per_layer_arch``). The others need ``--pad``.
+differing widths are written as ``deci`` (``per_layer_arch``; Qwen2 too: its q/k rows are then permuted
+to ``norm`` order like LLaMA's). The others need ``--pad``.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ GGUF_FAMILIES: dict[str, GgufFamily] = {
     "llama": GgufFamily("llama", rope="norm", per_layer_arch="deci", note="SmolLM, Llama 2/3"),
     "mistral": GgufFamily("llama", rope="norm", per_layer_arch="deci",
                           note="written as llama (llama.cpp has no separate Mistral architecture); sliding window ignored"),
-    "qwen2": GgufFamily("qwen2"),
+    "qwen2": GgufFamily("qwen2", per_layer_arch="deci"),
     "qwen3": GgufFamily("qwen3"),
     "gemma": GgufFamily("gemma", norm_plus_one=True, tied_output=True),
     "gemma2": GgufFamily("gemma2", norm_plus_one=True, tied_output=True, metadata=_GEMMA2,
