@@ -224,3 +224,25 @@ def test_cli_gguf_json_overwrite_and_bad_flags(tmp_path):
     assert bad.exit_code == 2 and "--format gguf" in bad.output
     bad = runner.invoke(app, ["export", str(fused), "--format", "onnx", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "gguf" in bad.output
+
+
+def test_inspect_reports_runtimes_for_fused_exported_and_gguf(tmp_path):
+    runner = CliRunner()
+    llama = fused_source(tmp_path / "a", "llama", layers="0")  # per-layer widths 22, 44
+    result = runner.invoke(app, ["inspect", str(llama), "--no-flops", "--json", "-"])
+    rows = {row["runtime"]: row for row in json.loads(result.stdout)["runtimes"]}
+    assert rows["transformers"]["loads"] and "trust_remote_code" in rows["transformers"]["how"]
+    assert rows["vLLM"]["loads"] is False and not rows["vLLM"]["tested"]
+    assert rows["llama.cpp"]["loads"] and "deci" in rows["llama.cpp"]["how"] and "22-44" in rows["llama.cpp"]["how"]
+    gpt2 = fused_source(tmp_path / "b", "gpt2", layers="0")
+    result = runner.invoke(app, ["inspect", str(gpt2), "--no-flops", "--json", "-"])
+    rows = {row["runtime"]: row for row in json.loads(result.stdout)["runtimes"]}
+    assert "--pad" in rows["llama.cpp"]["how"]
+    export_gguf(str(llama), tmp_path / "m.gguf", outtype="f32")
+    result = runner.invoke(app, ["inspect", str(tmp_path / "m.gguf")])
+    assert result.exit_code == 0 and "deci" in result.output and "per layer 22-44" in result.output
+    assert "runtime llama.cpp: yes" in result.output
+    export_checkpoint(str(llama), tmp_path / "plain", pad=True)
+    result = runner.invoke(app, ["inspect", str(tmp_path / "plain"), "--no-flops", "--json", "-"])
+    rows = {row["runtime"]: row for row in json.loads(result.stdout)["runtimes"]}
+    assert rows["vLLM"]["loads"] and not rows["vLLM"]["tested"] and rows["transformers"]["tested"]
