@@ -45,7 +45,7 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # max |llama.cpp - transformers| / max |transformers| over the next-token logits, per outtype
 TOLERANCE = {"f32": 1e-2, "f16": 1e-2, "bf16": 5e-2, "q8_0": 2e-1}
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, there was a",
-           "Fused MLPs make small models 12 percent faster because")
+           "Water boils at a temperature of 100 degrees")
 GGUF_MARK = "mlpfuse.export.source"  # metadata key: this GGUF was written by mlpfuse (what --overwrite may replace)
 
 
@@ -111,10 +111,30 @@ def _claim_file(output, inputs, overwrite: bool) -> Path:
         parent.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=parent, prefix=f".{target.name}.probe-", delete=True)
         probe.close()
+        _remove_stale(target)
     except OSError as exc:
         problem = environment_problem(exc, target)
         raise (problem or EnvironmentProblem(f"cannot write {target}: {exc}")) from None
     return target
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove temporary files of earlier runs to ``target`` whose process is gone (killed mid-write)."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.mlpfuse-incomplete-(\d+)-\d+$")
+    for path in target.parent.iterdir():
+        match = pattern.match(path.name)
+        if not match or not path.is_file() or path.is_symlink():
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            path.unlink(missing_ok=True)
 
 
 def _temporary_name(target: Path) -> Path:

@@ -204,6 +204,15 @@ def test_failed_check_leaves_no_output_and_inputs_untouched(tmp_path, monkeypatc
     assert tree_digest(fused) == before
 
 
+def test_stale_temporary_of_a_killed_run_is_removed(tmp_path):
+    fused = fused_source(tmp_path, "llama")
+    dead = 2 ** 22 + 12345  # above Linux's pid_max default: no such process
+    stale = tmp_path / f".out.gguf.mlpfuse-incomplete-{dead}-0"
+    stale.write_bytes(b"half a file")
+    export_gguf(str(fused), tmp_path / "out.gguf", outtype="f32")
+    assert not stale.exists() and (tmp_path / "out.gguf").is_file()
+
+
 def test_cli_gguf_json_overwrite_and_bad_flags(tmp_path):
     fused = fused_source(tmp_path, "llama")
     out, report = tmp_path / "m.gguf", tmp_path / "r.json"
