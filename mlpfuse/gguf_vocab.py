@@ -155,12 +155,12 @@ def _llama_vocab(data: dict, directory: Path, n_vocab: int) -> GgufVocab:
         if text is None:
             text = f"[PAD{index}]"
             kind = gguf.TokenType.UNUSED
+        elif text == unk:
+            kind = gguf.TokenType.UNKNOWN
         elif index in added and added[index].get("special", False):
             kind = gguf.TokenType.CONTROL
         elif index in added:
             kind = gguf.TokenType.USER_DEFINED
-        elif text == unk:
-            kind = gguf.TokenType.UNKNOWN
         elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
             kind = gguf.TokenType.BYTE
         else:

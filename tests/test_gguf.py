@@ -255,3 +255,60 @@ def test_inspect_reports_runtimes_for_fused_exported_and_gguf(tmp_path):
     result = runner.invoke(app, ["inspect", str(tmp_path / "plain"), "--no-flops", "--json", "-"])
     rows = {row["runtime"]: row for row in json.loads(result.stdout)["runtimes"]}
     assert rows["vLLM"]["loads"] and not rows["vLLM"]["tested"] and rows["transformers"]["tested"]
+
+
+def save_spm_tokenizer(directory) -> None:
+    """A byte-fallback BPE tokenizer (Llama 2 / SentencePiece style: "\u2581" for spaces, <0xNN> bytes)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + ["\u2581"] + list("abcdefghijklmnopqrstuvwxyz")
+    merges = [("\u2581", "t"), ("h", "e"), ("\u2581t", "he"), ("\u2581", "a")]
+    vocab = {piece: i for i, piece in enumerate(pieces + ["".join(m) for m in merges])}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+    fast.save_pretrained(directory)
+
+
+@needs_llama_cpp
+def test_sentencepiece_style_tokenizer_is_carried_and_tokenizes_like_transformers(tmp_path):
+    model, _ = build_tiny("mistral", 0, vocab_size=320, initializer_range=0.2, pad_token_id=0)
+    model.save_pretrained(tmp_path / "src")
+    save_spm_tokenizer(tmp_path / "src")
+    fuse_checkpoint(str(tmp_path / "src"), tmp_path / "fused", FuseSettings(ratio=0.5, backend="torch", seed=0))
+    report = export_gguf(str(tmp_path / "fused"), tmp_path / "out.gguf", outtype="f32")
+    assert report.tokenizer["model"] == "llama" and report.check["tokens_agree"] and all(report.check["top1_equal"])
+    fields = gguf.GGUFReader(str(tmp_path / "out.gguf")).fields
+    types = list(fields["tokenizer.ggml.token_type"].contents())
+    assert types[3] == gguf.TokenType.BYTE and types[1] == gguf.TokenType.CONTROL and types[0] == gguf.TokenType.UNKNOWN
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+
+
+@needs_llama_cpp
+def test_the_llama_cpp_check_catches_a_layout_mistake(tmp_path, monkeypatch):
+    import mlpfuse.gguf_export as module
+
+    fused = fused_source(tmp_path, "llama")
+    monkeypatch.setattr(module, "_permute_rope", lambda tensor, heads: tensor)  # q/k rows left in transformers' order
+    with pytest.raises(MlpfuseError, match="differ"):
+        export_gguf(str(fused), tmp_path / "out.gguf", outtype="f32")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}], ids=["llama3", "linear"])
+def test_rope_scaling_runs_like_transformers(tmp_path, rope):
+    model, _ = build_tiny("llama", 0, vocab_size=VOCAB, initializer_range=0.2, rope_parameters=rope)
+    model.save_pretrained(tmp_path / "src")
+    save_bpe_tokenizer(tmp_path / "src")
+    fuse_checkpoint(str(tmp_path / "src"), tmp_path / "fused", FuseSettings(ratio=0.5, backend="torch", seed=0))
+    report = export_gguf(str(tmp_path / "fused"), tmp_path / "out.gguf", outtype="f32")
+    assert all(report.check["top1_equal"]) and report.check["max_relative_diff"] < 1e-2
