@@ -553,7 +553,7 @@ def export_gguf(model: str, output: str | Path, outtype: str = "f16", pad: bool 
 
     vocab = load_vocab(source, n_vocab)
     texts, prompts = probe_prompts(source, n_vocab)
-    reference = reference_logits(fused, prompts)
+    reference = reference_logits(fused.float(), prompts)  # fp32 reference whatever the checkpoint's dtype
     del fused
 
     temporary = _temporary_name(target)
