@@ -76,7 +76,7 @@ def flop_counts(config: dict) -> dict:
 def describe(directory: Path, flops: bool | None = None) -> dict:
     """Deployment facts of the checkpoint in ``directory`` as a JSON-ready dict.
 
-    Keys: ``kind`` (fused | exported | plain), ``model_type`` (base architecture), ``quantised`` (how,
+    Keys: ``kind`` (fused | exported | plain), ``runtimes`` (see :func:`runtimes`), ``model_type`` (base architecture), ``quantised`` (how,
     or None; see :func:`mlpfuse.validate.quantisation`: the other commands refuse it), ``remote_code``
     (whether loading needs ``trust_remote_code=True`` or ``import mlpfuse``), ``layers`` (fused: label,
     width before and after), ``width_fields`` (the config's MLP widths), ``parameters`` (before and
@@ -90,6 +90,7 @@ def describe(directory: Path, flops: bool | None = None) -> dict:
     facts = {"kind": kind, "model_type": model_type, "quantised": quantisation(directory), "remote_code": kind == "fused",
              "width_fields": width_fields(config), "parameters": section.get("parameters", {}),
              "export": config.get(EXPORT_SECTION)}
+    facts["runtimes"] = runtimes(config, kind)
     labels = section.get("layer_labels", section.get("layers", []))
     facts["layers"] = [{"label": str(label), "before": section.get("original_widths", {}).get(str(layer)),
                         "after": section.get("widths", {}).get(str(layer))}
@@ -108,3 +109,102 @@ def _small(directory: Path) -> bool:
     size = sum(p.stat().st_size for p in Path(directory).glob("*.safetensors")) + sum(
         p.stat().st_size for p in Path(directory).glob("*.bin"))
     return size <= 4 * FLOPS_AUTO_LIMIT
+
+
+# ---- runtimes ----------------------------------------------------------------------------------
+
+def _per_layer_widths(config: dict) -> list[int]:
+    """Distinct MLP widths over the layers of a fused checkpoint (one entry: uniform)."""
+    section = config.get("mlpfuse") or {}
+    widths = {int(k): int(v) for k, v in (section.get("widths") or {}).items()}
+    layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
+    # layers left out keep the config's width (GPT-2's n_inner may be None: then the original width of fused ones)
+    original = [int(v) for v in (section.get("original_widths") or {}).values()]
+    unfused = next(iter(width_fields(config).values()), None) or (max(original) if original else None)
+    full = [widths.get(i, unfused) for i in range(layers)] if layers else list(widths.values())
+    return sorted({w for w in full if w is not None})
+
+
+def runtimes(config: dict, kind: str) -> list[dict]:
+    """Which runtimes load this checkpoint: ``[{"runtime", "loads", "how", "tested"}]``.
+
+    ``kind``: fused | exported | plain (see :func:`checkpoint_kind`). transformers and llama.cpp facts are
+    tested (tests/test_export.py, tests/test_gguf.py); vLLM's are by architecture name only (untested).
+    """
+    from .arch.gguf_table import gguf_family, supported_text
+    from .arch.runtimes import VLLM_ARCHITECTURES
+
+    model_type = config.get("base_model_type") if kind == "fused" else config.get("model_type")
+    architecture = ((config.get("architectures") or [None])[0]) or "?"
+    rows = []
+    if kind == "fused":
+        rows.append({"runtime": "transformers", "loads": True, "tested": True,
+                     "how": "with remote code: mlpfuse.load(path) or AutoModel...from_pretrained(path, "
+                            "trust_remote_code=True); without it after `mlpfuse export`"})
+        rows.append({"runtime": "vLLM", "loads": False, "tested": False,
+                     "how": "the fused modules (scaled projections) have no vLLM implementation; `mlpfuse export` "
+                            "first" + ("" if architecture in VLLM_ARCHITECTURES else
+                                       f" (and vLLM lists no {architecture})")})
+    else:
+        rows.append({"runtime": "transformers", "loads": True, "tested": kind == "exported",
+                     "how": "plain AutoModel...from_pretrained(path), no remote code"})
+        vllm = architecture in VLLM_ARCHITECTURES
+        rows.append({"runtime": "vLLM", "loads": vllm, "tested": False,
+                     "how": (f"{architecture} is in vLLM's supported architectures" if vllm else
+                             f"vLLM lists no {architecture}")})
+    family = gguf_family(model_type or "")
+    if family is None:
+        rows.append({"runtime": "llama.cpp", "loads": False, "tested": True,
+                     "how": f"GGUF export supports {supported_text()}, not {model_type}"})
+        return rows
+    widths = _per_layer_widths(config) if kind == "fused" else [config.get(k) for k in width_fields(config)][:1]
+    if kind == "fused" and len(widths) > 1 and family.per_layer_arch is None:
+        rows.append({"runtime": "llama.cpp", "loads": True, "tested": True,
+                     "how": f"after `mlpfuse export --format gguf --pad`: llama.cpp's {family.arch} reads one MLP width "
+                            f"and the layers have {len(widths)} ({min(widths)}-{max(widths)})"})
+    elif kind == "fused" and len(widths) > 1:
+        rows.append({"runtime": "llama.cpp", "loads": True, "tested": True,
+                     "how": f"after `mlpfuse export --format gguf`: per-layer widths ({min(widths)}-{max(widths)}) as "
+                            f"llama.cpp's {family.per_layer_arch} architecture, no padding"})
+    elif kind == "fused":
+        rows.append({"runtime": "llama.cpp", "loads": True, "tested": True,
+                     "how": f"after `mlpfuse export --format gguf` (llama.cpp architecture {family.arch})"})
+    else:
+        rows.append({"runtime": "llama.cpp", "loads": True, "tested": False,
+                     "how": f"convert with llama.cpp's convert_hf_to_gguf.py (architecture {family.arch}), or "
+                            "export the fused checkpoint with `mlpfuse export --format gguf` (tested)"})
+    return rows
+
+
+def describe_gguf(path: Path) -> dict:
+    """Deployment facts of a GGUF file (``mlpfuse export --format gguf`` or any other): architecture,
+    per-layer MLP widths, tensors, whether mlpfuse wrote it, and which runtimes load it."""
+    import gguf
+
+    from .arch.gguf_table import GGUF_FAMILIES
+
+    reader = gguf.GGUFReader(str(path))
+    fields = {key: reader.fields[key].contents() for key in reader.fields
+              if not key.startswith("tokenizer.ggml.") and key != "tokenizer.chat_template"}
+    arch = fields.get("general.architecture")
+    widths = fields.get(f"{arch}.feed_forward_length")
+    per_layer = isinstance(widths, list) and len(set(widths)) > 1
+    known = {family.arch for family in GGUF_FAMILIES.values()} | {f.per_layer_arch for f in GGUF_FAMILIES.values()}
+    reads_per_layer = {f.per_layer_arch for f in GGUF_FAMILIES.values() if f.per_layer_arch}
+    if arch in known and (not per_layer or arch in reads_per_layer):
+        llama = {"runtime": "llama.cpp", "loads": True, "tested": True,
+                 "how": f"llama.cpp architecture {arch}" + (" with per-layer MLP widths" if per_layer else "")}
+    elif per_layer and arch not in reads_per_layer:
+        llama = {"runtime": "llama.cpp", "loads": False, "tested": True,
+                 "how": f"llama.cpp's {arch} reads one MLP width for all layers, this file has {len(set(widths))}"}
+    else:
+        llama = {"runtime": "llama.cpp", "loads": None, "tested": False,
+                 "how": f"architecture {arch}: not one mlpfuse writes"}
+    return {"kind": "gguf", "model_type": arch, "mlpfuse": fields.get("mlpfuse.export.source"),
+            "widths": widths if isinstance(widths, list) else [widths], "per_layer": per_layer,
+            "tensors": len(reader.tensors), "file_type": fields.get("general.file_type"),
+            "runtimes": [llama,
+                         {"runtime": "transformers", "loads": None, "tested": False,
+                          "how": "from_pretrained(dir, gguf_file=...) dequantises some GGUF architectures"},
+                         {"runtime": "vLLM", "loads": None, "tested": False,
+                          "how": "vLLM's GGUF loading is experimental"}]}

@@ -21,6 +21,8 @@ def inspect(
     from ..source import resolve_model
 
     check_json_path(json_path, model)
+    if model.endswith(".gguf"):
+        return _inspect_gguf(model, json_path)
     directory = resolve_model(model, quantised_ok=True)  # reported below; every other command refuses it
     from ..checkpoint import read_config  # heavy (torch): once the model is found, so a mistyped path fails at once
     from ..deployinfo import describe
@@ -78,8 +80,39 @@ def inspect(
         out.print(line, highlight=False)
     elif facts["kind"] == "fused":
         out.print("FLOPs: pass --flops to count them (builds the model)", highlight=False)
+    _print_runtimes(out, facts["runtimes"])
     write_json_report(json_path, {"path": str(directory), "fused": kind == "fused", "model_type": config.get("model_type"),
                                   "mlpfuse": section, **facts})
+
+
+def _print_runtimes(out, rows) -> None:
+    for row in rows:
+        mark = {True: "yes", False: "no", None: "?"}[row["loads"]]
+        out.print(f"runtime {row['runtime']}: {mark}: {row['how']}{'' if row['tested'] else ' [untested]'}",
+                  highlight=False)
+
+
+def _inspect_gguf(model: str, json_path) -> None:
+    from pathlib import Path
+
+    from ..errors import InputError
+
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise InputError(f"no such GGUF file: {model}")
+    from ..deployinfo import describe_gguf
+
+    try:
+        facts = describe_gguf(path)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{model} is not a readable GGUF file: {exc}") from None
+    out = results_console(json_path)
+    widths = facts["widths"]
+    out.print(f"{path}: GGUF, llama.cpp architecture {facts['model_type']}, {facts['tensors']} tensors, MLP widths "
+              + (f"per layer {min(widths)}-{max(widths)}" if facts["per_layer"] else str(widths[0]))
+              + (f"; written by mlpfuse from {facts['mlpfuse']}" if facts["mlpfuse"] else ""), highlight=False)
+    _print_runtimes(out, facts["runtimes"])
+    write_json_report(json_path, {"path": str(path), **facts})
 
 
 def _fewer(before: float, after: float) -> str:
