@@ -26,7 +26,7 @@ from .errors import InputError
 from .format import SCALE_BUFFER, fuse_section
 from .fuse_moe import expert_parameter_count, fuse_moe_layer, layer_report_fields
 from .kmeans import check_init, resolve_backend
-from .calibration import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_PROTECT, DEFAULT_RIDGE
+from .calibration import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_GROUPING, DEFAULT_PROTECT, DEFAULT_RIDGE
 from .methods import MethodOptions, check_can_write, get_method
 from .mlp import MLPWeights
 from .modeling import verify_checkpoint
@@ -73,6 +73,7 @@ class FuseSettings:
     text_column: str = "sentence"
     protect: float = DEFAULT_PROTECT  # protected neurons per layer: fraction of the fused width, or a count >= 1
     ridge: float = DEFAULT_RIDGE  # ridge strength alpha of the output refit
+    grouping: str = DEFAULT_GROUPING  # calibrated fusion/cluster: "select" or "kmeans" (methods.calibrated)
 
 
 @dataclass
@@ -395,7 +396,7 @@ def fuse_checkpoint(
 
 
 CALIBRATION_FIELDS = ("calibration", "calibration_limit", "max_length", "calibration_batch_size", "text_column",
-                      "protect", "ridge")
+                      "protect", "ridge", "grouping")
 
 
 def _check_calibration(settings: FuseSettings, config: dict, merged_layout) -> None:
@@ -406,7 +407,7 @@ def _check_calibration(settings: FuseSettings, config: dict, merged_layout) -> N
     from .methods import check_calibrated
 
     check_settings(settings.calibration_limit, settings.max_length, settings.protect, settings.ridge,
-                   settings.text_column, settings.calibration_batch_size)
+                   settings.text_column, settings.calibration_batch_size, settings.grouping)
     check_calibrated(settings.method)
     if active():
         raise InputError("--calibration runs the model layer by layer in one process: run it without torchrun")
@@ -443,7 +444,7 @@ def _run_calibration(settings, source_dir, reader, prefix, sites, plans, keys, o
         return layer.compressed, layer
 
     return run_calibrated(stream, data, plans, keys, options, settings.protect, settings.ridge, compress, emit,
-                          settings.calibration_batch_size)
+                          settings.calibration_batch_size, grouping=settings.grouping)
 
 
 def _calibration_record(settings: FuseSettings, data, result) -> dict:
@@ -451,7 +452,7 @@ def _calibration_record(settings: FuseSettings, data, result) -> dict:
     return {"file": data.file, "sha256": data.sha256, "texts": data.texts, "tokens": result.tokens,
             "sequences": result.sequences, "packed": data.packed, "calibration_limit": settings.calibration_limit,
             "max_length": settings.max_length, "text_column": settings.text_column, "protect": settings.protect,
-            "ridge": settings.ridge, "hidden_state_error": result.hidden_state_error,
+            "ridge": settings.ridge, "grouping": settings.grouping, "hidden_state_error": result.hidden_state_error,
             "batch_size": result.batch_size, "device": result.device, "cache": result.cache,
             "layer_seconds": result.layer_seconds}
 
