@@ -198,7 +198,7 @@ def repeated_mlp(gated: bool, distinct: int = 6, copies: tuple = (3, 1, 4, 2, 2,
 def test_selected_fusion_of_repeated_neurons_is_exact_with_p_the_copies(gated, act, refit):
     copies = (3, 1, 4, 2, 2, 5)
     mlp, order = repeated_mlp(gated, copies=copies)
-    fused = selected_fusion(mlp, len(copies), inputs(300), act, refit=refit)
+    fused = selected_fusion(mlp, len(copies), inputs(300), act, refit=refit, alpha=0.0)  # no ridge shrinkage
     held_out = inputs(60, seed=9)
     torch.testing.assert_close(fused.forward(held_out, act), mlp.forward(held_out, act), rtol=1e-9, atol=1e-9)
     # each representative is one of the copies, unchanged, and P counts its copies (P stays a separate constant)

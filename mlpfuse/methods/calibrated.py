@@ -359,29 +359,38 @@ def select_neurons(gram: torch.Tensor, effective_out: torch.Tensor, k: int, firs
     residual_diag = torch.diagonal(gram).clone()
     lam = alpha * float(residual_diag.mean().clamp_min(0)) + 1e-300
     floor = 1e-12 * float(residual_diag.max().clamp_min(1e-300))
-    target = gram @ effective_out.double().to(device).T  # R W^T with R = G at the start [I, p_out]
-    factor = torch.zeros(width, k, dtype=torch.float64, device=device)  # L: R = G - L L^T on the chosen
-    taken = torch.zeros(width, dtype=torch.bool, device=device)
+    # T = R W^T [I, p_out] is never formed after the start: T = T0 - L V with L [I, step] the Cholesky
+    # columns and V [step, p_out] the picked rows of T (each / sqrt(pivot)); only the row norms
+    # ||T_i||^2 are kept, updated with matrix-vector products
+    start = gram @ effective_out.double().to(device).T
+    norms = start.pow(2).sum(1)
+    factor = torch.zeros(k, width, dtype=torch.float64, device=device)  # rows: L^T (R = G - L L^T)
+    picked = torch.zeros(k, start.shape[1], dtype=torch.float64, device=device)  # rows: V
+    blocked = torch.zeros(width, dtype=torch.float64, device=device)  # -inf for the taken
     forced = [] if first is None else [int(i) for i in first.tolist()]
     chosen: list[int] = []
     for step in range(k):
         if step < len(forced):
             j = forced[step]
         else:
-            gain = target.pow(2).sum(1) / (residual_diag + lam)
-            gain[taken | (residual_diag <= floor)] = -1.0
+            gain = norms.clamp_min(0) / (residual_diag + lam) + blocked
+            gain = torch.where(residual_diag > floor, gain, gain - torch.inf)
             j = int(torch.argmax(gain))
-            if float(gain[j]) < 0:  # everything left is explained: take the remaining diagonal order
-                j = int(torch.argmax(torch.where(taken, -torch.inf, torch.diagonal(gram))))
+            if not bool(torch.isfinite(gain[j])):  # everything left is explained: take the largest remaining
+                j = int(torch.argmax(torch.diagonal(gram) + blocked))
         pivot = float(residual_diag[j])
-        column = gram[:, j] - factor[:, :step] @ factor[j, :step]  # R[:, j]
         if pivot > floor:
-            column = column / pivot ** 0.5
-            factor[:, step] = column
-            target -= column[:, None] * (target[j] / pivot ** 0.5)[None, :]
+            root = pivot ** 0.5
+            known, at_j = factor[:step], factor[:step, j]
+            row = (start[j] - at_j @ picked[:step]) / root  # T[j] / sqrt(R[j, j])
+            both = torch.stack([at_j, picked[:step] @ row]) @ known  # one pass over L: [L L[j], L V row]
+            column = (gram[j] - both[0]) / root  # R[:, j] / sqrt(R[j, j])
+            dots = start @ row - both[1]  # T_i . row
+            norms -= column * (2 * dots - column * float(row @ row))  # ||T_i - column_i row||^2
+            factor[step], picked[step] = column, row
             residual_diag -= column.pow(2)
         residual_diag[j] = 0.0
-        taken[j] = True
+        blocked[j] = -torch.inf
         chosen.append(j)
     return torch.tensor(chosen, dtype=torch.long)
 
