@@ -204,8 +204,27 @@ def test_selected_fusion_of_repeated_neurons_is_exact_with_p_the_copies(gated, a
     # each representative is one of the copies, unchanged, and P counts its copies (P stays a separate constant)
     kept = [int(torch.nonzero((mlp.w_in == row).all(1))[0]) for row in fused.w_in]
     assert sorted(int(order[i]) for i in kept) == list(range(len(copies)))
-    assert fused.scale.tolist() == [float(copies[int(order[i])]) for i in kept]
-    assert int(fused.scale.sum()) == mlp.width
+    torch.testing.assert_close(fused.scale, torch.tensor([float(copies[int(order[i])]) for i in kept]))
+    assert float(fused.scale.sum()) == pytest.approx(mlp.width)
+
+
+@pytest.mark.parametrize("p_from", ["coefficients", "members"])
+def test_p_counts_scaled_copies_by_their_coefficients(p_from):
+    """Neurons whose up weight is a scaled copy (h_j = a_j h_s): exact, P = sum |a_j| (or the count)."""
+    base = tiny_mlp(True, width=3)
+    order, factors = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([1.0, -0.5, 1.0, 1.0, 0.25, 2.0], dtype=torch.float64)
+    mlp = MLPWeights(w_in=base.w_in[order] * factors[:, None], w_gate=base.w_gate[order], w_out=base.w_out[:, order])
+    fused = selected_fusion(mlp, 3, inputs(300), SILU, alpha=0.0, p_from=p_from)
+    held_out = inputs(60, seed=9)
+    torch.testing.assert_close(fused.forward(held_out, SILU), mlp.forward(held_out, SILU), rtol=1e-8, atol=1e-9)
+    representatives = [int(torch.nonzero((base.w_gate == row).all(1))[0]) for row in fused.w_gate]
+    for cluster, distinct in enumerate(representatives):
+        members = torch.nonzero(order == distinct).flatten()
+        own = torch.nonzero((mlp.w_in == fused.w_in[cluster]).all(1)).flatten()[0]
+        expected = float((factors[members] / factors[own]).abs().sum()) if p_from == "coefficients" else len(members)
+        assert float(fused.scale[cluster]) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(InputError, match="p_from"):
+        selected_fusion(mlp, 3, inputs(50), SILU, p_from="nope")
 
 
 def test_the_refit_from_the_gram_is_the_least_squares_fit_on_the_activations_divided_by_p():
@@ -261,7 +280,7 @@ def test_selected_fusion_chunked_float32_matches_float64_and_bad_values():
     fused64 = selected_fusion(mlp, 16, x, SILU, protect=2)
     fused32 = selected_fusion(mlp.map_neurons(lambda t: t.float(), lambda w: w.float()), 16,
                               list(x.float().split(128)), SILU, protect=2)
-    assert torch.equal(fused32.scale, fused64.scale)
+    torch.testing.assert_close(fused32.scale, fused64.scale, rtol=1e-4, atol=0)
     torch.testing.assert_close(fused32.w_out.double(), fused64.w_out, rtol=1e-3, atol=1e-4)
     with pytest.raises(InputError, match="protect fewer"):
         selected_fusion(mlp, 4, x, SILU, protect=5)

@@ -171,8 +171,9 @@ def test_p_stays_the_cluster_sizes_with_calibration(grouping, tmp_path):
     scales = [t for name, t in tensors.items() if name.endswith("fusion_scale")]
     assert len(scales) == 2
     for scale in scales:
-        assert scale.shape == (10,) and torch.equal(scale, scale.round()) and scale.min() >= 1
-        assert int(scale.sum()) == 44
+        assert scale.shape == (10,) and scale.min() >= 1 and torch.isfinite(scale).all()
+        if grouping == "kmeans":  # cluster sizes; select: the members' coefficients summed (tests/test_calibrated.py)
+            assert torch.equal(scale, scale.round()) and int(scale.sum()) == 44
 
 
 def _layer_zero(tmp_path):

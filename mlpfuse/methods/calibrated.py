@@ -415,22 +415,29 @@ def fold_assignment(gram: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tenso
 
 
 def selected_fusion(mlp: MLPWeights, k: int, x, activation, *, protect: int = 0, threshold: float | None = None,
-                    refit: bool = True, alpha: float = 1e-3, device=None) -> MLPWeights:
+                    refit: bool = True, alpha: float = 1e-3, device=None, p_from: str = "coefficients") -> MLPWeights:
     """Data-aware MLP Fusion by selection: fusion's P over pruning's basis (see :func:`calibrated_fusion`).
 
     1. ``k`` representative neurons by :func:`select_neurons` on the activation Gram (the protected
        ones first: :func:`protected_neurons` of :func:`importance`);
     2. every other neuron joins the representative it correlates with most (:func:`fold_assignment`):
        clusters whose centroid is the representative itself (its input-side weights unchanged,
-       the medoid), ``scale`` = P = cluster sizes (integers summing to I);
+       the medoid). ``scale`` = P, a standalone constant: with ``p_from="coefficients"`` (default)
+       ``P_c = sum_members |a_j|`` (``a_j`` the least-squares coefficient of ``h_j ~ a_j h_c``, 1
+       for the representative): how many copies of the representative its members amount to, the
+       cluster size when they are copies. That is the count the Adam NTK sees: a member's
+       output-weight kernel term ``h_j(x) g(x) sign(h_j(z) g(z))`` is ``|a_j|`` times the
+       representative's (MLP Fusion's argument, Wei et al. 2023, App. A.3, for members that are
+       scaled copies). ``p_from="members"``: the plain member counts (integers summing to I),
+       which overweights the many weakly correlated members (measured on SmolLM2, docs/llm.md);
     3. the cluster's effective output weight is the fold ``sum_members a_j W_out[:, j] P_j``
        (stored divided by P) or, with ``refit``, the ridge refit of the output weight on the
        calibration tokens, from the same Gram (``H_f = H[:, kept]``: no second pass), stored
        divided by P so P stays a standalone constant.
 
     Exact cases: ``k == I`` (P = 1, the original); neurons repeated ``r`` times fused to the number
-    of distinct ones (the copies fold into one representative with P = r and coefficient 1).
-    Raises InputError as :func:`calibrated_fusion`.
+    of distinct ones (the copies fold into one representative with coefficient 1 and P = r, either
+    way). Raises InputError as :func:`calibrated_fusion`, and for an unknown ``p_from``.
     """
     width = mlp.width
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= width:
@@ -451,7 +458,12 @@ def selected_fusion(mlp: MLPWeights, k: int, x, activation, *, protect: int = 0,
         first = protected[torch.argsort(-score[protected], stable=True)]
         kept = select_neurons(stats.gram, effective, k, first=first, alpha=alpha).sort().values
     labels, coefficient = fold_assignment(stats.gram, kept)
-    sizes = torch.bincount(labels, minlength=k).to(torch.float64)
+    if p_from == "members":
+        sizes = torch.bincount(labels, minlength=k).to(torch.float64)
+    elif p_from == "coefficients":  # how many copies of the representative the members amount to
+        sizes = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, coefficient.abs())
+    else:
+        raise InputError(f"p_from must be 'coefficients' or 'members', got {p_from!r}")
     folded = torch.zeros(effective.shape[0], k, dtype=torch.float64).index_add_(
         1, labels, effective * coefficient[None, :])
     fused = mlp.map_neurons(lambda t: t[kept].clone(), lambda w: w[:, kept].clone())
@@ -467,7 +479,7 @@ def selected_fusion(mlp: MLPWeights, k: int, x, activation, *, protect: int = 0,
         error = sums.relative_error(folded, mlp.b_out)
     fused.w_out = (folded / sizes[None, :]).to(mlp.w_out.dtype)
     fused.scale = sizes.to(torch.float32)
-    fused.stats = {"protected": int(protected.numel()), "cluster_sizes": size_histogram(fused.scale),
+    fused.stats = {"protected": int(protected.numel()), "cluster_sizes": size_histogram(torch.bincount(labels, minlength=k)),
                    "refit": bool(refit and k < width), "backend": None, "relative_error": error,
                    "grouping": "select"}
     return fused
