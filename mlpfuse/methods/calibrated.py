@@ -23,9 +23,16 @@ compute device, float64 accumulators), so memory does not grow with the number o
    ``E / P`` (column-wise), so **P stays a standalone constant** scale and the function is
    ``H_f (W_out * P)^T = H_f E^T``: the training-dynamics property of MLP Fusion is kept.
 
+Steps 3-4 are the ``kmeans`` grouping. The default grouping, ``select`` (:func:`selected_fusion`),
+replaces them: one pass accumulates the activation Gram ``H^T H`` (:func:`activation_gram`), an
+output-aware pivoted Cholesky picks the ``k`` representatives (:func:`select_neurons`), the others
+fold into the one they correlate with most (:func:`fold_assignment`), the centroid is the
+representative itself and P counts the members by their least-squares coefficients; the refit
+(step 5) comes from blocks of the same Gram.
+
 ``fuse --calibration`` (mlpfuse/calibration.py) runs the model layer by layer and calls the
-data-aware form of the chosen method with each layer's cached inputs: :func:`calibrated_fusion` for
-``fusion`` (and ``cluster``, with sqrt(P) folded and no refit), :func:`calibrated_prune` for
+data-aware form of the chosen method with each layer's cached inputs: :func:`selected_fusion` or
+:func:`calibrated_fusion` (``--grouping``) for ``fusion`` (and ``cluster``, with sqrt(P) folded and no refit), :func:`calibrated_prune` for
 ``prune``, :func:`calibrated_svd` for ``svd``.
 """
 
