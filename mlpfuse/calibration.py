@@ -60,6 +60,8 @@ DEFAULT_MAX_LENGTH = CALIBRATION_DEFAULTS["max_length"]  # tokens per calibratio
 DEFAULT_BATCH_SIZE = CALIBRATION_DEFAULTS["calibration_batch_size"]  # sequences per mini-batch of the layer-by-layer pass
 DEFAULT_PROTECT = CALIBRATION_DEFAULTS["protect"]  # protected neurons: a fraction of the fused width (>= 1: a count)
 DEFAULT_RIDGE = CALIBRATION_DEFAULTS["ridge"]  # ridge strength alpha of the output refit (scale-free, see methods.calibrated.ridge_refit)
+DEFAULT_GROUPING = CALIBRATION_DEFAULTS["grouping"]  # calibrated fusion/cluster: representatives by selection (or "kmeans")
+GROUPINGS = ("select", "kmeans")
 ACTIVATION_TOLERANCE = 1e-3  # relative error allowed when checking a candidate activation against the layer
 
 
@@ -104,7 +106,8 @@ def parse_limit(value) -> tuple[int, str]:
     return count, unit
 
 
-def check_settings(limit, max_length, protect, ridge, text_column, batch_size=DEFAULT_BATCH_SIZE) -> None:
+def check_settings(limit, max_length, protect, ridge, text_column, batch_size=DEFAULT_BATCH_SIZE,
+                   grouping=DEFAULT_GROUPING) -> None:
     """Refuse bad calibration values with one-line InputErrors (before any work)."""
     if limit is not None:
         parse_limit(limit)
@@ -116,6 +119,8 @@ def check_settings(limit, max_length, protect, ridge, text_column, batch_size=DE
     if protect >= 1 and protect != int(protect):
         raise InputError(f"--protect must be a fraction in [0, 1) or a whole count >= 1, got {protect!r}")
     check_positive(ridge, "--ridge", allow_zero=True)
+    if grouping not in GROUPINGS:
+        raise InputError(f"--grouping must be one of {', '.join(GROUPINGS)}, got {grouping!r}")
     if not isinstance(text_column, str) or not text_column:
         raise InputError(f"--text-column must name a column, got {text_column!r}")
 
@@ -423,7 +428,7 @@ def cache_device(data: CalibrationData, hidden: int, device: torch.device) -> to
 
 def run_calibrated(stream: StreamingModel, data: CalibrationData, plans: list, keys, options: MethodOptions,
                    protect: float, ridge: float, compress: Callable, emit: Callable,
-                   batch_size: int = DEFAULT_BATCH_SIZE) -> CalibrationResult:
+                   batch_size: int = DEFAULT_BATCH_SIZE, grouping: str = DEFAULT_GROUPING) -> CalibrationResult:
     """Compress every planned site on its calibration inputs, layer by layer, and emit each result.
 
     ``compress(plan, mlp, options) -> (compressed MLPWeights, FusedLayer)`` compresses one site with
@@ -470,7 +475,7 @@ def run_calibrated(stream: StreamingModel, data: CalibrationData, plans: list, k
                 activation = identify_activation(_float(mlp, first_h.device), x[0].to(first_h.device), first_h,
                                                  stream.config, plan.site.label)
                 calibration = Calibration(inputs=x, activation=activation, protect=protect, ridge=ridge,
-                                          device=stream.device)
+                                          device=stream.device, grouping=grouping)
                 weights, fused_layer = compress(plan, mlp, replace(options, calibration=calibration))
                 compressed[plan.site.index] = (activation, weights, fused_layer)
             chain = _run_compressed(stream, layer, path, group, compressed, calls, chain, store)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .checkpoint import read_config
-from .output import claim_output, guarded_outputs, resolve_target
+from .output import claim_output, guarded_outputs, resolve_target, staging_directory
 from .data import Table, read_table
 from .errors import InputError
 from .instruct import TEXT, InstructDataset, data_format, encode_instructions, response_perplexity

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .calibration import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_PROTECT, DEFAULT_RIDGE
+from .calibration import DEFAULT_BATCH_SIZE, DEFAULT_GROUPING, DEFAULT_MAX_LENGTH, DEFAULT_PROTECT, DEFAULT_RIDGE
 from .distributed import is_worker, rank_device, serve
 from .fuse_calibration import calibration_data
 from .fuse_layers import execute, layer_computer
@@ -59,6 +59,7 @@ class FuseSettings:
     text_column: str = CALIBRATION_DEFAULTS["text_column"]
     protect: float = DEFAULT_PROTECT  # protected neurons per layer: fraction of the fused width, or a count >= 1
     ridge: float = DEFAULT_RIDGE  # ridge strength alpha of the output refit
+    grouping: str = DEFAULT_GROUPING  # calibrated fusion/cluster: "select" or "kmeans" (methods.calibrated)
 
 
 @guarded_outputs

@@ -24,7 +24,7 @@ from .errors import InputError
 
 # FuseSettings fields that only --calibration reads (left out of a data-free run's recipe)
 CALIBRATION_FIELDS = ("calibration", "calibration_limit", "max_length", "calibration_batch_size", "text_column",
-                      "protect", "ridge")
+                      "protect", "ridge", "grouping")
 
 
 def check_calibration(settings, config: dict, merged_layout) -> None:
@@ -34,7 +34,7 @@ def check_calibration(settings, config: dict, merged_layout) -> None:
     from .methods import check_calibrated
 
     check_settings(settings.calibration_limit, settings.max_length, settings.protect, settings.ridge,
-                   settings.text_column, settings.calibration_batch_size)
+                   settings.text_column, settings.calibration_batch_size, settings.grouping)
     check_calibrated(settings.method)
     if active():
         raise InputError("--calibration runs the model layer by layer in one process: run it without torchrun")
@@ -74,7 +74,8 @@ def run_calibration(settings, plan, emit):
         return layer.compressed, layer
 
     return run_calibrated(stream, plan.calibration, plan.plans, plan.keys, plan.options, settings.protect,
-                          settings.ridge, compress, emit, settings.calibration_batch_size)
+                          settings.ridge, compress, emit, settings.calibration_batch_size,
+                          grouping=settings.grouping)
 
 
 def calibration_record(settings, data, result) -> dict:
@@ -82,6 +83,6 @@ def calibration_record(settings, data, result) -> dict:
     return {"file": data.file, "sha256": data.sha256, "texts": data.texts, "tokens": result.tokens,
             "sequences": result.sequences, "packed": data.packed, "calibration_limit": settings.calibration_limit,
             "max_length": settings.max_length, "text_column": settings.text_column, "protect": settings.protect,
-            "ridge": settings.ridge, "hidden_state_error": result.hidden_state_error,
+            "ridge": settings.ridge, "grouping": settings.grouping, "hidden_state_error": result.hidden_state_error,
             "batch_size": result.batch_size, "device": result.device, "cache": result.cache,
             "layer_seconds": result.layer_seconds}

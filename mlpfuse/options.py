@@ -15,7 +15,8 @@ from .errors import InputError
 # must not import calibration.py: it pulls torch) both read them here. calibration_limit None: 128
 # sequences for decoders, 512 for encoders (calibration.DEFAULT_LIMIT / DEFAULT_ENCODER_LIMIT).
 CALIBRATION_DEFAULTS = {"calibration_limit": None, "max_length": 2048, "calibration_batch_size": 8,
-                        "text_column": "sentence", "protect": 0.02, "ridge": 1e-3}
+                        "text_column": "sentence", "protect": 0.02, "ridge": 1e-3,
+                        "grouping": "select"}
 SEED_LIMIT = 2**32  # numpy's legacy seeds are unsigned 32-bit; FAISS's signed ones get kmeans.faiss_seed
 
 

@@ -168,3 +168,121 @@ def test_bad_values_are_input_errors():
         calibrated_fusion(mlp, 0, x, SILU)
     with pytest.raises(InputError, match=r"\[tokens, 12\]"):
         calibrated_fusion(mlp, 8, inputs(50, hidden=7), SILU)
+
+
+# --- selected fusion (grouping "select"): representatives by output-aware pivoted Cholesky ---------
+
+from mlpfuse.methods.calibrated import activation_gram, fold_assignment, select_neurons, selected_fusion  # noqa: E402
+
+
+@pytest.mark.parametrize("gated,act", [(True, SILU), (False, GELU)])
+@pytest.mark.parametrize("protect", [0, 48])
+def test_selected_fusion_at_full_width_is_exact(gated, act, protect):
+    mlp, x = tiny_mlp(gated), inputs(200)
+    fused = selected_fusion(mlp, mlp.width, x, act, protect=protect)
+    held_out = inputs(50, seed=7)
+    torch.testing.assert_close(fused.forward(held_out, act), mlp.forward(held_out, act), rtol=0, atol=1e-12)
+    assert torch.equal(fused.scale, torch.ones(mlp.width))
+
+
+def repeated_mlp(gated: bool, distinct: int = 6, copies: tuple = (3, 1, 4, 2, 2, 5)) -> tuple[MLPWeights, torch.Tensor]:
+    """An MLP of ``distinct`` neurons, neuron i repeated ``copies[i]`` times (shuffled), and its labels."""
+    base = tiny_mlp(gated, width=distinct)
+    order = torch.repeat_interleave(torch.arange(distinct), torch.tensor(copies))
+    order = order[torch.randperm(order.numel(), generator=torch.Generator().manual_seed(3))]
+    return base.map_neurons(lambda t: t[order].clone(), lambda w: w[:, order].clone()), order
+
+
+@pytest.mark.parametrize("gated,act", [(True, SILU), (False, GELU)])
+@pytest.mark.parametrize("refit", [False, True])
+def test_selected_fusion_of_repeated_neurons_is_exact_with_p_the_copies(gated, act, refit):
+    copies = (3, 1, 4, 2, 2, 5)
+    mlp, order = repeated_mlp(gated, copies=copies)
+    fused = selected_fusion(mlp, len(copies), inputs(300), act, refit=refit, alpha=0.0)  # no ridge shrinkage
+    held_out = inputs(60, seed=9)
+    torch.testing.assert_close(fused.forward(held_out, act), mlp.forward(held_out, act), rtol=1e-9, atol=1e-9)
+    # each representative is one of the copies, unchanged, and P counts its copies (P stays a separate constant)
+    kept = [int(torch.nonzero((mlp.w_in == row).all(1))[0]) for row in fused.w_in]
+    assert sorted(int(order[i]) for i in kept) == list(range(len(copies)))
+    torch.testing.assert_close(fused.scale, torch.tensor([float(copies[int(order[i])]) for i in kept]))
+    assert float(fused.scale.sum()) == pytest.approx(mlp.width)
+
+
+@pytest.mark.parametrize("p_from", ["coefficients", "members"])
+def test_p_counts_scaled_copies_by_their_coefficients(p_from):
+    """Neurons whose up weight is a scaled copy (h_j = a_j h_s): exact, P = sum |a_j| (or the count)."""
+    base = tiny_mlp(True, width=3)
+    order, factors = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([1.0, -0.5, 1.0, 1.0, 0.25, 2.0], dtype=torch.float64)
+    mlp = MLPWeights(w_in=base.w_in[order] * factors[:, None], w_gate=base.w_gate[order], w_out=base.w_out[:, order])
+    fused = selected_fusion(mlp, 3, inputs(300), SILU, alpha=0.0, p_from=p_from)
+    held_out = inputs(60, seed=9)
+    torch.testing.assert_close(fused.forward(held_out, SILU), mlp.forward(held_out, SILU), rtol=1e-8, atol=1e-9)
+    representatives = [int(torch.nonzero((base.w_gate == row).all(1))[0]) for row in fused.w_gate]
+    for cluster, distinct in enumerate(representatives):
+        members = torch.nonzero(order == distinct).flatten()
+        own = torch.nonzero((mlp.w_in == fused.w_in[cluster]).all(1)).flatten()[0]
+        expected = float((factors[members] / factors[own]).abs().sum()) if p_from == "coefficients" else len(members)
+        assert float(fused.scale[cluster]) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(InputError, match="p_from"):
+        selected_fusion(mlp, 3, inputs(50), SILU, p_from="nope")
+
+
+def test_the_refit_from_the_gram_is_the_least_squares_fit_on_the_activations_divided_by_p():
+    mlp, x = tiny_mlp(True), inputs(400)
+    fused = selected_fusion(mlp, 12, x, SILU, alpha=0.0)
+    h_kept = neuron_activations(fused, x, SILU)  # the representatives' own activations
+    expected = torch.linalg.lstsq(h_kept, mlp.forward(x, SILU)).solution.T  # [p_out, k], independent solver
+    torch.testing.assert_close(fused.w_out * fused.scale.double()[None, :], expected, rtol=1e-6, atol=1e-8)
+    y = mlp.forward(x, SILU)
+    assert fused.stats["relative_error"] == pytest.approx(
+        float((fused.forward(x, SILU) - y).norm() / y.norm()), rel=1e-6)
+
+
+def test_selection_drops_a_duplicate_that_importance_keeps():
+    """Two copies of the most important neuron: prune keeps both, selection keeps one and a new neuron."""
+    mlp = tiny_mlp(True, width=20)
+    big = mlp.map_neurons(lambda t: torch.cat([t[:1] * 3, t[:1] * 3, t[2:]]), lambda w: torch.cat([w[:, :1] * 3, w[:, :1] * 3, w[:, 2:]], 1))
+    x = inputs(300)
+    selected = selected_fusion(big, 6, x, SILU)
+    pruned = calibrated_prune(big, 6, x, SILU)
+    assert pruned.stats["relative_error"] > selected.stats["relative_error"]
+    assert (selected.w_in == big.w_in[0]).all(1).sum() == 1  # one copy, its twin folded in: P = 2 there
+    assert float(selected.scale[torch.nonzero((selected.w_in == big.w_in[0]).all(1))[0]]) >= 2
+
+
+def test_the_greedy_step_is_the_exact_drop_of_the_refitted_error():
+    """The first pick maximises ||G_j W||^2 / G_jj (the error drop of a one-neuron refit), checked by brute force."""
+    mlp, x = tiny_mlp(False, width=16), inputs(200)
+    gram = activation_gram(mlp, x, GELU).gram
+    h, y = neuron_activations(mlp, x, GELU), mlp.forward(x, GELU) - mlp.b_out
+    drops = [float(y.pow(2).sum() - (y - h[:, [j]] @ torch.linalg.lstsq(h[:, [j]], y).solution).pow(2).sum())
+             for j in range(16)]
+    assert int(select_neurons(gram, mlp.w_out, 1, alpha=0.0)[0]) == max(range(16), key=drops.__getitem__)
+    forced = select_neurons(gram, mlp.w_out, 4, first=torch.tensor([5, 2]), alpha=0.0)
+    assert forced[:2].tolist() == [5, 2] and len(set(forced.tolist())) == 4
+
+
+def test_fold_assignment_joins_the_most_correlated_representative():
+    mlp, x = tiny_mlp(True, width=10), inputs(100)
+    gram = activation_gram(mlp, x, SILU).gram
+    labels, coefficient = fold_assignment(gram, torch.tensor([1, 4, 7]))
+    assert labels[[1, 4, 7]].tolist() == [0, 1, 2] and coefficient[[1, 4, 7]].tolist() == [1.0, 1.0, 1.0]
+    h = neuron_activations(mlp, x, SILU)
+    for j in (0, 2, 3, 5, 6, 8, 9):
+        corr = [abs(float(h[:, j] @ h[:, s])) / float(h[:, j].norm() * h[:, s].norm()) for s in (1, 4, 7)]
+        assert int(labels[j]) == max(range(3), key=corr.__getitem__)
+        s = (1, 4, 7)[int(labels[j])]
+        assert float(coefficient[j]) == pytest.approx(float(h[:, j] @ h[:, s] / (h[:, s] @ h[:, s])), rel=1e-9)
+
+
+def test_selected_fusion_chunked_float32_matches_float64_and_bad_values():
+    mlp, x = tiny_mlp(True), inputs(500)
+    fused64 = selected_fusion(mlp, 16, x, SILU, protect=2)
+    fused32 = selected_fusion(mlp.map_neurons(lambda t: t.float(), lambda w: w.float()), 16,
+                              list(x.float().split(128)), SILU, protect=2)
+    torch.testing.assert_close(fused32.scale, fused64.scale, rtol=1e-4, atol=0)
+    torch.testing.assert_close(fused32.w_out.double(), fused64.w_out, rtol=1e-3, atol=1e-4)
+    with pytest.raises(InputError, match="protect fewer"):
+        selected_fusion(mlp, 4, x, SILU, protect=5)
+    with pytest.raises(InputError, match="between 1 and 48"):
+        select_neurons(activation_gram(mlp, x, SILU).gram, mlp.w_out, 0)

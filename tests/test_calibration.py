@@ -162,17 +162,19 @@ def test_fuse_with_calibration_at_half_width_writes_a_checkpoint_that_loads(name
     assert "calibration:" in recipe and "ridge:" in recipe
 
 
-def test_p_stays_the_cluster_sizes_with_calibration(tmp_path):
+@pytest.mark.parametrize("grouping", ["select", "kmeans"])
+def test_p_stays_the_cluster_sizes_with_calibration(grouping, tmp_path):
     directory = checkpoint("llama", tmp_path / "llama")
     result = cli("fuse", directory, "--dim", "10", "--calibration", write_calibration(tmp_path / "cal.tsv"),
-                 "-o", tmp_path / "out")
+                 "--grouping", grouping, "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
     scales = [t for name, t in tensors.items() if name.endswith("fusion_scale")]
     assert len(scales) == 2
     for scale in scales:
-        assert scale.shape == (10,) and torch.equal(scale, scale.round()) and scale.min() >= 1
-        assert int(scale.sum()) == 44
+        assert scale.shape == (10,) and scale.min() >= 1 and torch.isfinite(scale).all()
+        if grouping == "kmeans":  # cluster sizes; select: the members' coefficients summed (tests/test_calibrated.py)
+            assert torch.equal(scale, scale.round()) and int(scale.sum()) == 44
 
 
 def _layer_zero(tmp_path):
@@ -209,15 +211,17 @@ def test_the_data_aware_form_has_a_lower_calibration_error_than_the_data_free_on
     assert calibrated.num_parameters() <= free.num_parameters()
 
 
-def test_data_aware_cluster_folds_sqrt_p_and_computes_the_unrefitted_fusion_function(tmp_path):
+@pytest.mark.parametrize("grouping", ["select", "kmeans"])
+def test_data_aware_cluster_folds_sqrt_p_and_computes_the_unrefitted_fusion_function(grouping, tmp_path):
     mlp, x, _ = _layer_zero(tmp_path)
     act = torch.nn.functional.silu
-    options = MethodOptions(calibration=Calibration(x, act, protect=2))
+    options = MethodOptions(calibration=Calibration(x, act, protect=2, grouping=grouping))
     clustered = get_method("cluster")(mlp, 16, options)
     assert clustered.scale is None
-    from mlpfuse.methods.calibrated import calibrated_fusion
+    from mlpfuse.methods.calibrated import calibrated_fusion, selected_fusion
 
-    unrefitted = calibrated_fusion(mlp, 16, x, act, protect=2, refit=False)
+    unrefit = selected_fusion if grouping == "select" else calibrated_fusion
+    unrefitted = unrefit(mlp, 16, x, act, protect=2, refit=False)
     torch.testing.assert_close(clustered.forward(x, act), unrefitted.forward(x, act), rtol=1e-4, atol=1e-6)
 
 
@@ -254,6 +258,8 @@ def test_the_report_warns_about_degenerate_k_means_and_exploding_errors(tmp_path
     (["--calibration", "CAL", "--protect", "2.5"], "--protect must be"),
     (["--calibration", "CAL", "--ridge", "-0.1"], "--ridge must be"),
     (["--calibration", "CAL", "--method", "sketch"], "no data-aware form"),
+    (["--calibration", "CAL", "--grouping", "nope"], "--grouping must be one of select, kmeans"),
+    (["--grouping", "kmeans"], "pass --calibration"),
     (["--calibration", "EMPTY"], "is empty"),
     (["--max-length", "64"], "pass --calibration"),
 ])

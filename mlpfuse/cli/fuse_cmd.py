@@ -25,7 +25,7 @@ RECIPE_TYPES = {
     "dtype": (str,), "per_layer": (dict, _NONE), "max_shard_size": (str, int), "experts": (str, int, list, _NONE),
     "kmeans_init": (str,), "calibration": (str, _NONE), "calibration_limit": (int, str, _NONE), "max_length": (int,),
     "calibration_batch_size": (int,),
-    "text_column": (str,), "protect": (float,), "ridge": (float,),
+    "text_column": (str,), "protect": (float,), "ridge": (float,), "grouping": (str,),
 }
 RECIPE_FIELDS = set(RECIPE_TYPES)
 
@@ -53,6 +53,7 @@ def fuse(
     text_column: str = optional_text_column_option(),
     protect: float = typer.Option(None, "--protect", help="With --calibration: neurons per layer kept unmerged, the most important; a fraction of the fused width, or a count >= 1.", show_default=str(CALIBRATION_DEFAULTS["protect"])),
     ridge: float = typer.Option(None, "--ridge", help="With --calibration: ridge strength alpha of the output-weight refit (scale-free).", show_default=str(CALIBRATION_DEFAULTS["ridge"])),
+    grouping: str = typer.Option(None, "--grouping", help="With --calibration, fusion/cluster: how neurons form clusters: select (representatives by output-aware pivoted Cholesky on the activation Gram, the others folded into the one they correlate with most) or kmeans (importance-weighted k-means of the weights, centroids averaged).", show_default=CALIBRATION_DEFAULTS["grouping"]),
     overwrite: bool = overwrite_option(None),
     config: str = typer.Option(None, "--config", help="YAML recipe with the same fields (+ per_layer overrides); flags win."),
     json_path: str = JsonOption,
@@ -71,7 +72,7 @@ def fuse(
     extra = {name: merge(value, recipe, name) for name, value in (
         ("calibration_limit", _limit(calibration_limit)), ("max_length", max_length),
         ("calibration_batch_size", calibration_batch_size), ("text_column", text_column),
-        ("protect", protect), ("ridge", ridge))}
+        ("protect", protect), ("ridge", ridge), ("grouping", grouping))}
     if calibration is None and any(v is not None for v in extra.values()):
         flag = next(name for name, v in extra.items() if v is not None).replace("_", "-")
         raise InputError(f"--{flag} applies to data-aware fusion: pass --calibration FILE too (or drop --{flag})")

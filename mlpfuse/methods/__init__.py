@@ -37,7 +37,10 @@ class Calibration:
     such chunks (padding removed); ``activation``: the MLP's elementwise activation (a callable on
     tensors); ``device``: where the statistics are computed (None: the inputs'); ``protect``: protected
     neurons per layer (>= 1: a count; in [0, 1): a fraction of the fused width k); ``ridge``: the
-    ridge strength alpha of the closed-form output refit (see ``methods.calibrated.ridge_refit``).
+    ridge strength alpha of the closed-form output refit (see ``methods.calibrated.ridge_refit``);
+    ``grouping`` (fusion, cluster): ``"select"`` (:func:`methods.calibrated.selected_fusion`: chosen
+    representatives, the others folded in) or ``"kmeans"`` (:func:`methods.calibrated.calibrated_fusion`:
+    importance-weighted k-means, averaged centroids).
     """
 
     inputs: object
@@ -45,6 +48,7 @@ class Calibration:
     protect: float = 0.02
     ridge: float = 1e-3
     device: object | None = None
+    grouping: str = "select"
 
     def protected_count(self, k: int, width: int) -> int:
         """Neurons to protect at fused width ``k`` of ``width``: leaves at least one cluster for the rest."""

@@ -23,9 +23,16 @@ compute device, float64 accumulators), so memory does not grow with the number o
    ``E / P`` (column-wise), so **P stays a standalone constant** scale and the function is
    ``H_f (W_out * P)^T = H_f E^T``: the training-dynamics property of MLP Fusion is kept.
 
+Steps 3-4 are the ``kmeans`` grouping. The default grouping, ``select`` (:func:`selected_fusion`),
+replaces them: one pass accumulates the activation Gram ``H^T H`` (:func:`activation_gram`), an
+output-aware pivoted Cholesky picks the ``k`` representatives (:func:`select_neurons`), the others
+fold into the one they correlate with most (:func:`fold_assignment`), the centroid is the
+representative itself and P counts the members by their least-squares coefficients; the refit
+(step 5) comes from blocks of the same Gram.
+
 ``fuse --calibration`` (mlpfuse/calibration.py) runs the model layer by layer and calls the
-data-aware form of the chosen method with each layer's cached inputs: :func:`calibrated_fusion` for
-``fusion`` (and ``cluster``, with sqrt(P) folded and no refit), :func:`calibrated_prune` for
+data-aware form of the chosen method with each layer's cached inputs: :func:`selected_fusion` or
+:func:`calibrated_fusion` (``--grouping``) for ``fusion`` (and ``cluster``, with sqrt(P) folded and no refit), :func:`calibrated_prune` for
 ``prune``, :func:`calibrated_svd` for ``svd``.
 """
 
@@ -304,6 +311,184 @@ def calibrated_fusion(mlp: MLPWeights, k: int, x, activation, *, protect: int = 
     error = 0.0 if k == width else (fused.stats or {}).get("relative_error")  # None without refit
     fused.stats = {"protected": int(protected.numel()), "cluster_sizes": size_histogram(sizes),
                    "refit": bool(refit and k < width), "backend": backend_run, "relative_error": error}
+    return fused
+
+
+@dataclass
+class ActivationGram:
+    """Sums over the calibration tokens of one MLP's activations ``h`` [tokens, I] (float64):
+    ``gram`` = H^T H [I, I], ``column_sum`` = sum_t h_t [I], ``tokens``."""
+
+    gram: torch.Tensor
+    column_sum: torch.Tensor
+    tokens: int
+
+
+def activation_gram(mlp: MLPWeights, x, activation, *, device=None) -> ActivationGram:
+    """:class:`ActivationGram` over the chunks of ``x`` (see :func:`token_chunks`) on ``device``
+    (None: the chunks' own). Memory: one chunk's activations [t, I] plus the [I, I] sum."""
+    chunks = token_chunks(x)
+    dtype = _compute_dtype(chunks)
+    device = torch.device(device) if device is not None else chunks[0].device
+    gram = torch.zeros(mlp.width, mlp.width, dtype=torch.float64, device=device)
+    column_sum = torch.zeros(mlp.width, dtype=torch.float64, device=device)
+    tokens = 0
+    for chunk in chunks:
+        h = neuron_activations(mlp, chunk.to(device=device, dtype=dtype), activation)
+        gram += (h.T @ h).double()
+        column_sum += h.sum(0, dtype=torch.float64)
+        tokens += chunk.shape[0]
+    return ActivationGram(gram, column_sum, tokens)
+
+
+def select_neurons(gram: torch.Tensor, effective_out: torch.Tensor, k: int, first: torch.Tensor | None = None,
+                   alpha: float = 1e-3) -> torch.Tensor:
+    """The ``k`` neurons (indices in selection order, int64) whose activations best reproduce the MLP's
+    output by least squares: greedy forward selection, an output-weighted pivoted Cholesky of ``gram``.
+
+    ``gram`` = H^T H [I, I] of the activations, ``effective_out`` = W_out * P [p_out, I], so the
+    output is ``Y = H W^T``. With ``S`` the chosen set and ``R = G - G[:, S] G[S, S]^-1 G[S, :]``
+    (the Schur complement: the part of every activation that ``H_S`` does not explain), the
+    refitted error is ``||Y - H_S E*||^2 = tr(W R W^T)``; adding neuron ``j`` lowers it by
+    ``||(R W^T)[j]||^2 / R[j, j]`` (one rank-one Cholesky step). Each step picks the largest drop,
+    the denominator damped by ``lam = alpha * mean(diag G)`` (the refit's ridge, so neurons that
+    the chosen ones nearly explain are not picked for noise). ``first`` (indices) are taken before
+    any other, in the given order (protected neurons). Column subset selection by pivoted
+    Cholesky/Nystrom as in MoDeGPT (Lin et al. 2024), here scored by the output error instead of
+    ridge leverage. Cost: O(I (k + p_out)) per step, float64 on ``gram``'s device.
+    Raises InputError when ``k`` is not in ``1..I``.
+    """
+    width = gram.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= width:
+        raise InputError(f"the number of selected neurons must be an integer between 1 and {width}, got {k!r}")
+    gram = gram.double()
+    device = gram.device
+    residual_diag = torch.diagonal(gram).clone()
+    lam = alpha * float(residual_diag.mean().clamp_min(0)) + 1e-300
+    floor = 1e-12 * float(residual_diag.max().clamp_min(1e-300))
+    # T = R W^T [I, p_out] is never formed after the start: T = T0 - L V with L [I, step] the Cholesky
+    # columns and V [step, p_out] the picked rows of T (each / sqrt(pivot)); only the row norms
+    # ||T_i||^2 are kept, updated with matrix-vector products
+    start = gram @ effective_out.double().to(device).T
+    norms = start.pow(2).sum(1)
+    factor = torch.zeros(k, width, dtype=torch.float64, device=device)  # rows: L^T (R = G - L L^T)
+    picked = torch.zeros(k, start.shape[1], dtype=torch.float64, device=device)  # rows: V
+    blocked = torch.zeros(width, dtype=torch.float64, device=device)  # -inf for the taken
+    forced = [] if first is None else [int(i) for i in first.tolist()]
+    chosen: list[int] = []
+    for step in range(k):
+        if step < len(forced):
+            j = forced[step]
+        else:
+            gain = norms.clamp_min(0) / (residual_diag + lam) + blocked
+            gain = torch.where(residual_diag > floor, gain, gain - torch.inf)
+            j = int(torch.argmax(gain))
+            if not bool(torch.isfinite(gain[j])):  # everything left is explained: take the largest remaining
+                j = int(torch.argmax(torch.diagonal(gram) + blocked))
+        pivot = float(residual_diag[j])
+        if pivot > floor:
+            root = pivot ** 0.5
+            known, at_j = factor[:step], factor[:step, j]
+            row = (start[j] - at_j @ picked[:step]) / root  # T[j] / sqrt(R[j, j])
+            both = torch.stack([at_j, picked[:step] @ row]) @ known  # one pass over L: [L L[j], L V row]
+            column = (gram[j] - both[0]) / root  # R[:, j] / sqrt(R[j, j])
+            dots = start @ row - both[1]  # T_i . row
+            norms -= column * (2 * dots - column * float(row @ row))  # ||T_i - column_i row||^2
+            factor[step], picked[step] = column, row
+            residual_diag -= column.pow(2)
+        residual_diag[j] = 0.0
+        blocked[j] = -torch.inf
+        chosen.append(j)
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def fold_assignment(gram: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels (length I, int64): each neuron's cluster, coefficients (length I, float64)).
+
+    Kept neuron ``kept[c]`` is cluster ``c`` with coefficient 1; every other neuron joins the kept
+    neuron whose activations it correlates with most, ``|G[j, s]| / sqrt(G[j, j] G[s, s])``
+    (uncentred, on the calibration tokens; ties to the lower cluster), with the least-squares
+    coefficient ``a_j = G[j, s] / G[s, s]`` of ``h_j ~ a_j h_s`` (0 for a dead neuron)."""
+    gram = gram.double()
+    width, kept = gram.shape[0], kept.to(gram.device)
+    diag = torch.diagonal(gram).clamp_min(1e-300)
+    cross = gram[:, kept]  # [I, k]
+    corr = cross.abs() / (diag[:, None] * diag[kept][None, :]).sqrt()
+    labels = torch.argmax(corr, dim=1)
+    coefficient = cross.gather(1, labels[:, None]).squeeze(1) / diag[kept][labels]
+    labels[kept] = torch.arange(kept.numel(), device=gram.device)
+    coefficient[kept] = 1.0
+    return labels.cpu(), coefficient.cpu()
+
+
+def selected_fusion(mlp: MLPWeights, k: int, x, activation, *, protect: int = 0, threshold: float | None = None,
+                    refit: bool = True, alpha: float = 1e-3, device=None, p_from: str = "coefficients") -> MLPWeights:
+    """Data-aware MLP Fusion by selection: fusion's P over pruning's basis (see :func:`calibrated_fusion`).
+
+    1. ``k`` representative neurons by :func:`select_neurons` on the activation Gram (the protected
+       ones first: :func:`protected_neurons` of :func:`importance`);
+    2. every other neuron joins the representative it correlates with most (:func:`fold_assignment`):
+       clusters whose centroid is the representative itself (its input-side weights unchanged,
+       the medoid). ``scale`` = P, a standalone constant: with ``p_from="coefficients"`` (default)
+       ``P_c = sum_members |a_j|`` (``a_j`` the least-squares coefficient of ``h_j ~ a_j h_c``, 1
+       for the representative): how many copies of the representative its members amount to, the
+       cluster size when they are copies. That is the count the Adam NTK sees: a member's
+       output-weight kernel term ``h_j(x) g(x) sign(h_j(z) g(z))`` is ``|a_j|`` times the
+       representative's (MLP Fusion's argument, Wei et al. 2023, App. A.3, for members that are
+       scaled copies). ``p_from="members"``: the plain member counts (integers summing to I),
+       which overweights the many weakly correlated members (measured on SmolLM2, docs/llm.md);
+    3. the cluster's effective output weight is the fold ``sum_members a_j W_out[:, j] P_j``
+       (stored divided by P) or, with ``refit``, the ridge refit of the output weight on the
+       calibration tokens, from the same Gram (``H_f = H[:, kept]``: no second pass), stored
+       divided by P so P stays a standalone constant.
+
+    Exact cases: ``k == I`` (P = 1, the original); neurons repeated ``r`` times fused to the number
+    of distinct ones (the copies fold into one representative with coefficient 1 and P = r, either
+    way). Raises InputError as :func:`calibrated_fusion`, and for an unknown ``p_from``.
+    """
+    width = mlp.width
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= width:
+        raise InputError(f"the fused width k must be an integer between 1 and {width}, got {k!r}")
+    if mlp.low_rank:
+        raise InputError("calibrated fusion needs a dense MLP, not a low-rank (svd) one")
+    stats = activation_gram(mlp, x, activation, device=device)
+    prior = torch.ones(width, dtype=torch.float64) if mlp.scale is None else mlp.scale.double()
+    effective = mlp.w_out.double() * prior[None, :]
+    score = torch.diagonal(stats.gram).cpu() / max(stats.tokens, 1) * effective.pow(2).sum(0)
+    protected = protected_neurons(score, protect, threshold)
+    if protected.numel() > k or (protected.numel() == k and k < width):
+        raise InputError(f"{protected.numel()} protected neurons leave no cluster for the other "
+                         f"{width - protected.numel()} at width {k}; protect fewer than {k}")
+    if k == width:
+        kept = torch.arange(width)
+    else:
+        first = protected[torch.argsort(-score[protected], stable=True)]
+        kept = select_neurons(stats.gram, effective, k, first=first, alpha=alpha).sort().values
+    labels, coefficient = fold_assignment(stats.gram, kept)
+    if p_from == "members":
+        sizes = torch.bincount(labels, minlength=k).to(torch.float64)
+    elif p_from == "coefficients":  # how many copies of the representative the members amount to
+        sizes = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, coefficient.abs())
+    else:
+        raise InputError(f"p_from must be 'coefficients' or 'members', got {p_from!r}")
+    folded = torch.zeros(effective.shape[0], k, dtype=torch.float64).index_add_(
+        1, labels, effective * coefficient[None, :])
+    fused = mlp.map_neurons(lambda t: t[kept].clone(), lambda w: w[:, kept].clone())
+    error = 0.0
+    if k < width:  # H_f = H[:, kept]: the refit's sums are blocks of the Gram
+        gram, kept_d = stats.gram, kept.to(stats.gram.device)
+        eff_d = effective.to(gram.device)
+        sums = RefitStatistics(gram=gram[kept_d][:, kept_d], cross=gram[kept_d] @ eff_d.T,
+                               y_square=float(((eff_d @ gram) * eff_d).sum()), y_sum=eff_d @ stats.column_sum,
+                               tokens=stats.tokens)
+        if refit:
+            folded = solve_ridge(sums.gram, sums.cross, alpha).cpu()
+        error = sums.relative_error(folded, mlp.b_out)
+    fused.w_out = (folded / sizes[None, :]).to(mlp.w_out.dtype)
+    fused.scale = sizes.to(torch.float32)
+    fused.stats = {"protected": int(protected.numel()), "cluster_sizes": size_histogram(torch.bincount(labels, minlength=k)),
+                   "refit": bool(refit and k < width), "backend": None, "relative_error": error,
+                   "grouping": "select"}
     return fused
 
 

@@ -15,7 +15,7 @@ import torch
 from ..kmeans import kmeans
 from ..mlp import MLPWeights
 from . import MethodOptions, clusters_neurons, register
-from .calibrated import calibrated_fusion, output_error, size_histogram
+from .calibrated import calibrated_fusion, output_error, selected_fusion, size_histogram
 
 
 def cluster_average(tensor: torch.Tensor, labels: torch.Tensor, k: int, dim: int = 0) -> torch.Tensor:
@@ -81,9 +81,16 @@ def centroid_mlp(mlp: MLPWeights, k: int, options: MethodOptions) -> tuple[MLPWe
 
 
 def _data_aware(mlp: MLPWeights, k: int, options: MethodOptions, refit: bool) -> MLPWeights:
-    """Calibrated fusion (importance-weighted k-means, protected neurons, ridge refit with ``refit``)."""
+    """Calibrated fusion (``calibration.grouping``: selected representatives or importance-weighted
+    k-means; protected neurons; ridge refit with ``refit``)."""
     calibration = options.calibration
     start = time.perf_counter()
+    if calibration.grouping == "select":
+        fused = selected_fusion(mlp, k, calibration.inputs, calibration.activation,
+                                protect=calibration.protected_count(k, mlp.width), refit=refit,
+                                alpha=calibration.ridge, device=calibration.device)
+        fused.stats.update(kmeans_seconds=time.perf_counter() - start)
+        return fused
     fused = calibrated_fusion(mlp, k, calibration.inputs, calibration.activation,
                               protect=calibration.protected_count(k, mlp.width), refit=refit,
                               alpha=calibration.ridge, seed=options.seed, backend=options.backend,
