@@ -15,6 +15,9 @@ Protocol (docs/bench.md):
   on CPU each model runs in its own subprocess (same settings, 3 training steps) and the figure is
   its peak resident size during training minus its resident size after imports;
 * FLOPs: :mod:`mlpfuse.flops` (matrix products of one forward, per token).
+* ``lora``: the training step trains only the LoRA adapters that ``finetune --lora`` attaches
+  (:func:`attach_lora`, :func:`mlpfuse.lora.attach`); AdamW holds only them, in the timed run and
+  in the memory probe alike.
 
 Presets (``--shape``) build the original from a config with random weights (timing does not depend
 on values) and the fused model by fusing a copy in memory. By default the fused copy uses a
@@ -40,6 +43,7 @@ from typing import Callable
 import torch
 
 from . import __version__
+from .bench_fuse import fuse_in_memory
 from .errors import InputError, MlpfuseError
 from .flops import count_model
 from .options import check_seed
@@ -153,33 +157,6 @@ def build_model(source: ModelSource, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def fuse_in_memory(model: torch.nn.Module, layers: str, dim: int, assign: str = "round-robin", seed: int = 0) -> None:
-    """Fuse ``model``'s MLPs in place: real MLP Fusion (``kmeans``) or the cheap ``round-robin`` assignment."""
-    from .fuse import FuseSettings, fuse_model
-
-    if assign == "kmeans":
-        fuse_model(model, FuseSettings(layers=layers, dim=dim, seed=seed))
-        return
-    from .arch import lookup, resolve_sites
-    from .arch.io import module_specs, read_mlp, tensor_names, write_mlp
-    from .methods.fusion import cluster_average
-    from .plan import plan_layers
-    from .remote.modeling_mlpfuse import apply_fusion_layout
-
-    base = model.base_model
-    state = {k: v.detach() for k, v in base.state_dict().items()}
-    sites = resolve_sites(lookup(model.config.model_type), model.config.to_dict())
-    mlps = {site.index: read_mlp(site, tensor_names(site, "", state), state.__getitem__) for site in sites}
-    plans = plan_layers(sites, {i: mlp.width for i, mlp in mlps.items()}, layers, dim, None)
-    for plan in plans:
-        mlp, k = mlps[plan.site.index], plan.width
-        labels = torch.arange(plan.original_width) % k
-        fused = mlp.map_neurons(lambda t: cluster_average(t, labels, k, 0), lambda w: cluster_average(w, labels, k, 1))
-        fused.scale = torch.bincount(labels, minlength=k).float()
-        apply_fusion_layout(base, module_specs(plan.site, fused))
-        base.load_state_dict(write_mlp(plan.site, fused, "", mlp.w_in.dtype), strict=False)
-
-
 # ---------------------------------------------------------------------------------------------
 # Settings
 
@@ -203,6 +180,12 @@ class BenchSettings:
     memory: bool = True
     inference: bool = True
     threads: int | None = None  # CPU threads for torch (None: torch's default)
+    # LoRA (PEFT, mlpfuse/lora.py, as ``finetune --lora``): only the adapters train; defaults are finetune's
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] | None = None  # None: every linear projection of the layers
 
     def validate(self) -> torch.device:
         """Check every field (one-line InputErrors) and return the device to run on."""
@@ -224,6 +207,11 @@ class BenchSettings:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads <= 0):
             raise InputError(f"--threads must be a positive integer, got {self.threads}")
+        if not isinstance(self.lora, bool):
+            raise InputError(f"lora must be true or false, got {self.lora!r}")
+        from .lora import check_settings
+
+        check_settings(self)  # --lora-rank and friends, checked with or without --lora: a bad value is bad
         return resolve_device(self.device)
 
 
@@ -278,6 +266,8 @@ class ModelResult:
     train_tokens_per_second: float
     peak_memory_bytes: int | None
     peak_rss_bytes: int | None = None
+    trainable_parameters: int | None = None  # what the optimizer holds: every parameter, or the LoRA adapters
+    lora: dict | None = None  # with --lora: rank, alpha, dropout, targets, trainable/total parameters (PEFT's count)
     ratios: dict[str, float | None] = field(default_factory=dict)
 
 
@@ -304,6 +294,7 @@ RATIO_FIELDS = {
     "peak_memory": lambda r: r.peak_memory_bytes,
     "state_memory": lambda r: r.state_bytes,
     "parameters": lambda r: r.parameters,
+    "trainable_parameters": lambda r: r.trainable_parameters,
     "mlp_parameters": lambda r: r.mlp_parameters,
     "flops": lambda r: r.flops_per_token,  # the FLOP bound: the step ratio a purely FLOP-bound run would reach
     "mlp_flops": lambda r: r.mlp_flops_per_token,
@@ -357,10 +348,37 @@ def _adamw(model: torch.nn.Module, settings: BenchSettings, device: torch.device
     return torch.optim.AdamW(params, lr=settings.lr, **kwargs), impl
 
 
+def attach_lora(model: torch.nn.Module, settings: BenchSettings) -> tuple[torch.nn.Module, dict | None]:
+    """``model`` wrapped for the timed training step: itself, or with ``settings.lora`` the PEFT LoRA
+    model of :func:`mlpfuse.lora.attach` (the wrapping of ``finetune --lora``: default targets every
+    linear projection of the layers; no task head, so nothing else trains).
+
+    Returns the model to train and, with LoRA, its facts: ``rank``, ``alpha``, ``dropout``,
+    ``targets``, ``trainable_parameters`` (the adapters) and ``total_parameters`` (PEFT's count:
+    base + adapters). The adapters' initial values come from ``torch.manual_seed(settings.seed)``.
+    Raises InputError where LoRA cannot go (see :func:`mlpfuse.lora.attach`).
+    """
+    if not settings.lora:
+        return model, None
+    from . import lora
+
+    torch.manual_seed(settings.seed)
+    wrapped = lora.attach(model, settings, trains_head=False)
+    facts = lora.summary(wrapped, merged=False)
+    return wrapped, {key: facts[key] for key in ("rank", "alpha", "dropout", "targets", "trainable_parameters",
+                                                 "total_parameters")}
+
+
 class _Runner:
-    """One model with its optimizer, batch and (optionally compiled) step functions."""
+    """One model with its optimizer, batch and (optionally compiled) step functions.
+
+    ``model`` is the plain base model; with ``settings.lora`` the runner trains it wrapped by
+    :func:`attach_lora` (``self.model``), and ``self.base`` keeps the plain one.
+    """
 
     def __init__(self, model: torch.nn.Module, batch: dict, settings: BenchSettings, device: torch.device):
+        self.base = model
+        model, self.lora = attach_lora(model, settings)
         self.model = model.to(device).train()
         self.batch = batch
         self.optimizer, self.adamw = _adamw(model, settings, device)
@@ -406,6 +424,10 @@ class _Runner:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), self.autocast():
             self.infer_fn(self.batch)
+
+    def trainable_parameters(self) -> int:
+        """Elements of the parameters the optimizer updates."""
+        return sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])
 
     def state_bytes(self) -> int:
         """Weights + buffers + gradients + optimizer state, in bytes."""
@@ -482,9 +504,14 @@ def probe_memory(source: ModelSource, settings: BenchSettings) -> dict:
     """Peak resident memory of ``PROBE_STEPS`` training steps of one model, in this process.
 
     Meant to run in a fresh subprocess (``python -m mlpfuse.bench``): ``baseline_rss_bytes`` is the
-    process after imports, ``peak_rss_bytes`` the peak during training (the model build's own peak
+    process after imports (peft's too with ``settings.lora``: the model trains wrapped as in the
+    timed run, :func:`attach_lora`), ``peak_rss_bytes`` the peak during training (the model build's own peak
     is excluded where the kernel lets the mark be reset), ``peak_memory_bytes`` their difference.
     """
+    if settings.lora:  # peft's import is not the model's memory
+        from .lora import _peft
+
+        _peft()
     baseline = _proc_status("VmRSS") or _peak_rss()
     device = torch.device("cpu")
     if settings.threads:
@@ -497,7 +524,7 @@ def probe_memory(source: ModelSource, settings: BenchSettings) -> dict:
         runner.train_step()
     peak = _peak_rss()
     return {"baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_memory_bytes": peak - baseline,
-            "build_excluded": reset}
+            "build_excluded": reset, "trainable_parameters": runner.trainable_parameters()}
 
 
 def _run_probe(source: ModelSource, settings: BenchSettings) -> dict:
@@ -517,6 +544,8 @@ def _run_probe(source: ModelSource, settings: BenchSettings) -> dict:
     except (IndexError, json.JSONDecodeError):
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise MlpfuseError(f"memory probe for {source.label} failed: {tail}") from None
+    if "input_error" in result:  # the child refused the input (e.g. no module LoRA can take): the same one line
+        raise InputError(result["input_error"])
     if "error" in result:
         raise MlpfuseError(f"memory probe for {source.label} failed: {result['error']}")
     return result
@@ -526,6 +555,8 @@ def _probe_main() -> None:
     request = json.loads(sys.stdin.read())
     try:
         result = probe_memory(ModelSource(**request["source"]), BenchSettings(**request["settings"]))
+    except InputError as exc:
+        result = {"input_error": str(exc)}
     except Exception as exc:  # reported to the parent as one line
         result = {"error": f"{type(exc).__name__}: {exc}"}
     sys.stdout.write(json.dumps(result) + "\n")
@@ -661,7 +692,7 @@ def _run(sources, settings, device, say, start) -> BenchReport:
             label=source.label,
             source=source.checkpoint or f"config {source.config.get('model_type')}"
             + (f", fused {source.layers}->{source.dim} ({source.assign})" if source.dim else ""),
-            fused=bool(source.dim) or bool(getattr(runner.model.config, "mlpfuse", None)),
+            fused=bool(source.dim) or bool(getattr(runner.base.config, "mlpfuse", None)),
             parameters=count.parameters,
             mlp_parameters=count.mlp_parameters,
             mlp_widths=count.mlp_widths,
@@ -673,7 +704,12 @@ def _run(sources, settings, device, say, start) -> BenchReport:
             train_tokens_per_second=tokens / timing.median,
             peak_memory_bytes=probe["peak_memory_bytes"] if probe else (peaks[i] if peaks else None),
             peak_rss_bytes=probe["peak_rss_bytes"] if probe else None,
+            trainable_parameters=runner.trainable_parameters(),
+            lora=runner.lora,
         ))
+        if probe and probe.get("trainable_parameters") != runner.trainable_parameters():
+            raise MlpfuseError(f"the memory probe of {source.label} trained {probe.get('trainable_parameters')} "
+                               f"parameters, the timed run {runner.trainable_parameters()}; an mlpfuse bug")
     for result in results[1:]:
         result.ratios = _ratios(result, results[0])
     settings_dict = asdict(settings)
@@ -706,7 +742,8 @@ def plot_report(report: BenchReport, path: str | Path) -> Path:
     left.set_xticks([x + width * (len(kinds) - 1) / 2 for x in xs], labels, rotation=15, ha="right", fontsize=8)
     left.set_ylabel("ms (median, quartiles)")
     left.legend()
-    left.set_title(f"{report.settings['dtype']} batch {report.settings['batch_size']} x seq {report.settings['seq_len']}"
+    lora = f", LoRA r={report.settings['lora_rank']}" if report.settings.get("lora") else ""
+    left.set_title(f"{report.settings['dtype']}{lora} batch {report.settings['batch_size']} x seq {report.settings['seq_len']}"
                    f" on {report.environment.get('gpu', report.device)}", fontsize=9)
 
     names = [n for n in ("train_step", "inference", "peak_memory", "parameters") if models[1].ratios.get(n) is not None]

@@ -97,13 +97,9 @@ def check_lora_settings(settings: FinetuneSettings) -> None:
         if not settings.merge:
             raise InputError("--no-merge applies to --lora only (full fine-tuning writes the whole model)")
         return
-    check_positive(settings.lora_rank, "--lora-rank", integer=True)
-    check_positive(settings.lora_alpha, "--lora-alpha")
-    if not 0 <= settings.lora_dropout < 1:
-        raise InputError(f"--lora-dropout must be in [0, 1), got {settings.lora_dropout}")
-    if settings.lora_targets is not None and (not settings.lora_targets
-                                              or any(not str(t).strip() for t in settings.lora_targets)):
-        raise InputError("--lora-targets needs module names separated by commas, e.g. q_proj,v_proj")
+    from .lora import check_settings
+
+    check_settings(settings)
 
 
 class _Encoded(torch.utils.data.Dataset):

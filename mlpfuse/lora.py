@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import EnvironmentProblem, InputError
+from .options import check_positive
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -124,6 +125,22 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
         if low_rank:
             raise InputError(f"--lora-targets: {target!r} is a low-rank (svd) projection ({low_rank[0]}), made of two "
                              f"linear factors; target the factors instead (lowrank_a,lowrank_b; the default does)")
+
+
+def check_settings(settings) -> None:
+    """One-line InputErrors for LoRA values no run can use: ``settings.lora_rank`` (an integer > 0),
+    ``lora_alpha`` (> 0), ``lora_dropout`` (in [0, 1)), ``lora_targets`` (None or non-empty names).
+
+    Shared by ``finetune --lora`` and ``bench --lora`` so a flag is refused the same way in both.
+    """
+    check_positive(settings.lora_rank, "--lora-rank", integer=True)
+    check_positive(settings.lora_alpha, "--lora-alpha")
+    dropout = settings.lora_dropout
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise InputError(f"--lora-dropout must be in [0, 1), got {dropout!r}")
+    if settings.lora_targets is not None and (not settings.lora_targets
+                                              or any(not str(t).strip() for t in settings.lora_targets)):
+        raise InputError("--lora-targets needs module names separated by commas, e.g. q_proj,v_proj")
 
 
 def attach(model: nn.Module, settings, trains_head: bool):

@@ -11,7 +11,8 @@ from mlpfuse.cli.commands import COMMANDS, load_command
 
 # Options that mean the same thing wherever they appear.
 SHARED = ("--output", "--overwrite", "--seed", "--device", "--max-length", "--batch-size", "--json", "--debug",
-          "--text-column", "--text-pair-column", "--max-steps", "--log-every", "--backend", "--max-shard-size")
+          "--text-column", "--text-pair-column", "--max-steps", "--log-every", "--backend", "--max-shard-size",
+          "--lora", "--lora-rank", "--lora-dropout")
 DATA_FLAGS = {"--data", "--train", "--eval", "--calibration"}  # a command taking one of these reads text
 PAIRED = ("tune", "finetune", "ntk-check", "merge-layers")  # every command that reads text reads pairs too
 ALIASES = {"--column": "--text-column", "--pair-column": "--text-pair-column"}  # older spellings kept working

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from ..errors import InputError
 from .common import DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, log, results_console, write_json_report
-from .options import batch_size_option, device_option, seed_option
+from .options import batch_size_option, device_option, lora_dropout_option, lora_option, lora_rank_option, seed_option
 
 # The names of mlpfuse/bench.py's PRESETS, for --help (not imported here: it pulls torch; a test checks they agree)
 PRESET_NAMES = ("roberta-base", "bert-base", "minilm", "gpt2", "tiny")
@@ -34,6 +34,9 @@ def bench(
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (CPU: one subprocess per model)."),
     inference: bool = typer.Option(True, "--inference/--no-inference", help="Also time the inference forward."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch (e.g. 1 on a shared machine).", show_default="torch's"),
+    lora: bool = lora_option(),
+    lora_rank: int = lora_rank_option(8),
+    lora_dropout: float = lora_dropout_option(0.05),
     seed: int = seed_option(0),
     plot: str = typer.Option(None, "--plot", help="Write a PNG of times and ratios to this path."),
     json_path: str = JsonOption,
@@ -56,7 +59,7 @@ def bench(
         sources = checkpoint_sources(list(models or []))
     settings = BenchSettings(steps=steps, warmup=warmup, batch_size=batch_size, seq_len=seq_len, dtype=dtype, device=device,
                              compile=compile, compile_mode=compile_mode, compile_scope=compile_scope, adamw=adamw, memory=memory, inference=inference,
-                             seed=seed, threads=threads)
+                             seed=seed, threads=threads, lora=lora, lora_rank=lora_rank, lora_dropout=lora_dropout)
     settings.validate()  # bad flags fail before any model is built
     report = run_bench(sources, settings, on_event=lambda text: log.print(text, highlight=False))
     out = results_console(json_path)
@@ -86,13 +89,17 @@ def report_table(report) -> Table:
     s = report.settings
     title = (f"bench: {s['dtype']}, batch {s['batch_size']} x seq {s['seq_len']}, {s['steps']} interleaved rounds "
              f"on {report.environment.get('gpu', report.environment.get('cpu'))} ({report.device})"
-             + (f", compiled ({s['compile_mode']})" if s["compile"] else ""))
+             + (f", compiled ({s['compile_mode']})" if s["compile"] else "")
+             + (f", LoRA r={s['lora_rank']}" if s.get("lora") else ""))
     table = Table(title=title)
-    for column in ("model", "params", "MFLOP/token\n(MLP)", "train step", "inference", "tokens/s\n(train)", "peak memory"):
+    columns = ["model", "params", "MFLOP/token\n(MLP)", "train step", "inference", "tokens/s\n(train)", "peak memory"]
+    if s.get("lora"):
+        columns.insert(2, "trainable\n(LoRA)")
+    for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right")
     for m in report.models:
         mlp = f" ({m.mlp_flops_per_token / 1e6:,.1f})" if m.mlp_flops_per_token is not None else ""
-        table.add_row(
+        cells = [
             m.label,
             f"{m.parameters / 1e6:,.2f}M" + _ratio(m, "parameters"),
             f"{m.flops_per_token / 1e6:,.1f}{mlp}" + _ratio(m, "flops"),
@@ -100,7 +107,10 @@ def report_table(report) -> Table:
             _time(m.inference) + _ratio(m, "inference"),
             f"{m.train_tokens_per_second:,.0f}",
             _bytes(m.peak_memory_bytes) + _ratio(m, "peak_memory"),
-        )
+        ]
+        if s.get("lora"):
+            cells.insert(2, f"{m.trainable_parameters:,}" + _ratio(m, "trainable_parameters"))
+        table.add_row(*cells)
     return table
 
 
@@ -116,6 +126,11 @@ def summary_lines(report) -> list[str]:
             parts.append(f"peak memory {r['peak_memory']:.3f}x")
         parts.append(f"FLOP bound {r['flops']:.3f}x")
         lines.append(f"{m.label} vs {report.models[0].label}: " + ", ".join(parts))
+    if report.settings.get("lora"):
+        first = report.models[0].lora
+        counts = ", ".join(f"{m.label} {m.trainable_parameters:,}" for m in report.models)
+        lines.append(f"LoRA (PEFT) r={first['rank']}, alpha {first['alpha']:g}, dropout {first['dropout']:g} on "
+                     f"{','.join(first['targets'])}; trainable parameters: {counts}")
     if report.memory_method:
         lines.append(f"memory: {report.memory_method}")
     lines.append(f"± is half the interquartile range over the timed rounds; {report.seconds:.0f}s in all")

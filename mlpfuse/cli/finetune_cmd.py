@@ -7,8 +7,9 @@ from rich.table import Table
 
 from ..errors import InputError
 from .common import DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, log, results_console, write_json_report
-from .options import (batch_size_option, log_every_option, max_length_option, max_steps_option, output_option,
-                      overwrite_option, seed_option, text_column_option, text_pair_column_option)
+from .options import (batch_size_option, log_every_option, lora_alpha_option, lora_dropout_option, lora_option,
+                      lora_rank_option, max_length_option, max_steps_option, output_option, overwrite_option,
+                      seed_option, text_column_option, text_pair_column_option)
 
 # mlpfuse/finetune.py's TASK_CHOICES, for --help (not imported here: it pulls torch; a test checks they agree)
 TASK_CHOICES = ("classification", "regression", "causal-lm")
@@ -63,10 +64,10 @@ def finetune(
     response_column: str = typer.Option("response", "--response-column", help="causal-lm instruction data: column with the answer (the only tokens with loss)."),
     messages_column: str = typer.Option("messages", "--messages-column", help="causal-lm chat data: column with a list of {role, content} messages."),
     packing: bool = typer.Option(False, "--packing", help="causal-lm instruction data: join rows into --max-length sequences."),
-    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (PEFT) instead of every weight."),
-    lora_rank: int = typer.Option(8, "--lora-rank", help="LoRA rank r."),
-    lora_alpha: float = typer.Option(16.0, "--lora-alpha", help="LoRA alpha (the update is scaled by alpha / r)."),
-    lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="Dropout on the LoRA input."),
+    lora: bool = lora_option(),
+    lora_rank: int = lora_rank_option(8),
+    lora_alpha: float = lora_alpha_option(16.0),
+    lora_dropout: float = lora_dropout_option(0.05),
     lora_targets: str = typer.Option(None, "--lora-targets", help="Comma list of module names for LoRA (default: every linear projection of the layers)."),
     merge: bool = typer.Option(True, "--merge/--no-merge", help="With --lora: merge the adapter into the model on save (--no-merge: write the adapter only)."),
     eval_only: bool = typer.Option(False, "--eval-only", help="Only evaluate MODEL (already fine-tuned) on --eval."),

@@ -29,6 +29,10 @@ LOG_EVERY_HELP = "Without a terminal: one progress line per N steps."
 BACKEND_HELP = "k-means backend: auto, faiss or torch."
 MAX_SHARD_SIZE_HELP = "Largest safetensors shard, e.g. 5GB or 500MB."
 CALIBRATION_LIMIT_HELP = "Rows read from --calibration."
+LORA_HELP = "Train LoRA adapters (PEFT) instead of every weight."
+LORA_RANK_HELP = "LoRA rank r."
+LORA_ALPHA_HELP = "LoRA alpha (the update is scaled by alpha / r)."
+LORA_DROPOUT_HELP = "Dropout on the LoRA input."
 
 DebugOption = typer.Option(False, "--debug", help=DEBUG_HELP)
 JsonOption = typer.Option(None, "--json", help=JSON_HELP)
@@ -111,3 +115,27 @@ def optional_max_length_option(shown: int):
 def optional_text_column_option(shown: str = "sentence"):
     """``--text-column`` defaulting to None (a recipe may set it), shown as ``shown``."""
     return typer.Option(None, "--text-column", help=TEXT_COLUMN_HELP, show_default=shown)
+
+
+# LoRA (mlpfuse/lora.py): finetune trains with it, bench times its training step. Defaults: finetune's
+# FinetuneSettings / bench's BenchSettings (8, 16, 0.05).
+
+
+def lora_option():
+    """``--lora``: train LoRA adapters (PEFT) instead of every weight."""
+    return typer.Option(False, "--lora", help=LORA_HELP)
+
+
+def lora_rank_option(default: int = 8):
+    """``--lora-rank r``."""
+    return typer.Option(default, "--lora-rank", help=LORA_RANK_HELP)
+
+
+def lora_alpha_option(default: float = 16.0):
+    """``--lora-alpha``: the update is scaled by alpha / r."""
+    return typer.Option(default, "--lora-alpha", help=LORA_ALPHA_HELP)
+
+
+def lora_dropout_option(default: float = 0.05):
+    """``--lora-dropout``: dropout on the adapters' input."""
+    return typer.Option(default, "--lora-dropout", help=LORA_DROPOUT_HELP)
