@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from ..errors import InputError
+from ..option_fields import FUSE_FIELDS, OUTPUT, recipe_types  # light: no torch
 from ..options import CALIBRATION_DEFAULTS  # light: no torch
 from .common import (DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, layer_progress, load_recipe, log,
                      merge, results_console, write_json_report)
@@ -16,17 +17,10 @@ from .options import (METHODS_HELP, backend_option, device_option, max_shard_siz
                       seed_option)
 
 
-_NONE = type(None)
-# What each recipe field may hold (YAML types): the fields of FuseSettings but allow_full_width, plus model,
-# output and overwrite (tests/test_cli_start.py checks it against FuseSettings, not imported here: it pulls torch).
-RECIPE_TYPES = {
-    "model": (str,), "output": (str,), "overwrite": (bool,), "layers": (str, int, list), "dim": (int, _NONE),
-    "ratio": (float, _NONE), "multiple_of": (int,), "method": (str,), "backend": (str,), "device": (str, _NONE), "seed": (int,),
-    "dtype": (str,), "per_layer": (dict, _NONE), "max_shard_size": (str, int), "experts": (str, int, list, _NONE),
-    "kmeans_init": (str,), "calibration": (str, _NONE), "calibration_limit": (int, str, _NONE), "max_length": (int,),
-    "calibration_batch_size": (int,),
-    "text_column": (str,), "protect": (float,), "ridge": (float,), "grouping": (str,),
-}
+# What each recipe field may hold (YAML types), derived from the declarations (mlpfuse/option_fields.py): the
+# fields of FuseSettings but allow_full_width, plus model, output and overwrite (tests/test_cli_start.py checks
+# it against FuseSettings, not imported here: it pulls torch).
+RECIPE_TYPES = {"model": (str,), **recipe_types(OUTPUT["output"], OUTPUT["overwrite"], *FUSE_FIELDS)}
 RECIPE_FIELDS = set(RECIPE_TYPES)
 
 
