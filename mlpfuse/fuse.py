@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .calibration import DEFAULT_BATCH_SIZE, DEFAULT_GROUPING, DEFAULT_MAX_LENGTH, DEFAULT_PROTECT, DEFAULT_RIDGE
 from .distributed import is_worker, rank_device, serve
 from .fuse_calibration import calibration_data
 from .fuse_layers import execute, layer_computer
 from .fuse_memory import fuse_model  # noqa: F401  (public: mlpfuse.fuse.fuse_model)
 from .fuse_plan import check_source, plan_fuse
 from .fuse_report import FuseReport, LayerReport, derived_checkpoint, fuse_report
-from .options import CALIBRATION_DEFAULTS, check_seed
+from .option_fields import FUSE_FIELDS
+from .options import check_seed
 from .output import check_free_space, claim_output, guarded_outputs
 from .source import resolve_model
 from .writer import DerivedWriter
@@ -32,34 +32,45 @@ from .writer import DerivedWriter
 __all__ = ["FuseReport", "FuseSettings", "LayerReport", "fuse_checkpoint", "fuse_model"]
 
 
+_D = {f.name: f.default for f in FUSE_FIELDS}  # the declared defaults (mlpfuse/option_fields.py)
+
+
 @dataclass
 class FuseSettings:
-    """Everything that decides the output of ``fuse`` (a YAML recipe holds the same fields)."""
+    """Everything that decides the output of ``fuse`` (a YAML recipe holds the same fields).
 
-    layers: str | list = "all"
-    dim: int | None = None
-    ratio: float | None = None
-    method: str = "fusion"
-    backend: str = "auto"
-    device: str | None = None
-    seed: int = 0
-    dtype: str = "auto"
-    per_layer: dict = field(default_factory=dict)
-    max_shard_size: str = "5GB"
+    Each field but ``allow_full_width`` is declared, with its type, default and help, in
+    mlpfuse/option_fields.py (``FUSE_FIELDS``); the defaults here are read from there.
+    """
+
+    layers: str | list = _D["layers"]
+    dim: int | None = _D["dim"]
+    ratio: float | None = _D["ratio"]
+    method: str = _D["method"]
+    backend: str = _D["backend"]
+    device: str | None = _D["device"]
+    seed: int = _D["seed"]
+    dtype: str = _D["dtype"]
+    per_layer: dict = field(default_factory=dict)  # None (a recipe's ``per_layer:`` left empty) is read as {}
+    max_shard_size: str = _D["max_shard_size"]
     allow_full_width: bool = False
-    multiple_of: int = 1  # every fused width rounded down to a multiple of this (never below 1 or above the original)
-    experts: str | list | None = None  # MoE: experts to fuse in each chosen sparse layer (None = all)
-    kmeans_init: str = "kmeans-parallel"  # k-means seeding: kmeans-parallel (k-means||) or greedy (k-means++)
+    multiple_of: int = _D["multiple_of"]  # every fused width rounded down to a multiple of this (never below 1 or above the original)
+    experts: str | list | None = _D["experts"]  # MoE: experts to fuse in each chosen sparse layer (None = all)
+    kmeans_init: str = _D["kmeans_init"]  # k-means seeding: kmeans-parallel (k-means||) or greedy (k-means++)
     # --calibration: the data-aware form of the method, on calibration text run layer by layer (calibration.py)
-    calibration: str | None = None  # text table (as read_table reads it); None = data-free
+    calibration: str | None = _D["calibration"]  # text table (as read_table reads it); None = data-free
     # sequences (an int) or "N tokens"; None: 128 sequences for decoders, 512 for encoders
-    calibration_limit: int | str | None = None
-    max_length: int = DEFAULT_MAX_LENGTH  # tokens per calibration sequence (shortened to the model's positions)
-    calibration_batch_size: int = DEFAULT_BATCH_SIZE  # sequences per mini-batch of the layer-by-layer pass
-    text_column: str = CALIBRATION_DEFAULTS["text_column"]
-    protect: float = DEFAULT_PROTECT  # protected neurons per layer: fraction of the fused width, or a count >= 1
-    ridge: float = DEFAULT_RIDGE  # ridge strength alpha of the output refit
-    grouping: str = DEFAULT_GROUPING  # calibrated fusion/cluster: "select" or "kmeans" (methods.calibrated)
+    calibration_limit: int | str | None = _D["calibration_limit"]
+    max_length: int = _D["max_length"]  # tokens per calibration sequence (shortened to the model's positions)
+    calibration_batch_size: int = _D["calibration_batch_size"]  # sequences per mini-batch of the layer-by-layer pass
+    text_column: str = _D["text_column"]
+    protect: float = _D["protect"]  # protected neurons per layer: fraction of the fused width, or a count >= 1
+    ridge: float = _D["ridge"]  # ridge strength alpha of the output refit
+    grouping: str = _D["grouping"]  # calibrated fusion/cluster: "select" or "kmeans" (methods.calibrated)
+
+    def __post_init__(self):
+        if self.per_layer is None:
+            self.per_layer = {}
 
 
 @guarded_outputs

@@ -21,10 +21,10 @@ from .calibration import (
 from .arch import is_causal_lm
 from .checkpoint import read_config
 from .errors import InputError
+from .option_fields import CALIBRATION
 
 # FuseSettings fields that only --calibration reads (left out of a data-free run's recipe)
-CALIBRATION_FIELDS = ("calibration", "calibration_limit", "max_length", "calibration_batch_size", "text_column",
-                      "protect", "ridge", "grouping")
+CALIBRATION_FIELDS = CALIBRATION.names()
 
 
 def check_calibration(settings, config: dict, merged_layout) -> None:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import math
 
 from .errors import InputError
+from .option_fields import CALIBRATION
 
-# Defaults of fuse's calibration flags, declared once: mlpfuse/calibration.py and the command line (which
-# must not import calibration.py: it pulls torch) both read them here. calibration_limit None: 128
+# Defaults of fuse's calibration flags, declared in option_fields.CALIBRATION: mlpfuse/calibration.py and the
+# command line (which must not import calibration.py: it pulls torch) both read them. calibration_limit None: 128
 # sequences for decoders, 512 for encoders (calibration.DEFAULT_LIMIT / DEFAULT_ENCODER_LIMIT).
-CALIBRATION_DEFAULTS = {"calibration_limit": None, "max_length": 2048, "calibration_batch_size": 8,
-                        "text_column": "sentence", "protect": 0.02, "ridge": 1e-3,
-                        "grouping": "select"}
+CALIBRATION_DEFAULTS = {name: value for name, value in CALIBRATION.defaults().items() if name != "calibration"}
 SEED_LIMIT = 2**32  # numpy's legacy seeds are unsigned 32-bit; FAISS's signed ones get kmeans.faiss_seed
 
 
