@@ -19,7 +19,7 @@ from .distributed import gather_in_order
 from .format import SCALE_BUFFER
 from .fuse_moe import fuse_moe_layer, layer_report_fields
 from .fuse_report import LayerReport
-from .methods import MethodOptions, get_method
+from .methods import REPORT_FIELDS, MethodOptions, get_method
 from .mlp import MLPWeights
 from .plan import LayerPlan
 from .runtime import InBackground
@@ -50,11 +50,13 @@ class Executed:
 
 
 def compress_layer(plan: LayerPlan, mlp: MLPWeights, method: str, options: MethodOptions) -> tuple[MLPWeights, LayerReport]:
-    """Run ``method`` on one layer and describe what happened."""
+    """Run ``method`` on one layer and describe what happened (the report fields the method declares)."""
     start = time.perf_counter()
-    compressed = get_method(method)(mlp, plan.width, options)
+    declared = get_method(method)
+    compressed = declared(mlp, plan.width, options)
     seconds = time.perf_counter() - start
-    stats = compressed.stats
+    fields = dict.fromkeys(REPORT_FIELDS)
+    fields.update({name: compressed.stats.get(name) for name in declared.report_fields})
     report = LayerReport(
         index=plan.site.index,
         label=plan.site.label,
@@ -62,14 +64,8 @@ def compress_layer(plan: LayerPlan, mlp: MLPWeights, method: str, options: Metho
         width=compressed.width,
         params_before=mlp.num_parameters(),
         params_after=compressed.num_parameters(),
-        inertia=stats.get("inertia"),
-        kmeans_seconds=stats.get("kmeans_seconds"),
         seconds=seconds,
-        backend=stats.get("backend"),
-        rank=stats.get("rank"),
-        cluster_sizes=stats.get("cluster_sizes"),
-        protected=stats.get("protected"),
-        relative_error=stats.get("relative_error"),
+        **fields,
     )
     return compressed, report
 

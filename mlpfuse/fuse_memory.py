@@ -7,6 +7,9 @@ the source and its modules swapped for the fused ones instead of a checkpoint wr
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Callable
+
 import torch
 
 from .arch import lookup, resolve_sites
@@ -18,21 +21,28 @@ from .arch.moe import site_widths
 from .fuse_plan import check_plans
 from .fuse_report import FuseReport, expert_share
 from .kmeans import resolve_backend
-from .methods import MethodOptions
-from .plan import plan_layers
+from .methods import MethodOptions, get_method
+from .plan import LayerPlan, plan_layers
 from .remote.modeling_mlpfuse import apply_fusion_layout, fused_model_class
 
 
-def fuse_model(model: torch.nn.Module, settings) -> FuseReport:
+def fuse_model(model: torch.nn.Module, settings, clustering: Callable[[LayerPlan], object] | None = None) -> FuseReport:
     """Fuse the chosen MLPs of an in-memory transformers model in place; returns the report.
 
     ``settings``: a :class:`mlpfuse.fuse.FuseSettings`. The model's class becomes the fused subclass
     of its own class, so ``save_pretrained`` writes an mlpfuse checkpoint and ``mlpfuse.load`` reads it
-    back. Data-free only: ``settings.calibration`` raises InputError (the calibration pass streams a
-    checkpoint: :func:`mlpfuse.fuse.fuse_checkpoint`).
+    back. ``clustering``: for a method that clusters (its declaration's ``clusters``), a function
+    from a dense site's plan to the :class:`~mlpfuse.kmeans.KMeansResult` to use instead of k-means
+    (``labels`` of length ``plan.original_width`` in ``0..plan.width-1``; bench's round-robin
+    assignment); Mixture-of-Experts sites run their own k-means. Data-free only:
+    ``settings.calibration`` raises InputError (the calibration pass streams a checkpoint:
+    :func:`mlpfuse.fuse.fuse_checkpoint`); a ``clustering`` for a method that does not cluster
+    raises ValueError.
     """
     if settings.calibration is not None:
         raise InputError("calibration runs on a checkpoint: use fuse_checkpoint (mlpfuse fuse --calibration)")
+    if clustering is not None and not get_method(settings.method).clusters:
+        raise ValueError(f"method {settings.method!r} does not cluster: it takes no clustering")
     config = model.config.to_dict()
     spec = lookup(config.get("model_type"))
     base = model.base_model
@@ -49,7 +59,8 @@ def fuse_model(model: torch.nn.Module, settings) -> FuseReport:
     params_before = sum(p.numel() for p in model.parameters())
     layers, modules = [], []
     for plan in plans:
-        layer = fuse_layer(plan, settings, options, "", keys, lambda k: state[k].detach(), None)
+        site_options = options if clustering is None or plan.site.experts else replace(options, clustering=clustering(plan))
+        layer = fuse_layer(plan, settings, site_options, "", keys, lambda k: state[k].detach(), None)
         apply_fusion_layout(base, layer.specs)
         loaded = base.load_state_dict(layer.tensors, strict=False)
         if loaded.unexpected_keys:

@@ -71,7 +71,7 @@ def batched_clusterings(mlps: list[MLPWeights], k: int, method: str, options: Me
     fallback = [None] * len(mlps)
     same_width = len({m.width for m in mlps}) == 1
     if (len(mlps) < 2 or not same_width or options.backend == "faiss"
-            or not getattr(get_method(method), "clusters_neurons", False)):
+            or not get_method(method).clusters):
         return fallback
     features = [m.neuron_features() for m in mlps]
     per_expert = features[0].numel() * 4

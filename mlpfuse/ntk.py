@@ -38,14 +38,14 @@ from .arch.io import module_width, written_layouts
 from .data import encode_texts, read_table
 from .errors import InputError
 from .fuse import FuseSettings, fuse_model
-from .methods import check_can_write, get_method
+from .methods import check_can_write, get_method, ntk_default_methods
 from .modeling import load, saved_task
 from .options import check_seed
 from .plan import parse_layers, target_width
 from .runtime import encoder_decoder_inputs, load_tokenizer, resolve_device
 from .source import resolve_model
 
-DEFAULT_METHODS = ("fusion", "cluster", "svd", "sketch", "mmd", "prune")
+DEFAULT_METHODS = ntk_default_methods()  # the methods declared with ntk_default (methods/catalog.py)
 METRICS = ("output_error", "output_error_rel", "hidden_error", "hidden_error_rel",
            "ntk_error", "ntk_error_rel", "sgd_ntk_error", "sgd_ntk_error_rel")
 HEAD_STD = 0.02

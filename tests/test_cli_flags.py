@@ -66,10 +66,10 @@ def test_merge_layers_keeps_column_as_an_alias(commands, flag):
 
 
 def test_every_method_flag_lists_every_method(commands):
-    from mlpfuse.methods import get_method, method_names
+    from mlpfuse.methods import BUILTIN, method_names
 
-    builtin = [m for m in method_names() if get_method(m).__module__.startswith("mlpfuse.")]  # not tests' own
-    assert {"fusion", "cluster"} <= set(builtin)
+    builtin = [declaration.name for declaration in BUILTIN]  # not tests' own
+    assert {"fusion", "cluster"} <= set(builtin) <= set(method_names())
 
     method_options = [(name, option) for name, command in commands.items() for option in _options(command)
                       if {"--method", "--methods"} & set(option.opts)]

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mlpfuse.cli import app
-from mlpfuse.methods import register
+from mlpfuse.methods import MethodDeclaration, register, unregister
 
 from .conftest import tree_digest
 
@@ -130,7 +130,7 @@ def test_output_equal_to_input_is_refused(bert_dir):
 
 
 def test_a_failure_midway_leaves_no_output(bert_dir, tmp_path):
-    @register("fails-on-second-layer")
+    @register(MethodDeclaration("fails-on-second-layer", help="fusion, then a crash on the second layer"))
     def failing(mlp, k, options, calls=[]):  # noqa: B006 - counts calls across layers
         calls.append(1)
         if len(calls) > 1:
@@ -139,6 +139,7 @@ def test_a_failure_midway_leaves_no_output(bert_dir, tmp_path):
         return fusion(mlp, k, options)
 
     result = run("fuse", bert_dir, "--dim", "8", "--method", "fails-on-second-layer", "-o", tmp_path / "out")
+    unregister("fails-on-second-layer")
     assert result.exit_code == 1 and "internal error" in result.stderr and "simulated crash" in result.stderr
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if "mlpfuse-tmp" in p.name]

@@ -110,17 +110,15 @@ def test_the_command_lines_copies_of_library_values_agree():
     from dataclasses import fields
 
     from mlpfuse.bench import PRESETS
-    from mlpfuse.cli import bench_cmd, finetune_cmd, fuse_cmd, ntk_cmd, tune_cmd
+    from mlpfuse.cli import bench_cmd, finetune_cmd, fuse_cmd, tune_cmd
     from mlpfuse.finetune import TASK_CHOICES
     from mlpfuse.fuse import FuseSettings
-    from mlpfuse.ntk import DEFAULT_METHODS
     from mlpfuse.tune import TuneSettings
 
     tune_defaults = TuneSettings()
     assert tune_cmd.TUNE_DEFAULTS == {name: getattr(tune_defaults, name) for name in tune_cmd.TUNE_DEFAULTS}
     assert finetune_cmd.TASK_CHOICES == TASK_CHOICES
     assert bench_cmd.PRESET_NAMES == tuple(PRESETS)
-    assert ntk_cmd.DEFAULT_METHODS == DEFAULT_METHODS
     settings = {f.name for f in fields(FuseSettings)} - {"allow_full_width"}
     assert fuse_cmd.RECIPE_FIELDS == settings | {"model", "output", "overwrite"}
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
+from ..methods.catalog import ntk_default_methods  # import-light: the declarations, not the maths
 from .common import DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, log, results_console, write_json_report
 from .options import (METHODS_HELP, backend_option, batch_size_option, device_option, max_length_option, text_column_option,
                       text_pair_column_option)
 
-# mlpfuse/ntk.py's DEFAULT_METHODS, for --help (not imported here: it pulls torch; a test checks they agree)
-DEFAULT_METHODS = ("fusion", "cluster", "svd", "sketch", "mmd", "prune")
+DEFAULT_METHODS = ntk_default_methods()
 
 
 @handle_errors

@@ -6,7 +6,7 @@ arguments and options, plus ``opts``, which receives the declared ones (``opts.d
 (unset), so that :func:`merge_declared` can tell a flag from a recipe value from a default. The ``*_option``
 functions below are the same options for commands still written by hand (defaults may differ per command;
 names and help texts may not). ``tests/test_cli_flags.py`` walks every command and checks it.
-Import-light on purpose (typer only): ``mlpfuse --help`` must not pull torch or transformers.
+Import-light on purpose (typer, the option and method declarations only): ``mlpfuse --help`` must not pull torch or transformers.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import typer
 
 from ..option_fields import COMMON, COMPRESSION, OUTPUT, RUNTIME, TEXT, TRAINING, Field, Group
 
-# Every registered method (mlpfuse.methods), written out: importing the registry would import torch.
-# tests/test_cli_flags.py checks that no method is missing.
-METHODS_HELP = ("fusion (MLP Fusion, the paper), cluster (clustering baseline), or the baselines svd, sketch, mmd, "
-                "prune.")
+from ..methods.catalog import methods_help
+
+# Every built-in method with its help line, read from the declarations (mlpfuse/methods/catalog.py, no torch).
+METHODS_HELP = methods_help()
 
 # The help texts of the shared options, declared in mlpfuse/option_fields.py (kept here under their old names).
 DEBUG_HELP = COMMON["debug"].help

@@ -1,20 +1,44 @@
 """Compression methods: pure tensor maths from one ``MLPWeights`` to a narrower one.
 
-A method is a function ``(mlp, k, options) -> MLPWeights`` registered under a name; methods never
-see architecture names. ``options`` carries seed, k-means backend and device.
+A method declares itself once, in a :class:`~mlpfuse.methods.catalog.MethodDeclaration`: its name,
+help line, the layouts it can write (``LAYOUTS``, named by ``arch.io.written_layouts``; a method whose
+output cannot be stored in a layout, the svd factors in a packed ``gate_up`` tensor, is refused
+before any work by :func:`check_can_write`), what its calibrated form is (or None), whether it
+clusters, its report fields and whether ntk-check compares it by default. Its module registers
+the functions against that declaration; the registered :class:`Method` carries the declaration's
+facts and runs the data-free form ``(mlp, k, options) -> MLPWeights``, or the calibrated form when
+``options.calibration`` is set. Methods never see architecture names.
 
-Each method declares the layouts it can write (``LAYOUTS``, named by ``arch.io.written_layouts``):
-a method whose output cannot be stored in a layout (the svd factors in a packed ``gate_up`` tensor
-or in stacked expert tensors) is refused before any work by :func:`check_can_write`.
+This ``__init__`` and ``catalog`` import no torch: the command line reads the declarations for
+``--help``; the implementations (fusion.py, svd.py, ...) are imported on the first lookup.
+
+Adding a method is one module plus its registration::
+
+    from mlpfuse.methods import MethodDeclaration, register
+
+    @register(MethodDeclaration("first", help="keep the first k neurons"))
+    def first(mlp, k, options):
+        return mlp.map_neurons(lambda t: t[:k].clone(), lambda w: w[:, :k].clone())
+
+(``register(declaration, calibrated=fn)`` adds a calibrated form.) A built-in method's declaration
+goes into ``catalog.BUILTIN`` (with ``module=`` its file) and the module registers it by name,
+``@register("first")``, so that ``--help`` lists it without importing torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import InputError
-from ..mlp import MLPWeights
+from .catalog import BUILTIN, LAYOUTS, REPORT_FIELDS, MethodDeclaration, builtin, methods_help, ntk_default_methods
+
+if TYPE_CHECKING:
+    from ..mlp import MLPWeights
+
+__all__ = ["BUILTIN", "LAYOUTS", "REPORT_FIELDS", "Calibration", "Method", "MethodDeclaration", "MethodOptions",
+           "check_calibrated", "check_can_write", "get_method", "method_names", "methods_help", "ntk_default_methods", "register", "unregister"]
 
 
 @dataclass(frozen=True)
@@ -56,42 +80,91 @@ class Calibration:
         return max(0, min(m, k - 1 if k < width else width))
 
 
-# Methods that have a data-aware form (``fuse --calibration``); the others are refused with it.
-CALIBRATED_METHODS = ("fusion", "cluster", "prune", "svd")
+MethodFn = Callable[["MLPWeights", int, MethodOptions], "MLPWeights"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its :class:`MethodDeclaration` and its functions.
+
+    Calling it, ``method(mlp, k, options)`` [an MLP of width I -> one of width k, or of rank matched
+    to k for svd], runs ``run`` (data-free), or ``calibrated_form`` when ``options.calibration`` is
+    set; a method without a calibrated form then raises InputError.
+    """
+
+    declaration: MethodDeclaration
+    run: MethodFn
+    calibrated_form: MethodFn | None = None
+
+    def __call__(self, mlp: "MLPWeights", k: int, options: MethodOptions) -> "MLPWeights":
+        if options.calibration is None:
+            return self.run(mlp, k, options)
+        if self.calibrated_form is None:
+            check_calibrated(self.name)
+        return self.calibrated_form(mlp, k, options)
+
+    @property
+    def name(self) -> str:
+        return self.declaration.name
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        return self.declaration.writes
+
+    @property
+    def clusters(self) -> bool:
+        return self.declaration.clusters
+
+    @property
+    def report_fields(self) -> tuple[str, ...]:
+        return self.declaration.report_fields
+
+
+_METHODS: dict[str, Method] = {}
+_builtin_loaded = False
+
+
+def register(declaration: MethodDeclaration | str, calibrated: MethodFn | None = None):
+    """Decorator: register the data-free form ``fn(mlp, k, options)`` of the method ``declaration``
+    declares (a built-in's name: its entry in ``catalog.BUILTIN``), with ``calibrated`` its data-aware
+    form; returns the :class:`Method`.
+
+    Raises ValueError for a name that is neither declared nor a declaration, a calibrated form
+    given without being declared or declared without being given, and a name already registered
+    with another declaration.
+    """
+    if isinstance(declaration, str):
+        try:
+            declaration = builtin(declaration)
+        except KeyError:
+            raise ValueError(f"method {declaration!r} is not declared: pass a MethodDeclaration, or add "
+                             f"one to mlpfuse/methods/catalog.py BUILTIN") from None
+    if (declaration.calibrated is None) != (calibrated is None):
+        said = "declares no calibrated form but one was given" if calibrated else "declares a calibrated form but none was given"
+        raise ValueError(f"method {declaration.name!r} {said}")
+    known = _METHODS.get(declaration.name)
+    if known is not None and known.declaration != declaration:
+        raise ValueError(f"a method {declaration.name!r} is already registered")
+
+    def wrap(fn: MethodFn) -> Method:
+        method = Method(declaration, fn, calibrated)
+        _METHODS[declaration.name] = method
+        return method
+
+    return wrap
+
+
+def unregister(name: str) -> None:
+    """Forget the method called ``name`` (one a caller registered; tests clean up with it)."""
+    _METHODS.pop(name, None)
 
 
 def check_calibrated(name: str) -> None:
     """Refuse ``name`` with ``--calibration`` unless it has a data-aware form. Raises InputError."""
-    get_method(name)
-    if name not in CALIBRATED_METHODS:
+    if get_method(name).calibrated_form is None:
+        able = [m for m in method_names() if _METHODS[m].calibrated_form is not None]
         raise InputError(f"--method {name} has no data-aware form; with --calibration use one of: "
-                         f"{', '.join(CALIBRATED_METHODS)} (or drop --calibration)")
-
-
-def clusters_neurons(fn: Method) -> Method:
-    """Mark a method that starts from a k-means clustering of the sub-MLPs (it honours ``clustering``)."""
-    fn.clusters_neurons = True
-    return fn
-
-
-Method = Callable[[MLPWeights, int, MethodOptions], MLPWeights]
-_METHODS: dict[str, Method] = {}
-# Every layout a checkpoint may need written (see arch.io.written_layouts).
-LAYOUTS = ("dense", "gated", "conv1d", "packed gate_up", "stacked experts", "expert modules")
-
-
-def register(name: str, writes: tuple[str, ...] = LAYOUTS):
-    """Decorator: register a method under ``name``; ``writes``: the layouts its output can be stored in."""
-    unknown = set(writes) - set(LAYOUTS)
-    if unknown:
-        raise ValueError(f"unknown layouts {sorted(unknown)}")
-
-    def wrap(fn: Method) -> Method:
-        fn.writes = tuple(layout for layout in LAYOUTS if layout in writes)
-        _METHODS[name] = fn
-        return fn
-
-    return wrap
+                         f"{', '.join(able)} (or drop --calibration)")
 
 
 def check_can_write(name: str, needs: dict[str, str]) -> None:
@@ -117,10 +190,20 @@ def get_method(name: str) -> Method:
 
 
 def method_names() -> list[str]:
+    """Every registered method's name, sorted (the built-ins and any a caller registered)."""
     _load_builtin()
     return sorted(_METHODS)
 
 
 def _load_builtin() -> None:
-    from . import fusion  # noqa: F401  (registers fusion and cluster)
-    from . import mmd, prune, sketch, svd  # noqa: F401  (baselines of ntk-check, docs/ntk-check.md)
+    """Import the modules of the built-in declarations (they register themselves) and check that
+    each registered what it declares. Raises RuntimeError for a declared built-in left unregistered."""
+    global _builtin_loaded
+    if _builtin_loaded:
+        return
+    for declaration in BUILTIN:
+        importlib.import_module(f"{__name__}.{declaration.module}")
+    missing = [d.name for d in BUILTIN if _METHODS.get(d.name) is None or _METHODS[d.name].declaration != d]
+    if missing:
+        raise RuntimeError(f"built-in methods declared in catalog.BUILTIN but not registered: {missing}")
+    _builtin_loaded = True

@@ -4,6 +4,9 @@ Both cluster the sub-MLPs with k-means and average each cluster (``C_bar``). ``f
 cluster sizes ``P`` as a constant scale applied to the output weight, so the backward pass
 carries P and the Adam NTK stays close to the original. ``cluster`` folds ``sqrt(P)`` into the
 input and output layers instead: a similar output, a different NTK.
+
+Declared in ``catalog.BUILTIN`` (help line, layouts, report fields, what the calibrated forms do);
+registered here with their data-free and calibrated forms.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 
 from ..kmeans import kmeans
 from ..mlp import MLPWeights
-from . import MethodOptions, clusters_neurons, register
+from . import MethodOptions, register
 from .calibrated import calibrated_fusion, output_error, selected_fusion, size_histogram
 
 
@@ -99,38 +102,44 @@ def _data_aware(mlp: MLPWeights, k: int, options: MethodOptions, refit: bool) ->
     return fused
 
 
-@register("fusion")
-@clusters_neurons
+def calibrated_fusion_form(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
+    """Calibrated fusion: ``_data_aware`` with the ridge refit (``fuse --calibration``)."""
+    return _data_aware(mlp, k, options, refit=True)
+
+
+@register("fusion", calibrated=calibrated_fusion_form)
 def fusion(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
-    """MLP Fusion: centroids plus the standalone constant scale P (calibrated fusion with ``options.calibration``)."""
-    if options.calibration is not None:
-        return _data_aware(mlp, k, options, refit=True)
+    """MLP Fusion: centroids plus the standalone constant scale P."""
     fused, sizes = centroid_mlp(mlp, k, options)
     fused.scale = sizes
     return fused
 
 
-@register("cluster")
-@clusters_neurons
-def cluster(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
-    """Clustering baseline: centroids with sqrt(P) folded into the input and output layers.
-
-    With ``options.calibration``: the importance-weighted clustering of calibrated fusion (protected
-    neurons included), no refit, sqrt(P) folded in the same way.
-    """
-    calibration = options.calibration
-    if calibration is not None:
-        fused = _data_aware(mlp, k, options, refit=False)
-        sizes = fused.scale
-        fused.scale = None
-    else:
-        fused, sizes = centroid_mlp(mlp, k, options)
+def _fold_root(fused: MLPWeights, sizes: torch.Tensor) -> MLPWeights:
+    """``fused`` with sqrt(P) folded into its input and output layers (in place; no scale left)."""
     root = sizes.sqrt()
+    fused.scale = None
     fused.w_in = fused.w_in * root[:, None].to(fused.w_in.dtype)
     if fused.b_in is not None:
         fused.b_in = fused.b_in * root.to(fused.b_in.dtype)
     fused.w_out = fused.w_out * root[None, :].to(fused.w_out.dtype)
-    if calibration is not None and k < mlp.width:  # the folded MLP's own error on the calibration tokens
+    return fused
+
+
+def calibrated_cluster_form(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
+    """The importance-weighted clustering of calibrated fusion (protected neurons included), no
+    refit, sqrt(P) folded in as :func:`cluster` does; reports the folded MLP's own error."""
+    calibration = options.calibration
+    fused = _data_aware(mlp, k, options, refit=False)
+    fused = _fold_root(fused, fused.scale)
+    if k < mlp.width:  # the folded MLP's own error on the calibration tokens
         fused.stats["relative_error"] = output_error(fused, mlp, calibration.inputs, calibration.activation,
                                                      device=calibration.device)
     return fused
+
+
+@register("cluster", calibrated=calibrated_cluster_form)
+def cluster(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
+    """Clustering baseline: centroids with sqrt(P) folded into the input and output layers."""
+    fused, sizes = centroid_mlp(mlp, k, options)
+    return _fold_root(fused, sizes)

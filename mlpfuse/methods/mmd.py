@@ -6,6 +6,8 @@ median pairwise distance of the ``w_i``) between the empirical distributions of 
 the ``z_j``, by Adam from a seeded random subset of the ``w_i``. The sum over I sub-MLPs becomes
 ``(I / k) * sum_j``: the constant factor ``p_I / k`` of the paper, kept as the standalone scale P
 (uniform), as fusion keeps its cluster sizes.
+
+Declared in ``catalog.BUILTIN`` (no calibrated form).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Importance of neuron i is ``||W_in[i]|| * ||W_out[:, i]||`` (times ``||W_gate[i]||`` for gated
 MLPs): a magnitude proxy for how much the sub-MLP can contribute to the output. Deterministic
 (the seed is unused); ties go to the lower index.
+
+Declared in ``catalog.BUILTIN``; the calibrated form is ``methods.calibrated.calibrated_prune``.
 """
 
 from __future__ import annotations
@@ -22,16 +24,16 @@ def importance(mlp: MLPWeights) -> torch.Tensor:
     return score
 
 
-@register("prune")
-def prune(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
-    """The k most important sub-MLPs, unchanged, in their original order.
+def calibrated_prune_form(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
+    """Importance measured on the calibration activations, then a ridge refit of the output weight
+    (``methods.calibrated.calibrated_prune``)."""
+    c = options.calibration
+    return calibrated_prune(mlp, k, c.inputs, c.activation, alpha=c.ridge, device=c.device)
 
-    With ``options.calibration``: importance measured on the calibration activations, then a ridge
-    refit of the output weight (``methods.calibrated.calibrated_prune``).
-    """
-    if options.calibration is not None:
-        c = options.calibration
-        return calibrated_prune(mlp, k, c.inputs, c.activation, alpha=c.ridge, device=c.device)
+
+@register("prune", calibrated=calibrated_prune_form)
+def prune(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
+    """The k most important sub-MLPs, unchanged, in their original order."""
     score = importance(mlp)
     order = torch.argsort(-score, stable=True)
     keep = order[:k].sort().values

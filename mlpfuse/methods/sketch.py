@@ -4,6 +4,8 @@ With ``S`` an [I, k] matrix of i.i.d. N(0, 1/k) entries (so ``E[S S^T] = Id``), 
 ``act(X W1 S + b1 S) S^T W2 + b2``: ``W_in~ = S^T W_in``, ``b_in~ = S^T b_in`` (gate likewise) and
 ``W_out~ = W_out S``. The sketch is linear, the activation is not, hence the large output error
 the paper reports for it. Seeded by ``options.seed``.
+
+Declared in ``catalog.BUILTIN`` (no calibrated form).
 """
 
 from __future__ import annotations

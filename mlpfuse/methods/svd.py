@@ -7,6 +7,10 @@ approximation, stored as factors ``A = sqrt(S_r) V_r^T`` [r, in] and ``B = U_r s
 Parameter matching: ``r`` is the largest rank whose parameter count does not exceed that of a
 k-wide fused MLP, i.e. for a plain MLP ``2 r (p + I) + I + p <= 2 k p + k + p`` (p hidden, I
 intermediate); for MiniLM (p = 384, I = 1536) at k = 384, r = 76. Deterministic.
+
+Declared in ``catalog.BUILTIN`` (it writes no packed ``gate_up`` or stacked expert tensors: the
+factors are stored as a ``lowrank`` module per projection); the calibrated form is
+``methods.calibrated.calibrated_svd`` at the same rank.
 """
 
 from __future__ import annotations
@@ -50,19 +54,17 @@ def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     return (root[:, None] * vh[:rank]).to(weight.dtype), (u[:, :rank] * root).to(weight.dtype)
 
 
-# Factors are stored as a ``lowrank`` module per projection: a packed [gate; up] tensor or stacked
-# expert tensors have no place for them (writing dense products there would save nothing).
-@register("svd", writes=("dense", "gated", "conv1d", "expert modules"))
-def svd(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
-    """Rank-r factorisations of all projections, r matched to fusion's parameter count at k.
+def calibrated_svd_form(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
+    """Activation-aware factors and an output refit (``methods.calibrated.calibrated_svd``), rank
+    matched to k as :func:`svd`."""
+    c = options.calibration
+    return calibrated_svd(mlp, matched_rank(mlp, k), c.inputs, c.activation, alpha=c.ridge, device=c.device)
 
-    With ``options.calibration``: activation-aware factors and an output refit
-    (``methods.calibrated.calibrated_svd``), same rank.
-    """
+
+@register("svd", calibrated=calibrated_svd_form)
+def svd(mlp: MLPWeights, k: int, options: MethodOptions) -> MLPWeights:
+    """Rank-r factorisations of all projections, r matched to fusion's parameter count at k."""
     rank = matched_rank(mlp, k)
-    if options.calibration is not None:
-        c = options.calibration
-        return calibrated_svd(mlp, rank, c.inputs, c.activation, alpha=c.ridge, device=c.device)
     factors, dense = {}, {}
     for name in WEIGHTS:
         weight = getattr(mlp, name)
