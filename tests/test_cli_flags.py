@@ -62,7 +62,7 @@ def test_every_command_that_reads_text_names_its_columns_the_same_way(commands):
 @pytest.mark.parametrize("flag", ["--column", "--text-column"])
 def test_merge_layers_keeps_column_as_an_alias(commands, flag):
     ctx = commands["merge-layers"].make_context("merge-layers", ["model", "-o", "out", flag, "text"])
-    assert ctx.params["column"] == "text"
+    assert ctx.params["text_column"] == "text"
 
 
 def test_every_method_flag_lists_every_method(commands):

@@ -6,14 +6,16 @@ import typer
 from rich.table import Table
 
 from ..errors import InputError
-from .common import DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, log, results_console, write_json_report
-from .options import batch_size_option, device_option, lora_dropout_option, lora_option, lora_rank_option, seed_option
+from ..option_fields import OUTPUT, RUNTIME, TEXT
+from .common import check_inputs, check_json_path, log, results_console, write_json_report
+from .options import Options, command
+from .options import lora_dropout_option, lora_option, lora_rank_option
 
 # The names of mlpfuse/bench.py's PRESETS, for --help (not imported here: it pulls torch; a test checks they agree)
 PRESET_NAMES = ("roberta-base", "bert-base", "minilm", "gpt2", "tiny")
 
 
-@handle_errors
+@command(TEXT["batch_size"].using(8), RUNTIME["device"], RUNTIME["threads"], RUNTIME["seed"], OUTPUT["json_path"])
 def bench(
     models: list[str] = typer.Argument(None, help="ORIGINAL FUSED [FUSED...]: checkpoint directories (or 'minilm'); "
                                                   "ratios are against the first."),
@@ -23,26 +25,22 @@ def bench(
     assign: str = typer.Option("round-robin", "--assign", help="With --shape: round-robin (fast, same shapes) or kmeans (real fusion)."),
     steps: int = typer.Option(20, "--steps", help="Timed rounds (one training step and one forward per model each)."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed steps per model first (compilation, allocator, caches)."),
-    batch_size: int = batch_size_option(8),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, or bf16 / fp16 autocast (weights stay fp32)."),
-    device: str = device_option(),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the forward(+loss) of every model."),
     compile_mode: str = typer.Option("default", "--compile-mode", help="default, reduce-overhead (CUDA graphs), max-autotune."),
     compile_scope: str = typer.Option("model", "--compile-scope", help="model (one graph) or layers (each block; compiles faster)."),
     adamw: str = typer.Option("auto", "--adamw", help="AdamW kernel: auto (fused on CUDA), fused, foreach, loop."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (CPU: one subprocess per model)."),
     inference: bool = typer.Option(True, "--inference/--no-inference", help="Also time the inference forward."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (e.g. 1 on a shared machine).", show_default="torch's"),
     lora: bool = lora_option(),
     lora_rank: int = lora_rank_option(8),
     lora_dropout: float = lora_dropout_option(0.05),
-    seed: int = seed_option(0),
     plot: str = typer.Option(None, "--plot", help="Write a PNG of times and ratios to this path."),
-    json_path: str = JsonOption,
-    debug: bool = DebugOption,
+    opts: Options = None,
 ):
     """Measure training-step time, inference time, peak memory, parameters and FLOPs: fused vs original."""
+    json_path = opts.json_path
     check_json_path(json_path, *(models or []))
     check_json_path(plot, *(models or []), what="--plot")
     if shape is not None and models:
@@ -57,9 +55,9 @@ def bench(
         sources = preset_sources(shape, layers, dim, assign)
     else:
         sources = checkpoint_sources(list(models or []))
-    settings = BenchSettings(steps=steps, warmup=warmup, batch_size=batch_size, seq_len=seq_len, dtype=dtype, device=device,
+    settings = BenchSettings(steps=steps, warmup=warmup, batch_size=opts.batch_size, seq_len=seq_len, dtype=dtype, device=opts.device,
                              compile=compile, compile_mode=compile_mode, compile_scope=compile_scope, adamw=adamw, memory=memory, inference=inference,
-                             seed=seed, threads=threads, lora=lora, lora_rank=lora_rank, lora_dropout=lora_dropout)
+                             seed=opts.seed, threads=opts.threads, lora=lora, lora_rank=lora_rank, lora_dropout=lora_dropout)
     settings.validate()  # bad flags fail before any model is built
     report = run_bench(sources, settings, on_event=lambda text: log.print(text, highlight=False))
     out = results_console(json_path)

@@ -5,20 +5,17 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from .common import DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, results_console, write_json_report
-from .options import device_option, max_length_option, text_column_option
+from ..option_fields import OUTPUT, RUNTIME, TEXT
+from .common import check_inputs, check_json_path, results_console, write_json_report
+from .options import Options, command
 
 
-@handle_errors
+@command(TEXT["text_column"], TEXT["max_length"].using(512), RUNTIME["device"], OUTPUT["json_path"])
 def evaluate(
     model: str = typer.Argument(..., help="Causal-LM checkpoint directory (original, fused or tuned)."),
     data: str = typer.Option(..., "--data", help="Text file (.tsv/.csv/.jsonl) or hub:NAME."),
-    text_column: str = text_column_option(),
-    max_length: int = max_length_option(512),
     limit_tokens: int = typer.Option(4096, "--limit-tokens", help="Evaluate the first N tokens of the text."),
-    device: str = device_option(),
-    json_path: str = JsonOption,
-    debug: bool = DebugOption,
+    opts: Options = None,
 ):
     """Perplexity on a text file: one protocol (windows, no overlap, mean next-token NLL), see docs/llm.md.
 
@@ -26,10 +23,11 @@ def evaluate(
     """
     from ..evaluate import check_protocol, evaluate_checkpoint
 
+    max_length, json_path = opts.max_length, opts.json_path
     check_protocol(max_length, limit_tokens)
     check_json_path(json_path, model, files=(data,))
     check_inputs(model, files=(data,))
-    report = evaluate_checkpoint(model, data, text_column, max_length, limit_tokens, device)
+    report = evaluate_checkpoint(model, data, opts.text_column, max_length, limit_tokens, opts.device)
     table = Table(title=f"perplexity of {model} on {data}")
     table.add_column("perplexity", justify="right")
     table.add_column("mean NLL", justify="right")

@@ -5,25 +5,23 @@ from __future__ import annotations
 import typer
 
 from ..errors import InputError
-from .common import DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, results_console, write_json_report
-from .options import max_shard_size_option, output_option, overwrite_option
+from ..option_fields import OUTPUT, RUNTIME
+from .common import check_inputs, check_json_path, results_console, write_json_report
+from .options import Options, command
 
 
-@handle_errors
+@command(OUTPUT["output"].using(required=True), RUNTIME["max_shard_size"], OUTPUT["overwrite"], OUTPUT["json_path"])
 def export(
     model: str = typer.Argument(..., help="Fused checkpoint directory (written by mlpfuse fuse/tune/finetune)."),
-    output: str = output_option(required=True),
     fmt: str = typer.Option("transformers", "--format", help="transformers (a checkpoint directory) or gguf (one "
                                "file for llama.cpp; -o is then the .gguf file)."),
     outtype: str = typer.Option(None, "--outtype", help="GGUF weight type: f32, f16, bf16 or q8_0.", show_default="f16"),
     pad: bool = typer.Option(False, "--pad", help="Pad narrower MLPs with zero neurons when widths differ (exact; costs parameters)."),
     adapter: str = typer.Option(None, "--adapter", help="PEFT LoRA adapter directory trained on the fused model: merged first."),
-    max_shard_size: str = max_shard_size_option(),
-    overwrite: bool = overwrite_option(),
-    json_path: str = JsonOption,
-    debug: bool = DebugOption,
+    opts: Options = None,
 ):
     """Fold P into the weights and write the base architecture (llama, bert, gpt2...): loads with plain transformers."""
+    output, overwrite, json_path = opts.output, opts.overwrite, opts.json_path
     check_json_path(json_path, model)
     check_inputs(model)
     if fmt not in ("transformers", "gguf"):
@@ -34,7 +32,8 @@ def export(
         raise InputError("--outtype applies to --format gguf only")
     from ..export import export_checkpoint  # heavy (torch, transformers): once the inputs are known to exist
 
-    report = export_checkpoint(model, output, pad=pad, adapter=adapter, overwrite=overwrite, max_shard_size=max_shard_size)
+    report = export_checkpoint(model, output, pad=pad, adapter=adapter, overwrite=overwrite,
+                               max_shard_size=opts.max_shard_size)
     out = results_console(json_path)
     widths = ", ".join(f"{name}={width}" for name, width in report.widths.items()) or "unchanged"
     out.print(f"exported {report.source} -> {report.output}: plain {report.model_type} ({report.architecture}), "

@@ -6,10 +6,10 @@ import typer
 from rich.table import Table
 
 from ..errors import InputError
-from .common import DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, log, results_console, write_json_report
-from .options import (batch_size_option, log_every_option, lora_alpha_option, lora_dropout_option, lora_option,
-                      lora_rank_option, max_length_option, max_steps_option, output_option, overwrite_option,
-                      seed_option, text_column_option, text_pair_column_option)
+from ..option_fields import OUTPUT, RUNTIME, TEXT, TRAINING
+from .common import check_inputs, check_json_path, log, results_console, write_json_report
+from .options import Options, command
+from .options import lora_alpha_option, lora_dropout_option, lora_option, lora_rank_option
 
 # mlpfuse/finetune.py's TASK_CHOICES, for --help (not imported here: it pulls torch; a test checks they agree)
 TASK_CHOICES = ("classification", "regression", "causal-lm")
@@ -39,26 +39,21 @@ def _split_targets(text: str | None) -> tuple[str, ...] | None:
     return names
 
 
-@handle_errors
+@command(OUTPUT["output"], TEXT["text_column"], TEXT["pair_column"], TEXT["batch_size"].using(32),
+         TEXT["max_length"].using(128), TRAINING["max_steps"], RUNTIME["seed"], TRAINING["log_every"].using(10),
+         OUTPUT["overwrite"], OUTPUT["json_path"])
 def finetune(
     model: str = typer.Argument(..., help="Checkpoint directory (original or fused), or 'minilm'."),
     train: str = typer.Option(None, "--train", help="Training file (.tsv/.csv/.jsonl) or hub:NAME."),
     eval_file: str = typer.Option(None, "--eval", help="Evaluation file, same format."),
-    output: str = output_option(),
     task: str = typer.Option("classification", "--task", help=f"One of: {', '.join(TASK_CHOICES)}."),
-    text_column: str = text_column_option(),
-    pair_column: str = text_pair_column_option(),
     label_column: str = typer.Option("label", "--label-column", help="Column with the label (classification/regression)."),
     epochs: float = typer.Option(3.0, "--epochs", help="Training epochs."),
     lr: float = typer.Option(2e-5, "--lr", help="AdamW peak learning rate (linear decay)."),
-    batch_size: int = batch_size_option(32),
-    max_length: int = max_length_option(128),
     warmup: float = typer.Option(0.06, "--warmup", help="Warm-up: a fraction of the steps (<1) or a step count."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
-    max_steps: int = max_steps_option(),
     limit_train: int = typer.Option(None, "--limit-train", help="Use only the first N training rows."),
     limit_eval: int = typer.Option(None, "--limit-eval", help="Use only the first N evaluation rows."),
-    seed: int = seed_option(0),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 mixed precision (GPU)."),
     prompt_column: str = typer.Option("prompt", "--prompt-column", help="causal-lm instruction data: column with the prompt."),
     response_column: str = typer.Option("response", "--response-column", help="causal-lm instruction data: column with the answer (the only tokens with loss)."),
@@ -71,12 +66,10 @@ def finetune(
     lora_targets: str = typer.Option(None, "--lora-targets", help="Comma list of module names for LoRA (default: every linear projection of the layers)."),
     merge: bool = typer.Option(True, "--merge/--no-merge", help="With --lora: merge the adapter into the model on save (--no-merge: write the adapter only)."),
     eval_only: bool = typer.Option(False, "--eval-only", help="Only evaluate MODEL (already fine-tuned) on --eval."),
-    log_every: int = log_every_option(10),
-    overwrite: bool = overwrite_option(),
-    json_path: str = JsonOption,
-    debug: bool = DebugOption,
+    opts: Options = None,
 ):
     """Fine-tune (classification, regression, causal LM) and evaluate an original or fused checkpoint."""
+    output, json_path = opts.output, opts.json_path
     if not merge and not lora:
         raise InputError("--no-merge applies to --lora only (full fine-tuning writes the whole model)")
     if eval_only:
@@ -94,15 +87,16 @@ def finetune(
     check_inputs(model, files=(train, eval_file))
     from ..finetune import FinetuneSettings, finetune as run_finetune  # heavy: once the inputs are known to exist
 
-    settings = FinetuneSettings(task=task, text_column=text_column, pair_column=pair_column, label_column=label_column,
-                                epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, warmup=warmup,
-                                weight_decay=weight_decay, max_steps=max_steps, seed=seed, limit_train=limit_train,
+    settings = FinetuneSettings(task=task, text_column=opts.text_column, pair_column=opts.pair_column,
+                                label_column=label_column, epochs=epochs, lr=lr, batch_size=opts.batch_size,
+                                max_length=opts.max_length, warmup=warmup, weight_decay=weight_decay,
+                                max_steps=opts.max_steps, seed=opts.seed, limit_train=limit_train,
                                 limit_eval=limit_eval, bf16=bf16, prompt_column=prompt_column,
                                 response_column=response_column, messages_column=messages_column, packing=packing,
                                 lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 lora_targets=_split_targets(lora_targets), merge=merge)
-    report = run_finetune(model, train, eval_file, output, settings, overwrite=overwrite,
-                          callbacks=[_progress_callback(log_every)])
+    report = run_finetune(model, train, eval_file, output, settings, overwrite=opts.overwrite,
+                          callbacks=[_progress_callback(opts.log_every)])
     out = results_console(json_path)
     metrics = report["metrics"]
     table = Table(title=f"{task} on {eval_file}" if eval_file else task)

@@ -6,20 +6,22 @@ import typer
 from rich.table import Table
 
 from ..arch import ARCHITECTURES
-from .common import DebugOption, JsonOption, check_json_path, console, handle_errors, results_console, write_json_report
+from ..option_fields import OUTPUT
+from .common import check_json_path, console, results_console, write_json_report
+from .options import Options, command
 
 
-@handle_errors
+@command(OUTPUT["json_path"])
 def inspect(
     model: str = typer.Argument(..., help="Checkpoint directory (fused, exported or plain), hub id or 'minilm'."),
     flops: bool = typer.Option(None, "--flops/--no-flops", help="Count forward FLOPs per token (builds the model with "
                                "random weights).", show_default="when the model has at most 1e9 parameters"),
-    json_path: str = JsonOption,
-    debug: bool = DebugOption,
+    opts: Options = None,
 ):
     """What to know before deploying: fused or exported, widths per layer, remote code, parameter and FLOP savings."""
     from ..source import resolve_model
 
+    json_path = opts.json_path
     check_json_path(json_path, model)
     if model.endswith(".gguf"):
         return _inspect_gguf(model, json_path)
@@ -119,8 +121,8 @@ def _fewer(before: float, after: float) -> str:
     return f"{100 * (before - after) / before:.1f}%" if before else "0%"
 
 
-@handle_errors
-def architectures(debug: bool = DebugOption):
+@command()
+def architectures(opts: Options = None):
     """List the supported architectures and where their MLPs live."""
     table = Table(title="supported architectures")
     for column in ("family", "model_type", "MLP sites", "projections", "layout"):

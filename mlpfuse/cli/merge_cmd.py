@@ -6,36 +6,30 @@ import typer
 from rich.table import Table
 
 from ..errors import InputError
-from .common import DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, log, results_console, write_json_report
-from .options import (batch_size_option, max_length_option, max_shard_size_option, output_option, overwrite_option,
-                      seed_option, text_column_option, text_pair_column_option)
+from ..option_fields import OUTPUT, RUNTIME, TEXT
+from .common import check_inputs, check_json_path, log, results_console, write_json_report
+from .options import Options, command
 
 
-@handle_errors
+@command(OUTPUT["output"].using(required=True), TEXT["text_column"].using("sentence", aliases=("--column",)),
+         TEXT["pair_column"], TEXT["max_length"].using(128), TEXT["batch_size"].using(32), RUNTIME["seed"],
+         RUNTIME["max_shard_size"], OUTPUT["overwrite"], OUTPUT["json_path"])
 def merge_layers(
     model: str = typer.Argument(..., help="Checkpoint directory (plain or mlpfuse), hub id, or 'minilm'."),
-    output: str = output_option(required=True),
     layers: str = typer.Option(None, "--layers", help="Adjacent MLP layers to merge, e.g. 2-3 (first = anchor)."),
     count: int = typer.Option(None, "--count", help="Instead of --layers: try every window of this many adjacent layers, keep the best on --eval."),
     calibration: str = typer.Option(None, "--calibration", help="Text file (.tsv/.csv/.jsonl) whose activations align the neurons."),
     eval_path: str = typer.Option(None, "--eval", help="Text file for the validation loss (perplexity for decoders, hidden-state MSE for encoders)."),
-    column: str = text_column_option("sentence", "--column"),
-    pair_column: str = text_pair_column_option(),
     calibration_limit: int = typer.Option(300, "--calibration-limit", help="Rows read from --calibration."),
     eval_limit: int = typer.Option(200, "--eval-limit", help="Rows read from --eval."),
     max_tokens: int = typer.Option(10_000, "--max-tokens", help="Calibration tokens kept per layer."),
-    max_length: int = max_length_option(128),
-    batch_size: int = batch_size_option(32),
     permute: bool = typer.Option(True, "--permute/--no-permute", help="Align neurons before averaging (--no-permute: plain average baseline)."),
     drop: bool = typer.Option(False, "--drop", help="Baseline: drop all but the first FF sublayer of the window instead of merging."),
-    seed: int = seed_option(0),
-    max_shard_size: str = max_shard_size_option("5GB"),
-    overwrite: bool = overwrite_option(),
     plot: str = typer.Option(None, "--plot", help="Write a layer-by-layer activation similarity heat map (PNG) here."),
-    json_path: str = JsonOption,
-    debug: bool = DebugOption,
+    opts: Options = None,
 ):
     """Merge adjacent feed-forward sublayers into one shared (tied) MLP and write a loadable checkpoint."""
+    output, json_path = opts.output, opts.json_path
     if count is not None and layers is not None:
         raise InputError("give either --layers or --count, not both")
     if plot is not None and calibration is None:
@@ -47,16 +41,16 @@ def merge_layers(
 
     settings = MergeSettings(
         layers=layers, count=count, mode="drop" if drop else "permute" if permute else "average",
-        calibration=calibration, eval=eval_path, column=column, pair_column=pair_column, calibration_limit=calibration_limit,
-        eval_limit=eval_limit, max_length=max_length, max_tokens=max_tokens, batch_size=batch_size,
-        seed=seed, max_shard_size=max_shard_size,
+        calibration=calibration, eval=eval_path, column=opts.text_column, pair_column=opts.pair_column,
+        calibration_limit=calibration_limit, eval_limit=eval_limit, max_length=opts.max_length, max_tokens=max_tokens,
+        batch_size=opts.batch_size, seed=opts.seed, max_shard_size=opts.max_shard_size,
     )
 
     def on_candidate(candidate):
         loss = "-" if candidate.loss is None else f"{candidate.loss:.6g}"
         log.print(f"window {'-'.join(candidate.labels)}: loss {loss}", highlight=False)
 
-    report = merge_checkpoint(model, output, settings, overwrite=overwrite, on_candidate=on_candidate)
+    report = merge_checkpoint(model, output, settings, overwrite=opts.overwrite, on_candidate=on_candidate)
     if plot is not None:
         plot_similarity(report, plot)
     out = results_console(json_path)

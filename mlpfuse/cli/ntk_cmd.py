@@ -6,21 +6,19 @@ import typer
 from rich.table import Table
 
 from ..methods.catalog import ntk_default_methods  # import-light: the declarations, not the maths
-from .common import DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, log, results_console, write_json_report
-from .options import (METHODS_HELP, backend_option, batch_size_option, device_option, max_length_option, text_column_option,
-                      text_pair_column_option)
+from ..option_fields import COMPRESSION, OUTPUT, RUNTIME, TEXT
+from .common import check_inputs, check_json_path, log, results_console, write_json_report
+from .options import METHODS_HELP, Options, command
 
 DEFAULT_METHODS = ntk_default_methods()
 
 
-@handle_errors
+@command(TEXT["text_column"], TEXT["pair_column"].using(None, aliases=("--pair-column",)), TEXT["max_length"].using(64),
+         COMPRESSION["backend"], RUNTIME["device"], TEXT["batch_size"].using(16), OUTPUT["json_path"])
 def ntk_check_command(
     model: str = typer.Argument(..., help="Checkpoint directory, hub id, or 'minilm' for the bundled all-MiniLM-L6-v2."),
     data: str = typer.Option(..., "--data", help="Samples: a .tsv/.csv/.jsonl file (first --samples rows)."),
-    text_column: str = text_column_option(),
-    pair_column: str = text_pair_column_option("--pair-column"),
     samples: int = typer.Option(64, "--samples", help="Number of rows used (the NTK is samples x samples)."),
-    max_length: int = max_length_option(64),
     layer: int = typer.Option(0, "--layer", help="The MLP layer compressed and measured."),
     dim: int = typer.Option(None, "--dim", help="Compressed width k (svd: the rank matching k's parameter count)."),
     methods: str = typer.Option(",".join(DEFAULT_METHODS), "--methods",
@@ -28,15 +26,12 @@ def ntk_check_command(
     seeds: int = typer.Option(3, "--seeds", help="Seeds 0..N-1 per method; mean and std are reported."),
     compare: list[str] = typer.Option(None, "--compare",
                                       help="Already fused checkpoint(s) of MODEL to compare (repeat, or comma-separate)."),
-    backend: str = backend_option("auto"),
-    device: str = device_option(),
     head_seed: int = typer.Option(0, "--head-seed", help="Seed of the random scalar head (models without their own)."),
-    batch_size: int = batch_size_option(16),
     plot: str = typer.Option(None, "--plot", help="Write a PNG bar chart of both relative errors per method."),
-    json_path: str = JsonOption,
-    debug: bool = DebugOption,
+    opts: Options = None,
 ):
     """Compare compression methods by MLP output error and Adam-NTK error (paper Table 1)."""
+    json_path = opts.json_path
     check_json_path(json_path, model, files=(data,))
     check_json_path(plot, model, files=(data,), what="--plot")
     check_inputs(model, files=(data,))
@@ -53,9 +48,9 @@ def ntk_check_command(
                   f"Adam NTK {run.metrics['ntk_error_rel']:.4f} (relative), {run.seconds:.1f}s", highlight=False)
 
     report = ntk_check(
-        model, data, text_column=text_column, pair_column=pair_column, samples=samples, max_length=max_length,
-        layer=layer, dim=dim, methods=method_list, seeds=seeds, compare=compare_list, backend=backend,
-        device=device, head_seed=head_seed, batch_size=batch_size, on_run=on_run,
+        model, data, text_column=opts.text_column, pair_column=opts.pair_column, samples=samples,
+        max_length=opts.max_length, layer=layer, dim=dim, methods=method_list, seeds=seeds, compare=compare_list,
+        backend=opts.backend, device=opts.device, head_seed=head_seed, batch_size=opts.batch_size, on_run=on_run,
     )
     out = results_console(json_path)
     out.print(_table(report))

@@ -7,10 +7,9 @@ from contextlib import contextmanager
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .common import (DebugOption, JsonOption, check_inputs, check_json_path, handle_errors, interruption_message, log,
-                     results_console, write_json_report)
-from .options import (batch_size_option, device_option, log_every_option, max_length_option, max_steps_option, output_option,
-                      overwrite_option, seed_option, text_column_option, text_pair_column_option)
+from ..option_fields import OUTPUT, RUNTIME, TEXT, TRAINING
+from .common import check_inputs, check_json_path, interruption_message, log, results_console, write_json_report
+from .options import Options, command
 
 # Defaults of TuneSettings shown by --help (mlpfuse/tune.py holds the same; not imported here: it pulls torch).
 TUNE_DEFAULTS = {"lr": 1e-4, "first_token_weight": 1.0, "kl_temperature": 1.0, "eval_rows": 256}
@@ -48,21 +47,16 @@ def step_progress(description: str, every: int):
         yield advance
 
 
-@handle_errors
+@command(OUTPUT["output"].using(required=True), TEXT["text_column"], TEXT["pair_column"], TEXT["batch_size"].using(32),
+         TEXT["max_length"].using(128), TRAINING["max_steps"], RUNTIME["seed"], RUNTIME["device"],
+         TRAINING["log_every"].using(10), OUTPUT["overwrite"], OUTPUT["json_path"])
 def tune(
     fused: str = typer.Argument(..., help="Fused checkpoint directory (output of `mlpfuse fuse`)."),
     teacher: str = typer.Option(..., "--teacher", help="The original checkpoint the fused one came from ('minilm' for the bundled model)."),
     data: str = typer.Option(..., "--data", help="Task text: .tsv/.csv/.jsonl file (labels not needed), or hub:NAME."),
-    output: str = output_option(required=True),
-    text_column: str = text_column_option(),
-    pair_column: str = text_pair_column_option(),
     lr: float = typer.Option(TUNE_DEFAULTS["lr"], "--lr", help="AdamW learning rate."),
-    batch_size: int = batch_size_option(32),
-    max_length: int = max_length_option(128),
     epochs: int = typer.Option(1, "--epochs", help="Passes over the data."),
-    max_steps: int = max_steps_option(),
     limit: int = typer.Option(None, "--limit", help="Use only the first N rows of --data."),
-    seed: int = seed_option(0),
     save_every: int = typer.Option(100, "--save-every", help="Save resumable state every N steps (0: only on Ctrl-C)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUTPUT.tune-state/."),
     layer_loss: str = typer.Option(None, "--layer-loss",
@@ -77,25 +71,22 @@ def tune(
     pack: bool = typer.Option(None, "--pack/--no-pack",
                               help="Join the rows into windows of --max-length tokens (default: on for causal LMs; encoders: off)."),
     eval_rows: int = typer.Option(TUNE_DEFAULTS["eval_rows"], "--eval-rows", help="Held-out rows for the before/after report (0: no report)."),
-    device: str = device_option(),
-    log_every: int = log_every_option(10),
-    overwrite: bool = overwrite_option(),
-    json_path: str = JsonOption,
-    debug: bool = DebugOption,
+    opts: Options = None,
 ):
     """Tune the fused MLPs so each layer's hidden states match the original model's (paper Sec. 4.4)."""
+    output, json_path = opts.output, opts.json_path
     check_json_path(json_path, fused, teacher, files=(data,) + ((eval_data,) if eval_data else ()))
     check_inputs(fused, teacher, files=(data, eval_data))
     from ..tune import TuneSettings, state_directory, tune_checkpoint  # heavy: once the inputs are known to exist
 
-    settings = TuneSettings(text_column=text_column, pair_column=pair_column, lr=lr, batch_size=batch_size,
-                            max_length=max_length, epochs=epochs, max_steps=max_steps, seed=seed, limit=limit,
-                            save_every=save_every, device=device, layer_loss=layer_loss,
+    settings = TuneSettings(text_column=opts.text_column, pair_column=opts.pair_column, lr=lr, batch_size=opts.batch_size,
+                            max_length=opts.max_length, epochs=epochs, max_steps=opts.max_steps, seed=opts.seed,
+                            limit=limit, save_every=save_every, device=opts.device, layer_loss=layer_loss,
                             first_token_weight=first_token_weight, kl_weight=kl_weight, kl_temperature=kl_temperature,
                             eval_data=eval_data, eval_rows=eval_rows, pack=pack)
     try:
-        with step_progress("tuning", log_every) as advance:
-            report = tune_checkpoint(fused, teacher, data, output, settings, overwrite=overwrite, resume=resume,
+        with step_progress("tuning", opts.log_every) as advance:
+            report = tune_checkpoint(fused, teacher, data, output, settings, overwrite=opts.overwrite, resume=resume,
                                      on_step=advance)
     except KeyboardInterrupt:
         state = state_directory(output)
