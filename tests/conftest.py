@@ -204,25 +204,6 @@ def write_texts(path: Path, rows: int = 48, seed: int = 0, labels=("pos", "neg")
 
 
 def make_checkpoints(directory: Path, kind: str = "bert", seed: int = 0) -> tuple[Path, Path]:
-    """A tiny original model (with the bundled MiniLM tokenizer) and its fused copy, saved."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(bundled_model_path()))
-    vocab = len(tokenizer)
-    torch.manual_seed(seed)
-    if kind == "bert":
-        model = transformers.BertModel(tiny_config("bert", vocab_size=vocab, intermediate_size=64))
-    else:
-        config = tiny_config("llama", vocab_size=vocab, intermediate_size=48, pad_token_id=tokenizer.pad_token_id)
-        model = transformers.LlamaForCausalLM(config)
-    original, fused = directory / f"{kind}-original", directory / f"{kind}-fused"
-    model.save_pretrained(original)
-    tokenizer.save_pretrained(original)
-    fuse_model(model, FuseSettings(layers="all", dim=16, seed=0))
-    model.save_pretrained(fused)
-    tokenizer.save_pretrained(fused)
-    return original, fused
-
-
-def make_checkpoints(directory: Path, kind: str = "bert", seed: int = 0) -> tuple[Path, Path]:
     """A tiny original model (with the bundled MiniLM tokenizer) and its fused copy (every layer at width
     16), saved; ``kind`` bert (BertModel) or llama (LlamaForCausalLM)."""
     from mlpfuse.fuse import FuseSettings, fuse_model

@@ -22,7 +22,6 @@ from ..errors import InputError, MlpfuseError
 from ..options import check_types
 from ..output import check_report_path, forget_written, write_report_file, written_outputs
 from . import EXIT_INTERRUPTED  # defined where nothing heavy is imported
-from .options import DebugOption, JsonOption  # noqa: F401  (shared options live in options.py)
 
 NO_WRAP_WIDTH = 10_000  # columns of a console that is not a terminal: lines stay whole (greppable CI logs)
 

@@ -3,9 +3,9 @@
 :func:`command` builds a command's options from the declarations: the command function lists only its own
 arguments and options, plus ``opts``, which receives the declared ones (``opts.device``, ``opts.seed``...);
 ``COMMON`` is added to every command. ``recipe=True`` (``fuse``) makes every declared option default to None
-(unset), so that :func:`merge_declared` can tell a flag from a recipe value from a default. The ``*_option``
-functions below are the same options for commands still written by hand (defaults may differ per command;
-names and help texts may not). ``tests/test_cli_flags.py`` walks every command and checks it.
+(unset), so that :func:`merge_declared` can tell a flag from a recipe value from a default. The ``lora_*_option``
+functions are the LoRA flags finetune and bench share (not declared fields yet). ``tests/test_cli_flags.py``
+walks every command and checks that a flag has one name and one help text everywhere.
 Import-light on purpose (typer, the option and method declarations only): ``mlpfuse --help`` must not pull torch or transformers.
 """
 
@@ -17,116 +17,16 @@ from types import SimpleNamespace
 
 import typer
 
-from ..option_fields import COMMON, COMPRESSION, OUTPUT, RUNTIME, TEXT, TRAINING, Field, Group
-
 from ..methods.catalog import methods_help
+from ..option_fields import COMMON, Field, Group
 
 # Every built-in method with its help line, read from the declarations (mlpfuse/methods/catalog.py, no torch).
 METHODS_HELP = methods_help()
 
-# The help texts of the shared options, declared in mlpfuse/option_fields.py (kept here under their old names).
-DEBUG_HELP = COMMON["debug"].help
-JSON_HELP = OUTPUT["json_path"].help
-OUTPUT_HELP = OUTPUT["output"].help
-OVERWRITE_HELP = OUTPUT["overwrite"].help
-SEED_HELP = RUNTIME["seed"].help
-DEVICE_HELP = RUNTIME["device"].help
-MAX_LENGTH_HELP = TEXT["max_length"].help
-BATCH_SIZE_HELP = TEXT["batch_size"].help
-TEXT_COLUMN_HELP = TEXT["text_column"].help
-TEXT_PAIR_COLUMN_HELP = TEXT["pair_column"].help
-MAX_STEPS_HELP = TRAINING["max_steps"].help
-LOG_EVERY_HELP = TRAINING["log_every"].help
-BACKEND_HELP = COMPRESSION["backend"].help
-MAX_SHARD_SIZE_HELP = RUNTIME["max_shard_size"].help
-CALIBRATION_LIMIT_HELP = "Rows read from --calibration."
 LORA_HELP = "Train LoRA adapters (PEFT) instead of every weight."
 LORA_RANK_HELP = "LoRA rank r."
 LORA_ALPHA_HELP = "LoRA alpha (the update is scaled by alpha / r)."
 LORA_DROPOUT_HELP = "Dropout on the LoRA input."
-
-DebugOption = typer.Option(False, "--debug", help=DEBUG_HELP)
-JsonOption = typer.Option(None, "--json", help=JSON_HELP)
-
-
-def output_option(required: bool = False):
-    """``-o/--output DIR``; ``required`` makes it mandatory."""
-    return typer.Option(... if required else None, "-o", "--output", help=OUTPUT_HELP)
-
-
-def overwrite_option(default: bool | None = False):
-    """``--overwrite``; ``default=None`` adds ``--no-overwrite`` so a recipe value can be overridden."""
-    if default is None:
-        return typer.Option(None, "--overwrite/--no-overwrite", help=OVERWRITE_HELP, show_default="no-overwrite")
-    return typer.Option(default, "--overwrite", help=OVERWRITE_HELP)
-
-
-def seed_option(default: int | None = 0, shown: int = 0):
-    """``--seed N``; ``default=None`` (a recipe may set it) shows ``shown`` as the default."""
-    return typer.Option(default, "--seed", help=SEED_HELP, show_default=str(shown) if default is None else True)
-
-
-def device_option():
-    """``--device``: None means auto (CUDA if available, else CPU)."""
-    return typer.Option(None, "--device", help=DEVICE_HELP, show_default="auto")
-
-
-def max_length_option(default: int = 128):
-    """``--max-length``: tokens per text."""
-    return typer.Option(default, "--max-length", help=MAX_LENGTH_HELP)
-
-
-def batch_size_option(default: int = 32):
-    """``--batch-size``: sequences per forward/backward pass."""
-    return typer.Option(default, "--batch-size", help=BATCH_SIZE_HELP)
-
-
-def text_column_option(default: str = "sentence", *aliases: str):
-    """``--text-column`` (plus old spellings in ``aliases``, e.g. ``--column``)."""
-    return typer.Option(default, "--text-column", *aliases, help=TEXT_COLUMN_HELP)
-
-
-def text_pair_column_option(*aliases: str):
-    """``--text-pair-column`` (plus old spellings in ``aliases``); None means single texts."""
-    return typer.Option(None, "--text-pair-column", *aliases, help=TEXT_PAIR_COLUMN_HELP)
-
-
-def max_steps_option():
-    """``--max-steps``: None means all epochs."""
-    return typer.Option(None, "--max-steps", help=MAX_STEPS_HELP, show_default="all epochs")
-
-
-def log_every_option(default: int = 10):
-    """``--log-every``: one progress line per N steps outside a terminal."""
-    return typer.Option(default, "--log-every", help=LOG_EVERY_HELP)
-
-
-def backend_option(default: str | None = "auto"):
-    """``--backend``: k-means backend; ``default=None`` (a recipe may set it) shows ``auto``."""
-    return typer.Option(default, "--backend", help=BACKEND_HELP, show_default="auto" if default is None else True)
-
-
-def max_shard_size_option(default: str | None = "5GB"):
-    """``--max-shard-size``; ``default=None`` (a recipe may set it) shows ``5GB``."""
-    return typer.Option(default, "--max-shard-size", help=MAX_SHARD_SIZE_HELP,
-                        show_default="5GB" if default is None else True)
-
-
-def calibration_limit_option(default: int | None = 300, shown: int = 300):
-    """``--calibration-limit N``: rows read from ``--calibration``; ``default=None`` (a recipe may set it) shows ``shown``."""
-    return typer.Option(default, "--calibration-limit", help=CALIBRATION_LIMIT_HELP,
-                        show_default=str(shown) if default is None else True)
-
-
-def optional_max_length_option(shown: int):
-    """``--max-length`` defaulting to None (a recipe may set it), shown as ``shown``."""
-    return typer.Option(None, "--max-length", help=MAX_LENGTH_HELP, show_default=str(shown))
-
-
-def optional_text_column_option(shown: str = "sentence"):
-    """``--text-column`` defaulting to None (a recipe may set it), shown as ``shown``."""
-    return typer.Option(None, "--text-column", help=TEXT_COLUMN_HELP, show_default=shown)
-
 
 # LoRA (mlpfuse/lora.py): finetune trains with it, bench times its training step. Defaults: finetune's
 # FinetuneSettings / bench's BenchSettings (8, 16, 0.05).
