@@ -22,7 +22,7 @@ def make(root: Path) -> None:
     import torch
 
     import mlpfuse
-    from mlpfuse.fuse import FuseSettings, fuse_checkpoint
+    from mlpfuse.compress.fuse import FuseSettings, fuse_checkpoint
     from tests.conftest import build_tiny, model_inputs, outputs_of
 
     jobs = []

@@ -28,10 +28,10 @@ def child(directory: str, mode: str, path: str) -> dict:
     import torch
 
     import mlpfuse
-    from mlpfuse import verify
-    from mlpfuse.checkpoint import read_config
-    from mlpfuse.format import checkpoint_task
-    from mlpfuse.modeling import verify_checkpoint
+    from mlpfuse.checkpoints import verify
+    from mlpfuse.checkpoints.tensors import read_config
+    from mlpfuse.checkpoints.format import checkpoint_task
+    from mlpfuse.checkpoints.modeling import verify_checkpoint
 
     verify.FULL_LOAD_BELOW = 0 if path == "streaming" else 1 << 62
     reference = None

@@ -40,10 +40,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from mlpfuse.bench import BenchSettings, checkpoint_sources, run_bench  # noqa: E402
-from mlpfuse.finetune import FinetuneSettings, finetune  # noqa: E402
-from mlpfuse.fuse import FuseSettings, fuse_checkpoint  # noqa: E402
-from mlpfuse.output import is_unfinished  # noqa: E402
+from mlpfuse.analysis.bench import BenchSettings, checkpoint_sources, run_bench  # noqa: E402
+from mlpfuse.checkpoints.output import is_unfinished  # noqa: E402
+from mlpfuse.compress.fuse import FuseSettings, fuse_checkpoint  # noqa: E402
+from mlpfuse.train.finetune import FinetuneSettings, finetune  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DATA = next((d for d in (HERE.parent / "shared" / "data" / "sst2", HERE.parent.parent / "shared" / "data" / "sst2")

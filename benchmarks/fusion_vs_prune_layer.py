@@ -16,10 +16,10 @@ import argparse
 
 import torch
 
+from mlpfuse.compress.mlp import MLPWeights
 from mlpfuse.data import read_table
-from mlpfuse.evaluate import token_ids, windows_of
 from mlpfuse.methods import calibrated
-from mlpfuse.mlp import MLPWeights
+from mlpfuse.train.evaluate import token_ids, windows_of
 
 
 def mlp_inputs(model, layer: int, windows) -> torch.Tensor:

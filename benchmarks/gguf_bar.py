@@ -4,7 +4,7 @@
 
 PLAIN_DIR is ``mlpfuse export FUSED -o PLAIN_DIR`` (the plain transformers checkpoint); each GGUF is
 ``mlpfuse export FUSED --format gguf --outtype T -o A.gguf``. For the four prompts of
-``mlpfuse.gguf_export.PROMPTS`` (tokenised by the checkpoint's tokenizer) it prints, per GGUF, whether
+``mlpfuse.deploy.gguf_export.PROMPTS`` (tokenised by the checkpoint's tokenizer) it prints, per GGUF, whether
 llama.cpp's top-1 next token equals transformers', and max |llama.cpp - transformers| / max |transformers|
 over the next-token logits (the relative difference the bar holds below 0.05).
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import transformers
 
-from mlpfuse.gguf_export import PROMPTS, plain_cpu_buffers
+from mlpfuse.deploy.gguf_export import PROMPTS, plain_cpu_buffers
 from mlpfuse.runtime import load_tokenizer
 
 

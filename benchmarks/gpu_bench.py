@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from mlpfuse.bench import BenchSettings, preset_sources, run_bench
+from mlpfuse.analysis.bench import BenchSettings, preset_sources, run_bench
 
 B, S = 32, 128
 # name, preset, settings, estimated seconds (build + warm-up + compile + timing on an H100)

@@ -1,4 +1,4 @@
-"""Short GPU check of mlpfuse.kmeans (< 2 minutes on an H100/H200). Run from the repo root:
+"""Short GPU check of mlpfuse.compress.kmeans (< 2 minutes on an H100/H200). Run from the repo root:
 
     PYTHONPATH=. python benchmarks/gpu_kmeans_check.py --features l3.pt --json gpu_kmeans.json
 
@@ -22,13 +22,13 @@ import types
 import torch
 
 try:
-    from mlpfuse import kmeans as km
+    from mlpfuse.compress import kmeans as km
 except Exception:  # the package __init__ pulls in transformers & co.; kmeans.py needs only torch
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "mlpfuse")
     pkg = types.ModuleType("mlpfuse")
     pkg.__path__ = [root]
     sys.modules["mlpfuse"] = pkg
-    from mlpfuse import kmeans as km
+    from mlpfuse.compress import kmeans as km
 
 
 def timed(fn, repeat):
@@ -69,7 +69,7 @@ def single(name, x, k, backend, dev, repeat, **kw):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="GPU timings of mlpfuse.kmeans")
+    p = argparse.ArgumentParser(description="GPU timings of mlpfuse.compress.kmeans")
     p.add_argument("--features", help=".pt feature matrix of the real layer (kmeans_bench.py --save-features)")
     p.add_argument("--k", type=int, default=384)
     p.add_argument("--repeat", type=int, default=3)

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from mlpfuse.kmeans import available_backends, kmeans, kmeans_batched
+from mlpfuse.compress.kmeans import available_backends, kmeans, kmeans_batched
 
 PRESETS = {
     "small": dict(experts=8, width=256, hidden=128, k=64),

@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/kmeans_bench.py --layer 3 --k 384 --json runs/kmeans_bench.json
 
 Rows: scikit-learn KMeans (n_init=30 is the reference implementation's setting, and n_init=1),
-FAISS with its default random init, and mlpfuse.kmeans on every backend available here.
+FAISS with its default random init, and mlpfuse.compress.kmeans on every backend available here.
 Every inertia is recomputed the same way: exact float64 member means of the final labels.
 """
 
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from mlpfuse import kmeans as km
+from mlpfuse.compress import kmeans as km
 
 
 def layer_features(layer: int) -> torch.Tensor:

@@ -70,7 +70,7 @@ def build(directory: Path, layers: int, hidden: int, intermediate: int, vocab: i
     import torch
     import transformers
 
-    from mlpfuse.checkpoint import ShardedWriter, parse_size
+    from mlpfuse.checkpoints.tensors import ShardedWriter, parse_size
 
     if (directory / "config.json").exists():
         return
@@ -112,12 +112,12 @@ def child(mode: str, src: str, dst: str, shard: str, kmeans: str, threads: str =
     if int(threads):
         torch.set_num_threads(int(threads))
 
-    from mlpfuse.checkpoint import CheckpointReader, ShardedWriter, parse_size
+    from mlpfuse.checkpoints.tensors import CheckpointReader, ShardedWriter, parse_size
 
-    from mlpfuse.fuse import FuseSettings, fuse_checkpoint  # imports are outside the timed part
-    from mlpfuse.kmeans import KMeansResult, _finish
+    from mlpfuse.compress.fuse import FuseSettings, fuse_checkpoint  # imports are outside the timed part
+    from mlpfuse.compress.kmeans import KMeansResult, _finish
     from mlpfuse.methods import fusion
-    from mlpfuse.modeling import verify_checkpoint  # imports transformers' modelling code outside the timing
+    from mlpfuse.checkpoints.modeling import verify_checkpoint  # imports transformers' modelling code outside the timing
 
     shutil.rmtree(dst, ignore_errors=True)
     out = {"mode": mode, "torch_threads": torch.get_num_threads(), "thp": os.environ["THP_MEM_ALLOC_ENABLE"]}
@@ -138,7 +138,7 @@ def child(mode: str, src: str, dst: str, shard: str, kmeans: str, threads: str =
                     return KMeansResult(labels, centroids, inertia, time.perf_counter() - t, "trivial", 0)
 
                 fusion.kmeans = trivial
-            import mlpfuse.fuse
+            import mlpfuse.compress.fuse
 
             def timed_check(directory, *rest, **kw):  # the end-of-fuse load check, timed on its own
                 out["peak_anon_bytes_before_check"] = max(mem.peak, rss_anon())
@@ -148,7 +148,7 @@ def child(mode: str, src: str, dst: str, shard: str, kmeans: str, threads: str =
                 finally:
                     out["check_seconds"] = time.perf_counter() - t
 
-            mlpfuse.fuse.verify_checkpoint = timed_check
+            mlpfuse.compress.fuse.verify_checkpoint = timed_check
             report = fuse_checkpoint(src, dst, FuseSettings(layers="all", ratio=0.5, max_shard_size=shard),
                                      overwrite=True)
             out["kmeans_seconds"] = sum(layer.kmeans_seconds or 0.0 for layer in report.layers)

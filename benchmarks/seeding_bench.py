@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from mlpfuse import kmeans as km
+from mlpfuse.compress import kmeans as km
 
 
 def quality(x, k, seeds):

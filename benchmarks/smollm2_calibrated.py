@@ -18,10 +18,10 @@ import time
 
 import torch
 
+from mlpfuse.compress.mlp import MLPWeights
 from mlpfuse.data import read_table
-from mlpfuse.evaluate import perplexity, token_ids, windows_of
 from mlpfuse.methods.calibrated import calibrated_fusion
-from mlpfuse.mlp import MLPWeights
+from mlpfuse.train.evaluate import perplexity, token_ids, windows_of
 
 
 class FusedMLP(torch.nn.Module):

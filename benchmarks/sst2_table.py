@@ -29,10 +29,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from mlpfuse.fuse import FuseSettings, fuse_checkpoint  # noqa: E402
-from mlpfuse.finetune import FinetuneSettings, finetune  # noqa: E402
+from mlpfuse.compress.fuse import FuseSettings, fuse_checkpoint  # noqa: E402
 from mlpfuse.methods import method_names  # noqa: E402
-from mlpfuse.tune import TuneSettings, tune_checkpoint  # noqa: E402
+from mlpfuse.train.finetune import FinetuneSettings, finetune  # noqa: E402
+from mlpfuse.train.tune import TuneSettings, tune_checkpoint  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # ../shared/data/sst2 beside the repository, or shared/data/sst2 inside it (as on a lent GPU machine)

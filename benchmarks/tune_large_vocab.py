@@ -39,7 +39,7 @@ def build(directory: Path, vocab: int) -> tuple[Path, Path]:
     import torch
     import transformers
 
-    from mlpfuse.source import bundled_model_path
+    from mlpfuse.checkpoints.source import bundled_model_path
 
     original, fused = directory / "original", directory / "fused"
     if not original.exists():

@@ -16,11 +16,11 @@ import time
 
 import torch
 
+from mlpfuse.checkpoints.modeling import load
 from mlpfuse.data import read_table
-from mlpfuse.evaluate import perplexity
-from mlpfuse.modeling import load
 from mlpfuse.runtime import load_tokenizer
-from mlpfuse.tune import TuneSettings, pack_texts, tune_model
+from mlpfuse.train.evaluate import perplexity
+from mlpfuse.train.tune import TuneSettings, pack_texts, tune_model
 
 KEYS = {"lr": ("lr", float), "ftw": ("first_token_weight", float), "kl": ("kl_weight", float),
         "t": ("kl_temperature", float), "steps": ("max_steps", int), "bs": ("batch_size", int),

@@ -18,10 +18,10 @@ import torch
 import transformers
 
 import mlpfuse
-from mlpfuse.export import export_checkpoint
-from mlpfuse.finetune import FinetuneSettings, finetune
-from mlpfuse.fuse import FuseSettings, fuse_checkpoint
-from mlpfuse.tune import TuneSettings, tune_checkpoint
+from mlpfuse.compress.fuse import FuseSettings, fuse_checkpoint
+from mlpfuse.deploy.export import export_checkpoint
+from mlpfuse.train.finetune import FinetuneSettings, finetune
+from mlpfuse.train.tune import TuneSettings, tune_checkpoint
 
 
 def main() -> None:

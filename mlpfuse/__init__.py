@@ -11,13 +11,13 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {  # public name -> the submodule that defines it (imported on first use)
-    "FuseReport": "fuse",
-    "FuseSettings": "fuse",
-    "fuse_checkpoint": "fuse",
-    "fuse_model": "fuse",
-    "TASKS": "modeling",
-    "is_fused": "modeling",
-    "load": "modeling",
+    "FuseReport": "compress.fuse",
+    "FuseSettings": "compress.fuse",
+    "fuse_checkpoint": "compress.fuse",
+    "fuse_model": "compress.fuse",
+    "TASKS": "checkpoints.modeling",
+    "is_fused": "checkpoints.modeling",
+    "load": "checkpoints.modeling",
 }
 
 __all__ = ["FuseReport", "FuseSettings", "TASKS", "__version__", "fuse_checkpoint", "fuse_model", "is_fused", "load"]

@@ -1,5 +1,5 @@
 """``python -m mlpfuse`` runs the command line."""
 
-from .cli import main
+from mlpfuse.cli import main
 
 main()

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EnvironmentProblem, InputError
+from mlpfuse.errors import EnvironmentProblem, InputError
 
 SUFFIXES = {".tsv": "\t", ".csv": ",", ".jsonl": None, ".json": None}
 ENCODING = "utf-8-sig"  # UTF-8; a leading byte-order mark (as some editors write) is dropped, not read as text

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
-__all__ = ["Field", "Group", "COMMON", "OUTPUT", "RUNTIME", "TEXT", "TRAINING", "COMPRESSION", "CALIBRATION",
+__all__ = ["Field", "Group", "COMMON", "OUTPUT", "RUNTIME", "TEXT", "TRAINING", "LORA", "COMPRESSION", "CALIBRATION",
            "FUSE_FIELDS", "recipe_types", "parse_calibration_limit"]
 
 _NONE = type(None)
@@ -100,6 +100,16 @@ def parse_calibration_limit(value: str | int | None):
     return value
 
 
+def parse_name_list(text: str, flag: str) -> tuple[str, ...]:
+    """``"q_proj, v_proj"`` -> ``("q_proj", "v_proj")``; InputError (one line) on an empty name."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        from mlpfuse.errors import InputError
+
+        raise InputError(f"{flag} {text!r}: give module names separated by commas, e.g. q_proj,v_proj")
+    return names
+
+
 # --- on every command ------------------------------------------------------------------------------------
 COMMON = Group(
     "common",
@@ -142,6 +152,17 @@ TRAINING = Group(
     Field("max_steps", int, None, "Stop after this many optimizer steps (overrides --epochs).", ("--max-steps",),
           shown="all epochs"),
     Field("log_every", int, 10, "Without a terminal: one progress line per N steps.", ("--log-every",)),
+)
+
+# --- LoRA (PEFT, mlpfuse/train/lora.py): finetune trains with it, bench times its training step ---------------
+LORA = Group(
+    "lora",
+    Field("lora", bool, False, "Train LoRA adapters (PEFT) instead of every weight.", ("--lora",)),
+    Field("lora_rank", int, 8, "LoRA rank r.", ("--lora-rank",)),
+    Field("lora_alpha", float, 16.0, "LoRA alpha (the update is scaled by alpha / r).", ("--lora-alpha",)),
+    Field("lora_dropout", float, 0.05, "Dropout on the LoRA input.", ("--lora-dropout",)),
+    Field("lora_targets", str, None, "Comma list of module names for LoRA (default: every linear projection of "
+          "the layers).", ("--lora-targets",), parse=lambda text: parse_name_list(text, "--lora-targets")),
 )
 
 # --- what fuse compresses and how (FuseSettings; a recipe holds the same fields) -------------------------

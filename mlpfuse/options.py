@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 
-from .errors import InputError
-from .option_fields import CALIBRATION
+from mlpfuse.errors import InputError
+from mlpfuse.option_fields import CALIBRATION
 
-# Defaults of fuse's calibration flags, declared in option_fields.CALIBRATION: mlpfuse/calibration.py and the
+# Defaults of fuse's calibration flags, declared in option_fields.CALIBRATION: mlpfuse/compress/calibration.py and the
 # command line (which must not import calibration.py: it pulls torch) both read them. calibration_limit None: 128
 # sequences for decoders, 512 for encoders (calibration.DEFAULT_LIMIT / DEFAULT_ENCODER_LIMIT).
 CALIBRATION_DEFAULTS = {name: value for name, value in CALIBRATION.defaults().items() if name != "calibration"}

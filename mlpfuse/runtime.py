@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .errors import EnvironmentProblem, InputError
+from mlpfuse.errors import EnvironmentProblem, InputError
 
 # One dtype vocabulary for every command: each spelling -> its canonical name.
 DTYPE_SPELLINGS = {
@@ -76,7 +76,7 @@ def check_window(max_length: int, config, flag: str = "--max-length", default: i
     command's ``default`` and the model has fewer (a default adapts to the model; a value given
     on purpose does not). Raises InputError when windows of ``max_length`` tokens are longer than
     the model's positions otherwise."""
-    from .arch import max_positions  # the family's position table (arch/registry.py)
+    from mlpfuse.arch import max_positions  # the family's position table (arch/registry.py)
 
     limit = max_positions(config)
     if limit is not None and max_length > limit:
@@ -145,7 +145,7 @@ def load_tokenizer(directory: str | Path, fallback: str | Path | None = None):
     """
     from transformers import AutoTokenizer
 
-    from .modeling import register_with_transformers
+    from mlpfuse.checkpoints.modeling import register_with_transformers
 
     register_with_transformers()  # a fused config.json then opens without a remote-code prompt
     candidates = [Path(d) for d in (directory, fallback) if d is not None]

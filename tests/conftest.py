@@ -206,8 +206,8 @@ def write_texts(path: Path, rows: int = 48, seed: int = 0, labels=("pos", "neg")
 def make_checkpoints(directory: Path, kind: str = "bert", seed: int = 0) -> tuple[Path, Path]:
     """A tiny original model (with the bundled MiniLM tokenizer) and its fused copy (every layer at width
     16), saved; ``kind`` bert (BertModel) or llama (LlamaForCausalLM)."""
-    from mlpfuse.fuse import FuseSettings, fuse_model
-    from mlpfuse.source import bundled_model_path
+    from mlpfuse.compress.fuse import FuseSettings, fuse_model
+    from mlpfuse.checkpoints.source import bundled_model_path
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(bundled_model_path()))
     vocab = len(tokenizer)
@@ -228,7 +228,7 @@ def make_checkpoints(directory: Path, kind: str = "bert", seed: int = 0) -> tupl
 
 def slow_kernels(model, site, inputs, scalar):
     """Adam and SGD NTK of ``site``'s parameters by one plain autograd pass per sample (ntk-check's reference)."""
-    from mlpfuse.ntk import _forward
+    from mlpfuse.analysis.ntk import _forward
 
     base = model.base_model
     params = [p for module in site.modules for p in base.get_submodule(module.path).parameters()]

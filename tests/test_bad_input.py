@@ -17,12 +17,12 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mlpfuse.arch import find_prefix, lookup, resolve_sites
-from mlpfuse.checkpoint import CheckpointReader, parse_size, read_config
+from mlpfuse.checkpoints.source import bundled_model_path
+from mlpfuse.checkpoints.tensors import CheckpointReader, parse_size, read_config
+from mlpfuse.checkpoints.validate import check_checkpoint
 from mlpfuse.cli import app
 from mlpfuse.errors import EnvironmentProblem, InputError
 from mlpfuse.runtime import dtype_name, resolve_device
-from mlpfuse.source import bundled_model_path
-from mlpfuse.validate import check_checkpoint
 
 from .conftest import DENSE_FAMILIES, build_tiny, save_tokenizer, tree_digest
 from .conftest import make_checkpoints, write_texts

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from mlpfuse import FuseSettings, fuse_checkpoint
-from mlpfuse.bench import BenchSettings, checkpoint_sources, preset_sources, run_bench
+from mlpfuse.analysis.bench import BenchSettings, checkpoint_sources, preset_sources, run_bench
 from mlpfuse.cli import app
 
 H, L, I, K, V, POS, HEADS, SEQ = 32, 2, 48, 12, 99, 64, 4, 8
@@ -98,7 +98,7 @@ def test_cli_writes_json_and_plot(tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["--shape", "tiny", "--steps", "0"], "--steps must be a positive integer"),
     (["--shape", "tiny", "--warmup", "-1"], "--warmup"),
-    (["--shape", "tiny", "--dtype", "fp8"], "unknown --dtype 'fp8'"),
+    (["--shape", "tiny", "--autocast", "fp8"], "unknown --autocast 'fp8'"),
     (["--shape", "tiny", "--compile-mode", "fast"], "--compile-mode"),
     (["--shape", "nope"], "unknown --shape"),
     (["--shape", "tiny", "--seq-len", "500", "--no-memory"], "longer than"),

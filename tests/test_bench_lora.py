@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlpfuse import FuseSettings, fuse_checkpoint
-from mlpfuse.bench import BenchSettings, checkpoint_sources, preset_sources, run_bench
+from mlpfuse.analysis.bench import BenchSettings, checkpoint_sources, preset_sources, run_bench
 from mlpfuse.cli import app
 
 from .conftest import tiny_config

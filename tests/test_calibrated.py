@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mlpfuse.compress.kmeans import kmeans
+from mlpfuse.compress.mlp import MLPWeights
 from mlpfuse.errors import InputError
 from mlpfuse.methods import MethodOptions
-from mlpfuse.kmeans import kmeans
 from mlpfuse.methods.calibrated import (
     activation_statistics,
     calibrated_fusion,
@@ -20,7 +21,6 @@ from mlpfuse.methods.calibrated import (
     weighted_average,
 )
 from mlpfuse.methods.fusion import fusion
-from mlpfuse.mlp import MLPWeights
 
 SILU, GELU = torch.nn.functional.silu, torch.nn.functional.gelu
 

@@ -13,14 +13,14 @@ from typer.testing import CliRunner
 
 from mlpfuse.arch import find_prefix, lookup, resolve_sites
 from mlpfuse.arch.io import read_mlp, tensor_names
-from mlpfuse.calibration import StreamingModel, read_calibration, relative_error, run_calibrated
-from mlpfuse.checkpoint import CheckpointReader, read_config
+from mlpfuse.checkpoints.modeling import load
+from mlpfuse.checkpoints.tensors import CheckpointReader, read_config
 from mlpfuse.cli import app
-from mlpfuse.fuse import FuseSettings, fuse_checkpoint
-from mlpfuse.fuse_layers import compress_dense
+from mlpfuse.compress.calibration import StreamingModel, read_calibration, relative_error, run_calibrated
+from mlpfuse.compress.fuse import FuseSettings, fuse_checkpoint
+from mlpfuse.compress.fuse_layers import compress_dense
+from mlpfuse.compress.plan import plan_layers
 from mlpfuse.methods import Calibration, MethodOptions, get_method
-from mlpfuse.modeling import load
-from mlpfuse.plan import plan_layers
 from mlpfuse.runtime import load_tokenizer
 
 from .conftest import TINY, WORDS, build_tiny
@@ -235,7 +235,7 @@ def test_same_seed_same_bytes(tmp_path):
 
 
 def test_the_report_warns_about_degenerate_k_means_and_exploding_errors(tmp_path):
-    from mlpfuse.fuse_report import LayerReport, layer_warnings
+    from mlpfuse.compress.fuse_report import LayerReport, layer_warnings
 
     def layer(sizes, error):
         return LayerReport(index=0, label="0", original_width=20, width=sum(sizes.values()), params_before=1,
@@ -296,7 +296,7 @@ def test_calibration_refuses_torchrun(tmp_path, monkeypatch):
 
 def test_the_in_memory_fuse_refuses_calibration_rather_than_ignoring_it():
     from mlpfuse.errors import InputError
-    from mlpfuse.fuse import fuse_model
+    from mlpfuse.compress.fuse import fuse_model
 
     model, _ = build_tiny("llama")
     with pytest.raises(InputError, match="fuse_checkpoint"):

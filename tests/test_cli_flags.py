@@ -91,7 +91,7 @@ def test_merge_layers_feeds_the_pair_column_to_the_model(tmp_path):
     import random
 
     from mlpfuse.errors import InputError
-    from mlpfuse.merge import MergeSettings, merge_checkpoint
+    from mlpfuse.compress.merge import MergeSettings, merge_checkpoint
 
     from .conftest import TEXT_WORDS as WORDS
     from .conftest import make_checkpoints

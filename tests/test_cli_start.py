@@ -49,8 +49,8 @@ def test_import_mlpfuse_imports_no_heavy_library():
 
 
 def test_public_names_still_resolve_on_first_use():
-    assert mlpfuse.load.__module__ == "mlpfuse.modeling"
-    assert mlpfuse.FuseSettings.__module__ == "mlpfuse.fuse"
+    assert mlpfuse.load.__module__ == "mlpfuse.checkpoints.modeling"
+    assert mlpfuse.FuseSettings.__module__ == "mlpfuse.compress.fuse"
     assert set(mlpfuse.__all__) == set(mlpfuse._LAZY) | {"__version__"}  # every lazy name is public, and only those
     assert set(mlpfuse.__all__) <= set(dir(mlpfuse))
     with pytest.raises(AttributeError):
@@ -109,11 +109,11 @@ def test_the_command_lines_copies_of_library_values_agree():
     """What --help shows without importing the library (it pulls torch) is what the library uses."""
     from dataclasses import fields
 
-    from mlpfuse.bench import PRESETS
+    from mlpfuse.analysis.bench import PRESETS
     from mlpfuse.cli import bench_cmd, finetune_cmd, fuse_cmd, tune_cmd
-    from mlpfuse.finetune import TASK_CHOICES
-    from mlpfuse.fuse import FuseSettings
-    from mlpfuse.tune import TuneSettings
+    from mlpfuse.train.finetune import TASK_CHOICES
+    from mlpfuse.compress.fuse import FuseSettings
+    from mlpfuse.train.tune import TuneSettings
 
     tune_defaults = TuneSettings()
     assert tune_cmd.TUNE_DEFAULTS == {name: getattr(tune_defaults, name) for name in tune_cmd.TUNE_DEFAULTS}
@@ -186,7 +186,7 @@ def _interrupt_when(proc: subprocess.Popen, ready) -> tuple[int, list[str]]:
 
 
 @pytest.mark.parametrize("module", ["mlpfuse.cli.commands", "typer", pytest.param("torch", marks=pytest.mark.slow),
-                                    pytest.param("mlpfuse.fuse", marks=pytest.mark.slow)])
+                                    pytest.param("mlpfuse.compress.fuse", marks=pytest.mark.slow)])
 def test_ctrl_c_while_starting_is_one_line_and_exit_130(module, tmp_path):
     proc = _mlpfuse(FUSE_ARGS, tmp_path, importtime=True)
     code, lines = _interrupt_when(

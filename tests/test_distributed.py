@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mlpfuse import distributed
-from mlpfuse.fuse import FuseSettings, fuse_checkpoint
+from mlpfuse.compress.fuse import FuseSettings, fuse_checkpoint
+from mlpfuse.train import distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def test_tune_on_two_ranks_matches_one_process(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from mlpfuse.tune import TuneSettings, tune_checkpoint
+    from mlpfuse.train.tune import TuneSettings, tune_checkpoint
 
     from .conftest import make_checkpoints, write_texts
 
@@ -95,7 +95,7 @@ def test_finetune_on_two_cpu_ranks_matches_one_process(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from mlpfuse.finetune import FinetuneSettings, finetune
+    from mlpfuse.train.finetune import FinetuneSettings, finetune
 
     from .test_finetune import write_keyword_texts
     from .conftest import make_checkpoints

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mlpfuse.compress.mlp import MLPWeights
 from mlpfuse.methods import MethodOptions, get_method
-from mlpfuse.mlp import MLPWeights
 
 DISTINCT, REPEAT, HIDDEN = 6, 3, 16
 

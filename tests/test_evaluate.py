@@ -11,7 +11,7 @@ import transformers
 from typer.testing import CliRunner
 
 from mlpfuse.cli import app
-from mlpfuse.evaluate import evaluate_checkpoint, perplexity
+from mlpfuse.train.evaluate import evaluate_checkpoint, perplexity
 
 from .conftest import build_tiny
 
@@ -126,7 +126,7 @@ def test_cuda_without_a_gpu_exits_3(llama):
 
 def test_token_ids_without_a_limit_reads_every_row(llama):
     """``limit_tokens=None`` means the whole text: before, only the first 64 rows were tokenised."""
-    from mlpfuse.evaluate import token_ids
+    from mlpfuse.train.evaluate import token_ids
 
     checkpoint, _, rows, _ = llama
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))

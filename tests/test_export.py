@@ -12,11 +12,11 @@ import transformers
 from typer.testing import CliRunner
 
 import mlpfuse
-from mlpfuse.checkpoint import CheckpointReader
+from mlpfuse.checkpoints.tensors import CheckpointReader
 from mlpfuse.cli import app
+from mlpfuse.compress.fuse import FuseSettings, fuse_checkpoint
+from mlpfuse.deploy.export import export_checkpoint
 from mlpfuse.errors import InputError
-from mlpfuse.export import export_checkpoint
-from mlpfuse.fuse import FuseSettings, fuse_checkpoint
 
 from .conftest import TINY, build_tiny, model_inputs, outputs_of, tree_digest
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import mlpfuse
 from mlpfuse.cli import app
-from mlpfuse.finetune import FinetuneSettings, finetune, label_mapping
+from mlpfuse.train.finetune import FinetuneSettings, finetune, label_mapping
 
 from .conftest import tree_digest
 from .conftest import TEXT_WORDS as WORDS

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import mlpfuse
 from mlpfuse.cli import app
-from mlpfuse.fuse import FuseSettings, fuse_model
+from mlpfuse.compress.fuse import FuseSettings, fuse_model
 
 from .conftest import tiny_config, tree_digest
 from .test_finetune import write_keyword_texts
@@ -128,8 +128,8 @@ def test_instruction_lora_merged_equals_unmerged_and_exports(data, tmp_path, fam
     assert merged_report["lora"]["modules_to_save"] == []  # a causal LM's head stays frozen
     # the metric was measured on the unmerged model in memory: the saved merged model gives it again
     from mlpfuse.data import read_table
-    from mlpfuse.finetune import FinetuneSettings
-    from mlpfuse.instruct import response_perplexity
+    from mlpfuse.train.finetune import FinetuneSettings
+    from mlpfuse.train.instruct import response_perplexity
 
     again = response_perplexity(mlpfuse.load(tmp_path / "merged", task="causal-lm"),
                                 transformers.AutoTokenizer.from_pretrained(str(tmp_path / "merged")),
@@ -211,7 +211,7 @@ def test_lora_on_two_cpu_ranks_matches_one_process(data, tmp_path):
     import sys
     from pathlib import Path
 
-    from mlpfuse.finetune import FinetuneSettings, finetune
+    from mlpfuse.train.finetune import FinetuneSettings, finetune
 
     root = Path(__file__).resolve().parent.parent
     base, single, multi = data["llama"], tmp_path / "single", tmp_path / "multi"

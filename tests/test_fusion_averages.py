@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from mlpfuse.compress.mlp import MLPWeights
 from mlpfuse.methods.fusion import cluster_average
-from mlpfuse.mlp import MLPWeights
 
 
 def reference_average(tensor, labels, k, dim):
@@ -60,7 +60,7 @@ def test_fused_weights_from_centroids_equal_cluster_averages(dtype, gated):
                      w_gate=torch.randn(n, p, generator=g).to(dtype) if gated else None,
                      b_out=torch.randn(p, generator=g).to(dtype))
     fused, sizes = centroid_mlp(mlp, k, MethodOptions(seed=1, backend="torch", device="cpu"))
-    from mlpfuse.kmeans import kmeans
+    from mlpfuse.compress.kmeans import kmeans
 
     labels = kmeans(  # the same call centroid_mlp makes: the same labels
         mlp.neuron_features(), k, seed=1, backend="torch", device="cpu").labels

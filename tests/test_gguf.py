@@ -19,10 +19,10 @@ from mlpfuse.arch.gguf_table import GGUF_FAMILIES
 from typer.testing import CliRunner
 
 from mlpfuse.cli import app
+from mlpfuse.compress.fuse import FuseSettings, fuse_checkpoint
+from mlpfuse.deploy.export import export_checkpoint
+from mlpfuse.deploy.gguf_export import PROMPTS, export_gguf, plain_cpu_buffers
 from mlpfuse.errors import InputError, MlpfuseError
-from mlpfuse.export import export_checkpoint
-from mlpfuse.fuse import FuseSettings, fuse_checkpoint
-from mlpfuse.gguf_export import PROMPTS, export_gguf, plain_cpu_buffers
 from mlpfuse.runtime import load_tokenizer
 
 from .conftest import build_tiny, tree_digest
@@ -189,7 +189,7 @@ def test_outtypes_run_and_agree(tmp_path, outtype):
 
 
 def test_failed_check_leaves_no_output_and_inputs_untouched(tmp_path, monkeypatch):
-    import mlpfuse.gguf_export as module
+    import mlpfuse.deploy.gguf_export as module
 
     fused = fused_source(tmp_path, "llama")
     before = tree_digest(fused)
@@ -290,7 +290,7 @@ def test_sentencepiece_style_tokenizer_is_carried_and_tokenizes_like_transformer
 
 @needs_llama_cpp
 def test_the_llama_cpp_check_catches_a_layout_mistake(tmp_path, monkeypatch):
-    import mlpfuse.gguf_export as module
+    import mlpfuse.deploy.gguf_export as module
 
     fused = fused_source(tmp_path, "llama")
     monkeypatch.setattr(module, "_permute_rope", lambda tensor, heads: tensor)  # q/k rows left in transformers' order

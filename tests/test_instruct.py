@@ -13,8 +13,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mlpfuse.data import read_table
 from mlpfuse.errors import InputError
-from mlpfuse.finetune import FinetuneSettings
-from mlpfuse.instruct import (IGNORE, MESSAGES, PAIRS, TEXT, data_format, encode_conversation, encode_instructions,
+from mlpfuse.train.finetune import FinetuneSettings
+from mlpfuse.train.instruct import (IGNORE, MESSAGES, PAIRS, TEXT, data_format, encode_conversation, encode_instructions,
                               pack, response_perplexity)
 
 from .conftest import tiny_config

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from mlpfuse import kmeans as km
+from mlpfuse.compress import kmeans as km
 from mlpfuse.errors import EnvironmentProblem, InputError
 
 CPU_BACKENDS = [b for b in ("torch", "faiss") if b == "torch" or km.available_backends()["faiss-cpu"]]

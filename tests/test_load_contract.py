@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import mlpfuse
-from mlpfuse import checkpoint
+from mlpfuse.checkpoints import tensors as checkpoint
+from mlpfuse.checkpoints.format import SCALE_BUFFER, base_config_dict, fused_config_dict, write_remote_code
+from mlpfuse.checkpoints.modeling import UncleanCheckpoint, verify_checkpoint
 from mlpfuse.cli import app
-from mlpfuse.format import SCALE_BUFFER, base_config_dict, fused_config_dict, write_remote_code
-from mlpfuse.modeling import UncleanCheckpoint, verify_checkpoint
 from mlpfuse.remote.modeling_mlpfuse import fused_model_class
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -258,7 +258,7 @@ def test_import_registers_nothing_and_load_registers_once(bert, tmp_path):
     proc = _fresh_python(f"""
         import sys
         sys.path.insert(0, {str(Path(mlpfuse.__file__).parent.parent)!r})
-        import mlpfuse, mlpfuse.modeling
+        import mlpfuse, mlpfuse.checkpoints.modeling
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
         print("mlpfuse" in CONFIG_MAPPING)
         mlpfuse.load({str(tmp_path / "f")!r})

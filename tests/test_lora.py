@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mlpfuse
-from mlpfuse.fuse import FuseSettings, fuse_model
+from mlpfuse.compress.fuse import FuseSettings, fuse_model
 from mlpfuse.remote.modeling_mlpfuse import ScaledConv1D, ScaledLinear
 
 from .conftest import build_tiny, model_inputs, outputs_of

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 import mlpfuse
 from mlpfuse.cli import app
-from mlpfuse.merge_window import align, merge_aligned, permute_mlp
-from mlpfuse.mlp import MLPWeights
+from mlpfuse.compress.merge_window import align, merge_aligned, permute_mlp
+from mlpfuse.compress.mlp import MLPWeights
 from mlpfuse.remote.modeling_mlpfuse import ZeroProjection
 
 from .conftest import tiny_config, tree_digest

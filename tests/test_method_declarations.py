@@ -10,9 +10,9 @@ import torch
 
 import mlpfuse
 from mlpfuse import FuseSettings, fuse_checkpoint
+from mlpfuse.compress.fuse_layers import compress_layer
+from mlpfuse.compress.kmeans import KMeansResult
 from mlpfuse.errors import InputError
-from mlpfuse.fuse_layers import compress_layer
-from mlpfuse.kmeans import KMeansResult
 from mlpfuse.methods import (BUILTIN, REPORT_FIELDS, Calibration, MethodDeclaration, MethodOptions, check_calibrated,
                              check_can_write, get_method, method_names, register, unregister)
 from mlpfuse.methods.calibrated import size_histogram

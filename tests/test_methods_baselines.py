@@ -7,11 +7,11 @@ import torch
 import transformers
 
 from mlpfuse import FuseSettings, fuse_checkpoint, fuse_model, load
+from mlpfuse.compress.mlp import MLPWeights
 from mlpfuse.methods import MethodOptions, get_method, method_names
 from mlpfuse.methods.mmd import support_points
 from mlpfuse.methods.prune import importance
 from mlpfuse.methods.svd import fused_parameter_count, matched_rank
-from mlpfuse.mlp import MLPWeights
 
 from .conftest import build_tiny, model_inputs, outputs_of
 

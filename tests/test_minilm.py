@@ -45,7 +45,7 @@ def original():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(str(mlpfuse.source.bundled_model_path()))
+    return transformers.AutoTokenizer.from_pretrained(str(mlpfuse.checkpoints.source.bundled_model_path()))
 
 
 def test_readme_command_fuses_layers_2_to_5_and_reloads(tmp_path, original, tokenizer, sentences):

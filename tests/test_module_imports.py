@@ -1,6 +1,6 @@
 """No module of the package imports more than MAX_IMPORTS others of it (issue 18): a module that needs
-more has more than one job. Counts every ``from .x import`` / ``from ..x import`` (and ``from . import
-x``), at module level or inside functions, as the distinct package modules it names."""
+more has more than one job. Counts every ``from mlpfuse.x import`` / ``import mlpfuse.x`` (and the relative forms), at module
+level or inside functions, as the distinct package modules it names."""
 
 from __future__ import annotations
 
@@ -27,18 +27,25 @@ def _resolve(name: str, root: Path) -> str:
 
 
 def package_imports(path: Path, root: Path = PACKAGE) -> set[str]:
-    """The modules of the package at ``root`` that the module at ``path`` imports relatively."""
+    """The modules of the package at ``root`` that the module at ``path`` imports (absolute or relative)."""
     module = _module_name(path, root)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    name = root.name
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if not isinstance(node, ast.ImportFrom) or node.level == 0:
+        if isinstance(node, ast.Import):
+            found.update(_resolve(a.name, root) for a in node.names if a.name.split(".")[0] == name)
             continue
-        base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-        if node.module:
-            found.add(_resolve(".".join(base + node.module.split(".")), root))
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level == 0:
+            if not node.module or node.module.split(".")[0] != name:
+                continue
+            base = []
         else:
-            found.update(_resolve(".".join(base + [alias.name]), root) for alias in node.names)
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+        target = base + node.module.split(".") if node.module else base
+        found.update(_resolve(".".join(target + [alias.name]), root) for alias in node.names)
     found.discard(module)
     return found
 
@@ -50,7 +57,7 @@ def test_no_module_imports_more_than_twelve_others_of_the_package():
     assert not over, f"modules importing more than {MAX_IMPORTS} others of mlpfuse: {over}"
 
 
-def test_the_count_sees_relative_imports_of_every_form(tmp_path):
+def test_the_count_sees_imports_of_every_form(tmp_path):
     """A module, a package, an attribute of a module and a function-level import each count once."""
     fake = tmp_path / "mlpfuse"
     (fake / "arch").mkdir(parents=True)
@@ -61,3 +68,7 @@ def test_the_count_sees_relative_imports_of_every_form(tmp_path):
     (fake / "arch" / "deep.py").write_text("from ..b import x\nfrom .io import y\n")
     assert package_imports(fake / "user.py", fake) == {"mlpfuse", "mlpfuse.a", "mlpfuse.b", "mlpfuse.arch", "mlpfuse.arch.io"}
     assert package_imports(fake / "arch" / "deep.py", fake) == {"mlpfuse.b", "mlpfuse.arch.io"}
+    (fake / "absolute.py").write_text("import torch\nfrom mlpfuse import __version__, a\nfrom mlpfuse.b import x\n"
+                                      "import mlpfuse.arch.io\ndef f():\n    from mlpfuse.arch import lookup\n")
+    assert package_imports(fake / "absolute.py", fake) == {"mlpfuse", "mlpfuse.a", "mlpfuse.b", "mlpfuse.arch",
+                                                           "mlpfuse.arch.io"}

@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import mlpfuse
+from mlpfuse.checkpoints.tensors import CheckpointReader
 from mlpfuse.cli import app
-from mlpfuse.checkpoint import CheckpointReader
+from mlpfuse.compress.fuse import FuseSettings, fuse_checkpoint, fuse_model
 from mlpfuse.errors import InputError
-from mlpfuse.fuse import FuseSettings, fuse_checkpoint, fuse_model
 
 from .conftest import MOE_E as E
 from .conftest import MOE_FAMILIES as FAMILIES

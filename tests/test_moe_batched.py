@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from mlpfuse.fuse_moe import batched_clusterings
+from mlpfuse.compress.fuse_moe import batched_clusterings
+from mlpfuse.compress.mlp import MLPWeights
 from mlpfuse.methods import MethodOptions, get_method
-from mlpfuse.mlp import MLPWeights
 
 
 def experts(count=4, width=48, hidden=16, seed=0):
@@ -29,7 +29,7 @@ def test_batched_clusterings_feed_fusion_and_match_a_loop_in_quality():
 
 
 def test_chunks_of_experts_cluster_as_well_as_one_batch(monkeypatch):
-    import mlpfuse.fuse_moe as fuse_moe
+    import mlpfuse.compress.fuse_moe as fuse_moe
 
     mlps, options = experts(count=5), MethodOptions(device="cpu")
     whole = batched_clusterings(mlps, 12, "fusion", options)

@@ -11,8 +11,8 @@ import transformers
 from typer.testing import CliRunner
 
 from mlpfuse import FuseSettings, fuse_checkpoint, fuse_model
+from mlpfuse.analysis.ntk import ScalarOutput, chosen_site, ntk_check_model, probe
 from mlpfuse.cli import app
-from mlpfuse.ntk import ScalarOutput, chosen_site, ntk_check_model, probe
 
 from .conftest import build_tiny, slow_kernels, tiny_config
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import mlpfuse.output as output_module
+import mlpfuse.checkpoints.output as output_module
+from mlpfuse.checkpoints.output import INCOMPLETE_MARKER, claim_output
+from mlpfuse.compress.fuse import FuseSettings, fuse_checkpoint
+from mlpfuse.compress.merge import MergeSettings, merge_checkpoint
 from mlpfuse.errors import InputError
-from mlpfuse.fuse import FuseSettings, fuse_checkpoint
-from mlpfuse.merge import MergeSettings, merge_checkpoint
-from mlpfuse.output import INCOMPLETE_MARKER, claim_output
-from mlpfuse.tune import TuneSettings, tune_checkpoint
+from mlpfuse.train.tune import TuneSettings, tune_checkpoint
 
 from .conftest import tree_digest
 from .conftest import make_checkpoints, write_texts
@@ -245,7 +245,7 @@ def _report_free(monkeypatch, free: int) -> None:
 
 
 def test_too_little_free_space_for_the_estimated_output_exits_3_before_any_kmeans(src, tmp_path, monkeypatch):
-    from mlpfuse import kmeans
+    from mlpfuse.compress import kmeans
 
     plain = tmp_path / "plain"
     assert run("fuse", src.original, "--dim", "8", "-o", plain).exit_code == 0
@@ -296,7 +296,7 @@ def test_ctrl_c_right_after_the_final_rename_says_the_output_was_written(src, wr
 
 
 def test_ctrl_c_during_the_work_says_nothing_was_written_and_leaves_nothing(src, tmp_path, monkeypatch):
-    import mlpfuse.fuse_layers as fuse_module
+    import mlpfuse.compress.fuse_layers as fuse_module
 
     real = fuse_module.fuse_layer
 
@@ -313,8 +313,8 @@ def test_ctrl_c_during_the_work_says_nothing_was_written_and_leaves_nothing(src,
 
 KILLED_RUN = """
 import os, signal, sys
-from mlpfuse.fuse import FuseSettings, fuse_checkpoint
-from mlpfuse.merge import MergeSettings, merge_checkpoint
+from mlpfuse.compress.fuse import FuseSettings, fuse_checkpoint
+from mlpfuse.compress.merge import MergeSettings, merge_checkpoint
 kill = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
 source, out, writer = sys.argv[1:]
 if writer == "fuse":

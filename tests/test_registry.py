@@ -25,16 +25,16 @@ import torch
 from typer.testing import CliRunner
 
 import mlpfuse
+from mlpfuse.analysis.flops import count_model
+from mlpfuse.analysis.ntk import ScalarOutput, chosen_site, ntk_check_model, probe
 from mlpfuse.arch import ARCHITECTURES, lookup, resolve_sites
 from mlpfuse.arch.io import written_layouts
 from mlpfuse.cli import app
+from mlpfuse.compress.fuse import FuseSettings, fuse_checkpoint, fuse_model
+from mlpfuse.compress.merge import MergeSettings, merge_checkpoint
 from mlpfuse.errors import InputError
-from mlpfuse.flops import count_model
-from mlpfuse.fuse import FuseSettings, fuse_checkpoint, fuse_model
-from mlpfuse.merge import MergeSettings, merge_checkpoint
 from mlpfuse.methods import get_method, method_names
-from mlpfuse.ntk import ScalarOutput, chosen_site, ntk_check_model, probe
-from mlpfuse.tune import TuneSettings, tune_checkpoint
+from mlpfuse.train.tune import TuneSettings, tune_checkpoint
 
 from .conftest import MOE_FAMILIES, TINY, WORDS, build_tiny, model_inputs, outputs_of, save_tokenizer, tiny_config
 from .conftest import slow_kernels
@@ -337,7 +337,7 @@ def test_svd_on_stacked_experts_is_refused_before_any_work(sources, root, monkey
 
 def test_ntk_check_refuses_a_method_that_cannot_write_the_layer_before_any_work(monkeypatch):
     model, _ = build_tiny("phi3")
-    monkeypatch.setattr("mlpfuse.ntk.probe", lambda *a, **k: pytest.fail("probed before refusing"))
+    monkeypatch.setattr("mlpfuse.analysis.ntk.probe", lambda *a, **k: pytest.fail("probed before refusing"))
     with pytest.raises(InputError, match="--method svd cannot write packed gate_up \\(layer 0\\)"):
         ntk_check_model(model, model_inputs("phi3"), layer=0, dim=6, methods=["fusion", "svd"], seeds=1)
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from mlpfuse.checkpoints.output import carry_side_files
+from mlpfuse.checkpoints.source import bundled_model_path
 from mlpfuse.cli import app
-from mlpfuse.output import carry_side_files
-from mlpfuse.source import bundled_model_path
 
 from .conftest import tree_digest
 from .conftest import make_checkpoints, write_texts

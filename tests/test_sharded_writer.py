@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mlpfuse import checkpoint
-from mlpfuse.checkpoint import ShardedWriter
+from mlpfuse.checkpoints import tensors as checkpoint
+from mlpfuse.checkpoints.tensors import ShardedWriter
 
 
 def tensors():

@@ -12,12 +12,13 @@ import torch
 from typer.testing import CliRunner
 
 import mlpfuse
-from mlpfuse import checkpoint, verify
-from mlpfuse.checkpoint import CheckpointReader, read_config
+from mlpfuse.checkpoints import tensors as checkpoint
+from mlpfuse.checkpoints import verify
+from mlpfuse.checkpoints.format import SCALE_BUFFER
+from mlpfuse.checkpoints.modeling import UncleanCheckpoint, verify_checkpoint
+from mlpfuse.checkpoints.tensors import CheckpointReader, read_config
 from mlpfuse.cli import app
-from mlpfuse.format import SCALE_BUFFER
-from mlpfuse.fuse import FuseSettings, fuse_checkpoint
-from mlpfuse.modeling import UncleanCheckpoint, verify_checkpoint
+from mlpfuse.compress.fuse import FuseSettings, fuse_checkpoint
 
 from mlpfuse.arch import lookup, resolve_sites
 

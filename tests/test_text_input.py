@@ -1,5 +1,5 @@
 """Text every command reads: a UTF-8 byte-order mark, the same values from every file format
-(``mlpfuse/data.py``), and the BOS token at the start of each decoder window (``mlpfuse/evaluate.py``)."""
+(``mlpfuse/data.py``), and the BOS token at the start of each decoder window (``mlpfuse/train/evaluate.py``)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 import transformers
 from typer.testing import CliRunner
 
-from mlpfuse.calibration import read_calibration
 from mlpfuse.cli import app
+from mlpfuse.compress.calibration import read_calibration
 from mlpfuse.data import read_table
-from mlpfuse.evaluate import bos_id, evaluate_checkpoint, packed_windows, padded_batch, token_ids, windows_of
-from mlpfuse.tune import pack_texts
+from mlpfuse.train.evaluate import bos_id, evaluate_checkpoint, packed_windows, padded_batch, token_ids, windows_of
+from mlpfuse.train.tune import pack_texts
 
 from .conftest import build_tiny
 

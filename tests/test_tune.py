@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import mlpfuse
 from mlpfuse.cli import app
 from mlpfuse.runtime import file_sha256
-from mlpfuse.tune import TuneSettings, layerwise_loss, state_directory, tune_checkpoint, tune_model
+from mlpfuse.train.tune import TuneSettings, layerwise_loss, state_directory, tune_checkpoint, tune_model
 
 from .conftest import make_checkpoints, tree_digest, write_texts
 

@@ -12,13 +12,13 @@ import transformers
 from typer.testing import CliRunner
 
 import mlpfuse
+from mlpfuse.checkpoints.source import bundled_model_path
 from mlpfuse.cli import app
-from mlpfuse.fuse import FuseSettings, fuse_model
-from mlpfuse.source import bundled_model_path
-from mlpfuse.tune import (TuneSettings, first_changed_state, hidden_error, layerwise_loss, logit_kl, token_weights,
+from mlpfuse.compress.fuse import FuseSettings, fuse_model
+from mlpfuse.train.tune import (TuneSettings, first_changed_state, hidden_error, layerwise_loss, logit_kl, token_weights,
                           tune_checkpoint, tune_model)
-from mlpfuse.tune import _encode
-from mlpfuse.tune_kl import chunked_logit_kl, kl_heads, last_hidden_state
+from mlpfuse.train.tune import _encode
+from mlpfuse.train.tune_kl import chunked_logit_kl, kl_heads, last_hidden_state
 
 from .conftest import TINY, build_tiny, model_inputs, tiny_config
 from .test_bad_input import assert_one_line_error
@@ -172,8 +172,8 @@ def test_tune_lowers_the_held_out_error_and_reports_it(llama_last_layer, tmp_pat
 
 
 def test_pack_texts_gives_the_eval_protocols_windows(llama_last_layer):
-    from mlpfuse.evaluate import token_ids
-    from mlpfuse.tune import _encode, pack_texts
+    from mlpfuse.train.evaluate import token_ids
+    from mlpfuse.train.tune import _encode, pack_texts
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(llama_last_layer[1]))
     rows = ["good movie", "a long and dull plot", "fine", "bright funny actor"] * 30  # more than 64 rows
@@ -248,7 +248,7 @@ def test_bad_new_tune_options(extra, fragment, bert_files, tmp_path):
 def test_the_student_replays_the_teachers_early_layers_with_the_same_loss(llama_last_layer):
     """Layers before the first fused one are identical: the student takes the teacher's outputs for
     them (never runs them), and the loss is exactly the one of a full student forward."""
-    from mlpfuse.tune import _batch_loss, _encode, _forward, shared_layers
+    from mlpfuse.train.tune import _batch_loss, _encode, _forward, shared_layers
 
     original, fused, _ = llama_last_layer
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(fused))
@@ -367,8 +367,8 @@ def test_a_head_the_chunked_kl_does_not_know_falls_back_to_the_full_logits(llama
 def test_tuning_with_the_chunked_kl_follows_the_full_logits_run(llama_last_layer, monkeypatch):
     """The same losses and trained weights, step by step, whether the KL comes from 3-token chunks or
     from the full logits (packed windows and padded rows, the replayed early layer, AdamW)."""
-    import mlpfuse.tune as tune
-    import mlpfuse.tune_kl as tune_kl
+    import mlpfuse.train.tune as tune
+    import mlpfuse.train.tune_kl as tune_kl
 
     original, fused, _ = llama_last_layer
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(fused))

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .spec import MLPSite
+from mlpfuse.arch.spec import MLPSite
 
 
 def token_rows(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

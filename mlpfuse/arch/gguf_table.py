@@ -6,7 +6,7 @@ name, which rotary layout it applies (``norm``: pairs of adjacent dimensions, so
 which rotate the two halves of each head, are permuted; ``neox``: halves, as transformers), whether its
 norms are stored as ``w`` but applied as ``1 + w`` (Gemma), the packed attention layout it reads, and the
 extra metadata it needs. Tensor names come from the gguf package's own map (``gguf.get_tensor_name_map``),
-not from here. ``mlpfuse.gguf_export`` applies these facts; ``mlpfuse.deployinfo`` reports them.
+not from here. ``mlpfuse.deploy.gguf_export`` applies these facts; ``mlpfuse.deploy.deployinfo`` reports them.
 
 Per-layer MLP widths: llama.cpp reads ``{arch}.feed_forward_length`` as one value or one per layer, but
 most architectures size every layer's FFN tensors from layer 0's value. ``deci`` (LLaMA with per-layer
@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # GGUF metadata keys are the gguf package's templates (``gguf.Keys``), named here by attribute path so
-# this table stays free of imports; ``mlpfuse.gguf_export`` resolves them.
+# this table stays free of imports; ``mlpfuse.deploy.gguf_export`` resolves them.
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ from typing import Callable
 
 import torch
 
-from ..format import LOW_RANK_MODULE as LOW_RANK  # module type of a projection stored as two factors
-from ..format import SCALE_BUFFER, SCALE_DTYPE  # P: float32 in every output dtype
-from ..mlp import MLPWeights
-from .spec import CONV1D, MLPSite
+from mlpfuse.arch.spec import CONV1D, MLPSite
+from mlpfuse.checkpoints.format import LOW_RANK_MODULE as LOW_RANK  # module type of a projection stored as two factors
+from mlpfuse.checkpoints.format import SCALE_BUFFER, SCALE_DTYPE  # P: float32 in every output dtype
+from mlpfuse.compress.mlp import MLPWeights
 
 STACKED = ("gate_up_proj", "down_proj")  # tensor names of stacked experts under their module
 

@@ -21,13 +21,13 @@ from dataclasses import replace
 
 import torch
 
-from ..errors import InputError
-from ..mlp import MLPWeights
-from ..plan import parse_ranges
-from ..format import EXPERT_LIST_MODULE, SCALE_DTYPE, STACKED_EXPERTS_MODULE
-from .io import (SCALE_BUFFER, STACKED, module_specs, read_mlp, read_stacked, site_width, stacked_names, stacked_width,
+from mlpfuse.arch.io import (SCALE_BUFFER, STACKED, module_specs, read_mlp, read_stacked, site_width, stacked_names, stacked_width,
                  tensor_names, write_mlp, write_stacked)
-from .spec import ExpertTemplate, MLPSite, Projections
+from mlpfuse.arch.spec import ExpertTemplate, MLPSite, Projections
+from mlpfuse.checkpoints.format import EXPERT_LIST_MODULE, SCALE_DTYPE, STACKED_EXPERTS_MODULE
+from mlpfuse.compress.mlp import MLPWeights
+from mlpfuse.compress.plan import parse_ranges
+from mlpfuse.errors import InputError
 
 SHARED = "shared"
 
@@ -175,7 +175,7 @@ def site_keys(site: MLPSite, prefix: str, keys) -> set[str]:
 def needed_layouts(sites: list[MLPSite], experts=None) -> dict[str, str]:
     """Layout -> label of the first site that needs it: what a method must be able to write to
     compress ``sites`` (``experts``: the ``--experts`` choice for MoE layers)."""
-    from .io import written_layouts
+    from mlpfuse.arch.io import written_layouts
 
     needs: dict[str, str] = {}
     for site in sites:

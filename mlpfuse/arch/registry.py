@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..errors import InputError
-from .spec import CONV1D, POSITION_FIELDS, ArchSpec, ExpertTemplate, Projections, SiteTemplate
+from mlpfuse.arch.spec import CONV1D, POSITION_FIELDS, ArchSpec, ExpertTemplate, Projections, SiteTemplate
+from mlpfuse.errors import InputError
 
 _LLAMA_LIKE = Projections(up="up_proj", down="down_proj", gate="gate_proj")
 _PACKED = Projections(up=None, down="down_proj", gate_up="gate_up_proj")  # one [gate; up] module

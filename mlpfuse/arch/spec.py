@@ -183,7 +183,7 @@ def resolve_sites(spec: ArchSpec, config: dict) -> list[MLPSite]:
             label = f"{template.label}.{i}" if len(spec.sites) > 1 else str(i)
             site = MLPSite(len(sites), label, template.path.format(i=i), projections, spec.layout)
             if template.experts is not None:
-                from .moe import moe_site  # noqa: PLC0415  (moe builds on this module)
+                from mlpfuse.arch.moe import moe_site  # noqa: PLC0415  (moe builds on this module)
 
                 site = moe_site(site, template.experts, config, i, int(depth), projections)
             sites.append(site)

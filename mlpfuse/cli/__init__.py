@@ -25,8 +25,8 @@ def main() -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     code = 0
     try:
-        from .commands import app
-        from .common import terminate
+        from mlpfuse.cli.commands import app
+        from mlpfuse.cli.common import terminate
 
         signal.signal(signal.SIGTERM, terminate)
         signal.signal(signal.SIGINT, terminate)
@@ -54,7 +54,7 @@ def _forget_interrupt() -> None:
 def __getattr__(name: str):
     """``app`` (the typer app) is imported on first use."""
     if name == "app":
-        from .commands import app
+        from mlpfuse.cli.commands import app
 
         globals()["app"] = app
         return app

@@ -5,17 +5,17 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from ..errors import InputError
-from ..option_fields import OUTPUT, RUNTIME, TEXT
-from .common import check_inputs, check_json_path, log, results_console, write_json_report
-from .options import Options, command
-from .options import lora_dropout_option, lora_option, lora_rank_option
+from mlpfuse.cli.common import check_inputs, check_json_path, log, results_console, write_json_report
+from mlpfuse.cli.options import Options, command
+from mlpfuse.errors import InputError
+from mlpfuse.option_fields import LORA, OUTPUT, RUNTIME, TEXT
 
-# The names of mlpfuse/bench.py's PRESETS, for --help (not imported here: it pulls torch; a test checks they agree)
+# The names of mlpfuse/analysis/bench.py's PRESETS, for --help (not imported here: it pulls torch; a test checks they agree)
 PRESET_NAMES = ("roberta-base", "bert-base", "minilm", "gpt2", "tiny")
 
 
-@command(TEXT["batch_size"].using(8), RUNTIME["device"], RUNTIME["threads"], RUNTIME["seed"], OUTPUT["json_path"])
+@command(TEXT["batch_size"].using(8), RUNTIME["device"], RUNTIME["threads"], RUNTIME["seed"], OUTPUT["json_path"],
+         LORA["lora"], LORA["lora_rank"], LORA["lora_dropout"])
 def bench(
     models: list[str] = typer.Argument(None, help="ORIGINAL FUSED [FUSED...]: checkpoint directories (or 'minilm'); "
                                                   "ratios are against the first."),
@@ -26,16 +26,13 @@ def bench(
     steps: int = typer.Option(20, "--steps", help="Timed rounds (one training step and one forward per model each)."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed steps per model first (compilation, allocator, caches)."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, or bf16 / fp16 autocast (weights stay fp32)."),
+    autocast: str = typer.Option("fp32", "--autocast", help="Precision of the timed steps: fp32, or bf16 / fp16 autocast (weights and AdamW stay fp32)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the forward(+loss) of every model."),
     compile_mode: str = typer.Option("default", "--compile-mode", help="default, reduce-overhead (CUDA graphs), max-autotune."),
     compile_scope: str = typer.Option("model", "--compile-scope", help="model (one graph) or layers (each block; compiles faster)."),
     adamw: str = typer.Option("auto", "--adamw", help="AdamW kernel: auto (fused on CUDA), fused, foreach, loop."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (CPU: one subprocess per model)."),
     inference: bool = typer.Option(True, "--inference/--no-inference", help="Also time the inference forward."),
-    lora: bool = lora_option(),
-    lora_rank: int = lora_rank_option(8),
-    lora_dropout: float = lora_dropout_option(0.05),
     plot: str = typer.Option(None, "--plot", help="Write a PNG of times and ratios to this path."),
     opts: Options = None,
 ):
@@ -49,15 +46,15 @@ def bench(
         raise InputError("--layers and --dim build fused models from a --shape preset; with checkpoints, fuse them first")
     if shape is None and len(models or []) >= 2:  # fewer: checkpoint_sources says what is missing
         check_inputs(*models)
-    from ..bench import BenchSettings, checkpoint_sources, plot_report, preset_sources, run_bench  # heavy (torch)
+    from mlpfuse.analysis.bench import BenchSettings, checkpoint_sources, plot_report, preset_sources, run_bench  # heavy (torch)
 
     if shape is not None:
         sources = preset_sources(shape, layers, dim, assign)
     else:
         sources = checkpoint_sources(list(models or []))
-    settings = BenchSettings(steps=steps, warmup=warmup, batch_size=opts.batch_size, seq_len=seq_len, dtype=dtype, device=opts.device,
+    settings = BenchSettings(steps=steps, warmup=warmup, batch_size=opts.batch_size, seq_len=seq_len, dtype=autocast, device=opts.device,
                              compile=compile, compile_mode=compile_mode, compile_scope=compile_scope, adamw=adamw, memory=memory, inference=inference,
-                             seed=opts.seed, threads=opts.threads, lora=lora, lora_rank=lora_rank, lora_dropout=lora_dropout)
+                             seed=opts.seed, threads=opts.threads, lora=opts.lora, lora_rank=opts.lora_rank, lora_dropout=opts.lora_dropout)
     settings.validate()  # bad flags fail before any model is built
     report = run_bench(sources, settings, on_event=lambda text: log.print(text, highlight=False))
     out = results_console(json_path)

@@ -13,8 +13,8 @@ import importlib
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from .. import __version__
-from .common import EXIT_INTERRUPTED, TERMINATION, log
+from mlpfuse import __version__
+from mlpfuse.cli.common import EXIT_INTERRUPTED, TERMINATION, log
 
 # name: (module in mlpfuse.cli, function, one-line help shown by `mlpfuse --help`: the docstring's first line)
 COMMANDS: dict[str, tuple[str, str, str]] = {

@@ -18,10 +18,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..errors import InputError, MlpfuseError
-from ..options import check_types
-from ..output import check_report_path, forget_written, write_report_file, written_outputs
-from . import EXIT_INTERRUPTED  # defined where nothing heavy is imported
+from mlpfuse.checkpoints.output import check_report_path, forget_written, write_report_file, written_outputs
+from mlpfuse.cli import EXIT_INTERRUPTED  # defined where nothing heavy is imported
+from mlpfuse.errors import InputError, MlpfuseError
+from mlpfuse.options import check_types
 
 NO_WRAP_WIDTH = 10_000  # columns of a console that is not a terminal: lines stay whole (greppable CI logs)
 
@@ -172,8 +172,8 @@ def check_inputs(*models: str | None, files: tuple = ()) -> None:
     that are no local directory come first: resolving a checkpoint that is there checks it is not
     quantised, which imports torch and transformers.
     """
-    from ..data import read_table
-    from ..source import BUNDLED_NAMES, resolve_model
+    from mlpfuse.data import read_table
+    from mlpfuse.checkpoints.source import BUNDLED_NAMES, resolve_model
 
     for file in files:
         if file and not str(file).startswith("hub:"):
@@ -185,7 +185,7 @@ def check_inputs(*models: str | None, files: tuple = ()) -> None:
 
 def local_inputs(*models: str | None) -> list[Path]:
     """The local directories named by model arguments (the bundled model's included)."""
-    from ..source import BUNDLED_NAMES, bundled_model_path
+    from mlpfuse.checkpoints.source import BUNDLED_NAMES, bundled_model_path
 
     found = []
     for name in models:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from ..option_fields import OUTPUT, RUNTIME, TEXT
-from .common import check_inputs, check_json_path, results_console, write_json_report
-from .options import Options, command
+from mlpfuse.cli.common import check_inputs, check_json_path, results_console, write_json_report
+from mlpfuse.cli.options import Options, command
+from mlpfuse.option_fields import OUTPUT, RUNTIME, TEXT
 
 
 @command(TEXT["text_column"], TEXT["max_length"].using(512), RUNTIME["device"], OUTPUT["json_path"])
@@ -21,7 +21,7 @@ def evaluate(
 
     The text column's rows are joined with newlines; ``--max-length`` is the window length in tokens.
     """
-    from ..evaluate import check_protocol, evaluate_checkpoint
+    from mlpfuse.train.evaluate import check_protocol, evaluate_checkpoint
 
     max_length, json_path = opts.max_length, opts.json_path
     check_protocol(max_length, limit_tokens)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from ..errors import InputError
-from ..option_fields import OUTPUT, RUNTIME
-from .common import check_inputs, check_json_path, results_console, write_json_report
-from .options import Options, command
+from mlpfuse.cli.common import check_inputs, check_json_path, results_console, write_json_report
+from mlpfuse.cli.options import Options, command
+from mlpfuse.errors import InputError
+from mlpfuse.option_fields import OUTPUT, RUNTIME
 
 
 @command(OUTPUT["output"].using(required=True), RUNTIME["max_shard_size"], OUTPUT["overwrite"], OUTPUT["json_path"])
@@ -30,7 +30,7 @@ def export(
         return _export_gguf(model, output, outtype or "f16", pad, adapter, overwrite, json_path)
     if outtype is not None:
         raise InputError("--outtype applies to --format gguf only")
-    from ..export import export_checkpoint  # heavy (torch, transformers): once the inputs are known to exist
+    from mlpfuse.deploy.export import export_checkpoint  # heavy (torch, transformers): once the inputs are known to exist
 
     report = export_checkpoint(model, output, pad=pad, adapter=adapter, overwrite=overwrite,
                                max_shard_size=opts.max_shard_size)
@@ -48,7 +48,7 @@ def export(
 
 
 def _export_gguf(model, output, outtype, pad, adapter, overwrite, json_path):
-    from ..gguf_export import export_gguf  # heavy (torch, transformers, gguf)
+    from mlpfuse.deploy.gguf_export import export_gguf  # heavy (torch, transformers, gguf)
 
     report = export_gguf(model, output, outtype=outtype, pad=pad, adapter=adapter, overwrite=overwrite)
     out = results_console(json_path)

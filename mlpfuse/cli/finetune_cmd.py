@@ -5,13 +5,12 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from ..errors import InputError
-from ..option_fields import OUTPUT, RUNTIME, TEXT, TRAINING
-from .common import check_inputs, check_json_path, log, results_console, write_json_report
-from .options import Options, command
-from .options import lora_alpha_option, lora_dropout_option, lora_option, lora_rank_option
+from mlpfuse.cli.common import check_inputs, check_json_path, log, results_console, write_json_report
+from mlpfuse.cli.options import Options, command
+from mlpfuse.errors import InputError
+from mlpfuse.option_fields import LORA, OUTPUT, RUNTIME, TEXT, TRAINING
 
-# mlpfuse/finetune.py's TASK_CHOICES, for --help (not imported here: it pulls torch; a test checks they agree)
+# mlpfuse/train/finetune.py's TASK_CHOICES, for --help (not imported here: it pulls torch; a test checks they agree)
 TASK_CHOICES = ("classification", "regression", "causal-lm")
 METRIC_NAMES = ("accuracy", "f1", "pearson", "spearman", "perplexity", "response_perplexity", "eval_loss")
 
@@ -30,18 +29,9 @@ def _progress_callback(every: int):
     return StepLines()
 
 
-def _split_targets(text: str | None) -> tuple[str, ...] | None:
-    if text is None:
-        return None
-    names = tuple(name.strip() for name in text.split(","))
-    if not all(names):
-        raise InputError(f"--lora-targets {text!r}: give module names separated by commas, e.g. q_proj,v_proj")
-    return names
-
-
 @command(OUTPUT["output"], TEXT["text_column"], TEXT["pair_column"], TEXT["batch_size"].using(32),
          TEXT["max_length"].using(128), TRAINING["max_steps"], RUNTIME["seed"], TRAINING["log_every"].using(10),
-         OUTPUT["overwrite"], OUTPUT["json_path"])
+         OUTPUT["overwrite"], OUTPUT["json_path"], LORA)
 def finetune(
     model: str = typer.Argument(..., help="Checkpoint directory (original or fused), or 'minilm'."),
     train: str = typer.Option(None, "--train", help="Training file (.tsv/.csv/.jsonl) or hub:NAME."),
@@ -59,21 +49,16 @@ def finetune(
     response_column: str = typer.Option("response", "--response-column", help="causal-lm instruction data: column with the answer (the only tokens with loss)."),
     messages_column: str = typer.Option("messages", "--messages-column", help="causal-lm chat data: column with a list of {role, content} messages."),
     packing: bool = typer.Option(False, "--packing", help="causal-lm instruction data: join rows into --max-length sequences."),
-    lora: bool = lora_option(),
-    lora_rank: int = lora_rank_option(8),
-    lora_alpha: float = lora_alpha_option(16.0),
-    lora_dropout: float = lora_dropout_option(0.05),
-    lora_targets: str = typer.Option(None, "--lora-targets", help="Comma list of module names for LoRA (default: every linear projection of the layers)."),
     merge: bool = typer.Option(True, "--merge/--no-merge", help="With --lora: merge the adapter into the model on save (--no-merge: write the adapter only)."),
     eval_only: bool = typer.Option(False, "--eval-only", help="Only evaluate MODEL (already fine-tuned) on --eval."),
     opts: Options = None,
 ):
     """Fine-tune (classification, regression, causal LM) and evaluate an original or fused checkpoint."""
     output, json_path = opts.output, opts.json_path
-    if not merge and not lora:
+    if not merge and not opts.lora:
         raise InputError("--no-merge applies to --lora only (full fine-tuning writes the whole model)")
     if eval_only:
-        if lora:
+        if opts.lora:
             raise InputError("--lora trains adapters: drop --eval-only, or evaluate a LoRA output without --lora")
         if eval_file is None:
             raise InputError("--eval-only needs --eval FILE")
@@ -85,7 +70,7 @@ def finetune(
             raise InputError("no output directory given: pass -o DIR (or --eval-only to only evaluate)")
     check_json_path(json_path, model, files=(train, eval_file))
     check_inputs(model, files=(train, eval_file))
-    from ..finetune import FinetuneSettings, finetune as run_finetune  # heavy: once the inputs are known to exist
+    from mlpfuse.train.finetune import FinetuneSettings, finetune as run_finetune  # heavy: once the inputs are known to exist
 
     settings = FinetuneSettings(task=task, text_column=opts.text_column, pair_column=opts.pair_column,
                                 label_column=label_column, epochs=epochs, lr=lr, batch_size=opts.batch_size,
@@ -93,8 +78,8 @@ def finetune(
                                 max_steps=opts.max_steps, seed=opts.seed, limit_train=limit_train,
                                 limit_eval=limit_eval, bf16=bf16, prompt_column=prompt_column,
                                 response_column=response_column, messages_column=messages_column, packing=packing,
-                                lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                lora_targets=_split_targets(lora_targets), merge=merge)
+                                lora=opts.lora, lora_rank=opts.lora_rank, lora_alpha=opts.lora_alpha,
+                                lora_dropout=opts.lora_dropout, lora_targets=opts.lora_targets, merge=merge)
     report = run_finetune(model, train, eval_file, output, settings, overwrite=opts.overwrite,
                           callbacks=[_progress_callback(opts.log_every)])
     out = results_console(json_path)

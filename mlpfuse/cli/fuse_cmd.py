@@ -7,10 +7,10 @@ from contextlib import ExitStack
 import typer
 from rich.table import Table
 
-from ..errors import InputError
-from ..option_fields import CALIBRATION, FUSE_FIELDS, OUTPUT, recipe_types  # light: no torch
-from .common import check_inputs, check_json_path, layer_progress, load_recipe, log, merge, results_console, write_json_report
-from .options import Options, command, merge_declared
+from mlpfuse.cli.common import check_inputs, check_json_path, layer_progress, load_recipe, log, merge, results_console, write_json_report
+from mlpfuse.cli.options import Options, command, merge_declared
+from mlpfuse.errors import InputError
+from mlpfuse.option_fields import CALIBRATION, FUSE_FIELDS, OUTPUT, recipe_types  # light: no torch
 
 
 # What each recipe field may hold (YAML types), derived from the declarations (mlpfuse/option_fields.py): the
@@ -48,7 +48,7 @@ def fuse(
         flag = given[0].flags[-1]
         raise InputError(f"{flag} applies to data-aware fusion: pass --calibration FILE too (or drop {flag})")
     check_inputs(model, files=(calibration,))
-    from ..fuse import FuseSettings, fuse_checkpoint  # heavy (torch, transformers): once the inputs are known to exist
+    from mlpfuse.compress.fuse import FuseSettings, fuse_checkpoint  # heavy (torch, transformers): once the inputs are known to exist
 
     settings = FuseSettings(**{f.name: values[f.name] for f in FUSE_FIELDS})
     output, overwrite, json_path = values["output"], bool(values["overwrite"]), opts.json_path

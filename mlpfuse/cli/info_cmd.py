@@ -5,10 +5,10 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from ..arch import ARCHITECTURES
-from ..option_fields import OUTPUT
-from .common import check_json_path, console, results_console, write_json_report
-from .options import Options, command
+from mlpfuse.arch import ARCHITECTURES
+from mlpfuse.cli.common import check_json_path, console, results_console, write_json_report
+from mlpfuse.cli.options import Options, command
+from mlpfuse.option_fields import OUTPUT
 
 
 @command(OUTPUT["json_path"])
@@ -19,15 +19,15 @@ def inspect(
     opts: Options = None,
 ):
     """What to know before deploying: fused or exported, widths per layer, remote code, parameter and FLOP savings."""
-    from ..source import resolve_model
+    from mlpfuse.checkpoints.source import resolve_model
 
     json_path = opts.json_path
     check_json_path(json_path, model)
     if model.endswith(".gguf"):
         return _inspect_gguf(model, json_path)
     directory = resolve_model(model, quantised_ok=True)  # reported below; every other command refuses it
-    from ..checkpoint import read_config  # heavy (torch): once the model is found, so a mistyped path fails at once
-    from ..deployinfo import describe
+    from mlpfuse.checkpoints.tensors import read_config  # heavy (torch): once the model is found, so a mistyped path fails at once
+    from mlpfuse.deploy.deployinfo import describe
 
     config = read_config(directory)
     facts = describe(directory, flops)
@@ -97,12 +97,12 @@ def _print_runtimes(out, rows) -> None:
 def _inspect_gguf(model: str, json_path) -> None:
     from pathlib import Path
 
-    from ..errors import InputError
+    from mlpfuse.errors import InputError
 
     path = Path(model).expanduser()
     if not path.is_file():
         raise InputError(f"no such GGUF file: {model}")
-    from ..deployinfo import describe_gguf
+    from mlpfuse.deploy.deployinfo import describe_gguf
 
     try:
         facts = describe_gguf(path)

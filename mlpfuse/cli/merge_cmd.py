@@ -5,10 +5,10 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from ..errors import InputError
-from ..option_fields import OUTPUT, RUNTIME, TEXT
-from .common import check_inputs, check_json_path, log, results_console, write_json_report
-from .options import Options, command
+from mlpfuse.cli.common import check_inputs, check_json_path, log, results_console, write_json_report
+from mlpfuse.cli.options import Options, command
+from mlpfuse.errors import InputError
+from mlpfuse.option_fields import OUTPUT, RUNTIME, TEXT
 
 
 @command(OUTPUT["output"].using(required=True), TEXT["text_column"].using("sentence", aliases=("--column",)),
@@ -37,7 +37,7 @@ def merge_layers(
     check_json_path(json_path, model, files=(calibration, eval_path))
     check_json_path(plot, model, files=(calibration, eval_path), what="--plot")
     check_inputs(model, files=(calibration, eval_path))
-    from ..merge import MergeSettings, merge_checkpoint, plot_similarity  # heavy: once the inputs are known to exist
+    from mlpfuse.compress.merge import MergeSettings, merge_checkpoint, plot_similarity  # heavy: once the inputs are known to exist
 
     settings = MergeSettings(
         layers=layers, count=count, mode="drop" if drop else "permute" if permute else "average",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from ..methods.catalog import ntk_default_methods  # import-light: the declarations, not the maths
-from ..option_fields import COMPRESSION, OUTPUT, RUNTIME, TEXT
-from .common import check_inputs, check_json_path, log, results_console, write_json_report
-from .options import METHODS_HELP, Options, command
+from mlpfuse.cli.common import check_inputs, check_json_path, log, results_console, write_json_report
+from mlpfuse.cli.options import METHODS_HELP, Options, command
+from mlpfuse.methods.catalog import ntk_default_methods  # import-light: the declarations, not the maths
+from mlpfuse.option_fields import COMPRESSION, OUTPUT, RUNTIME, TEXT
 
 DEFAULT_METHODS = ntk_default_methods()
 
@@ -35,7 +35,7 @@ def ntk_check_command(
     check_json_path(json_path, model, files=(data,))
     check_json_path(plot, model, files=(data,), what="--plot")
     check_inputs(model, files=(data,))
-    from ..ntk import ntk_check, plot_report  # heavy (torch, transformers): once the inputs are known to exist
+    from mlpfuse.analysis.ntk import ntk_check, plot_report  # heavy (torch, transformers): once the inputs are known to exist
 
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     compare_list = [p.strip() for entry in (compare or []) for p in entry.split(",") if p.strip()]

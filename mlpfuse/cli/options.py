@@ -3,8 +3,7 @@
 :func:`command` builds a command's options from the declarations: the command function lists only its own
 arguments and options, plus ``opts``, which receives the declared ones (``opts.device``, ``opts.seed``...);
 ``COMMON`` is added to every command. ``recipe=True`` (``fuse``) makes every declared option default to None
-(unset), so that :func:`merge_declared` can tell a flag from a recipe value from a default. The ``lora_*_option``
-functions are the LoRA flags finetune and bench share (not declared fields yet). ``tests/test_cli_flags.py``
+(unset), so that :func:`merge_declared` can tell a flag from a recipe value from a default. ``tests/test_cli_flags.py``
 walks every command and checks that a flag has one name and one help text everywhere.
 Import-light on purpose (typer, the option and method declarations only): ``mlpfuse --help`` must not pull torch or transformers.
 """
@@ -17,40 +16,11 @@ from types import SimpleNamespace
 
 import typer
 
-from ..methods.catalog import methods_help
-from ..option_fields import COMMON, Field, Group
+from mlpfuse.methods.catalog import methods_help
+from mlpfuse.option_fields import COMMON, Field, Group
 
 # Every built-in method with its help line, read from the declarations (mlpfuse/methods/catalog.py, no torch).
 METHODS_HELP = methods_help()
-
-LORA_HELP = "Train LoRA adapters (PEFT) instead of every weight."
-LORA_RANK_HELP = "LoRA rank r."
-LORA_ALPHA_HELP = "LoRA alpha (the update is scaled by alpha / r)."
-LORA_DROPOUT_HELP = "Dropout on the LoRA input."
-
-# LoRA (mlpfuse/lora.py): finetune trains with it, bench times its training step. Defaults: finetune's
-# FinetuneSettings / bench's BenchSettings (8, 16, 0.05).
-
-
-def lora_option():
-    """``--lora``: train LoRA adapters (PEFT) instead of every weight."""
-    return typer.Option(False, "--lora", help=LORA_HELP)
-
-
-def lora_rank_option(default: int = 8):
-    """``--lora-rank r``."""
-    return typer.Option(default, "--lora-rank", help=LORA_RANK_HELP)
-
-
-def lora_alpha_option(default: float = 16.0):
-    """``--lora-alpha``: the update is scaled by alpha / r."""
-    return typer.Option(default, "--lora-alpha", help=LORA_ALPHA_HELP)
-
-
-def lora_dropout_option(default: float = 0.05):
-    """``--lora-dropout``: dropout on the adapters' input."""
-    return typer.Option(default, "--lora-dropout", help=LORA_DROPOUT_HELP)
-
 
 # --- options generated from the declarations ----------------------------------------------------------------
 
@@ -96,7 +66,7 @@ def command(*declared: Field | Group, recipe: bool = False):
     assert len(set(names)) == len(names), f"a declared option given twice: {names}"
 
     def decorate(fn):
-        from .common import handle_errors  # common imports this module
+        from mlpfuse.cli.common import handle_errors  # common imports this module
 
         signature = inspect.signature(fn, eval_str=True)
         own = [p for name, p in signature.parameters.items() if name != "opts"]

@@ -7,11 +7,11 @@ from contextlib import contextmanager
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..option_fields import OUTPUT, RUNTIME, TEXT, TRAINING
-from .common import check_inputs, check_json_path, interruption_message, log, results_console, write_json_report
-from .options import Options, command
+from mlpfuse.cli.common import check_inputs, check_json_path, interruption_message, log, results_console, write_json_report
+from mlpfuse.cli.options import Options, command
+from mlpfuse.option_fields import OUTPUT, RUNTIME, TEXT, TRAINING
 
-# Defaults of TuneSettings shown by --help (mlpfuse/tune.py holds the same; not imported here: it pulls torch).
+# Defaults of TuneSettings shown by --help (mlpfuse/train/tune.py holds the same; not imported here: it pulls torch).
 TUNE_DEFAULTS = {"lr": 1e-4, "first_token_weight": 1.0, "kl_temperature": 1.0, "eval_rows": 256}
 
 
@@ -77,7 +77,7 @@ def tune(
     output, json_path = opts.output, opts.json_path
     check_json_path(json_path, fused, teacher, files=(data,) + ((eval_data,) if eval_data else ()))
     check_inputs(fused, teacher, files=(data, eval_data))
-    from ..tune import TuneSettings, state_directory, tune_checkpoint  # heavy: once the inputs are known to exist
+    from mlpfuse.train.tune import TuneSettings, state_directory, tune_checkpoint  # heavy: once the inputs are known to exist
 
     settings = TuneSettings(text_column=opts.text_column, pair_column=opts.pair_column, lr=lr, batch_size=opts.batch_size,
                             max_length=opts.max_length, epochs=epochs, max_steps=opts.max_steps, seed=opts.seed,

@@ -31,11 +31,11 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import InputError
-from .catalog import BUILTIN, LAYOUTS, REPORT_FIELDS, MethodDeclaration, builtin, methods_help, ntk_default_methods
+from mlpfuse.errors import InputError
+from mlpfuse.methods.catalog import BUILTIN, LAYOUTS, REPORT_FIELDS, MethodDeclaration, builtin, methods_help, ntk_default_methods
 
 if TYPE_CHECKING:
-    from ..mlp import MLPWeights
+    from mlpfuse.compress.mlp import MLPWeights
 
 __all__ = ["BUILTIN", "LAYOUTS", "REPORT_FIELDS", "Calibration", "Method", "MethodDeclaration", "MethodOptions",
            "check_calibrated", "check_can_write", "get_method", "method_names", "methods_help", "ntk_default_methods", "register", "unregister"]

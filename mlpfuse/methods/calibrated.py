@@ -1,7 +1,7 @@
 """Data-aware MLP compression maths from calibration statistics: importance, protected neurons,
 weighted k-means, ridge refit, activation-aware SVD.
 
-Pure tensor maths on :class:`~mlpfuse.mlp.MLPWeights` and calibration inputs ``x``: the hidden
+Pure tensor maths on :class:`~mlpfuse.compress.mlp.MLPWeights` and calibration inputs ``x``: the hidden
 states that enter this MLP (e.g. after the layer's norm), given as one [tokens, p] tensor or as a
 sequence of such chunks (what ``fuse --calibration`` caches per layer). No architecture names, no
 model. Every method works from **sums accumulated chunk by chunk** (float32 activations on the
@@ -14,7 +14,7 @@ compute device, float64 accumulators), so memory does not grow with the number o
    ``mean_t h[t, i]^2 * ||W_out[:, i]||^2`` (times ``P_i^2`` when a scale is set);
 3. :func:`protected_neurons`: the ``m`` most important stay singleton clusters, unchanged: the few
    neurons that carry an LLM's massive activations must survive;
-4. importance-weighted k-means (``mlpfuse.kmeans.kmeans(..., weights=)``) of the other sub-MLPs'
+4. importance-weighted k-means (``mlpfuse.compress.kmeans.kmeans(..., weights=)``) of the other sub-MLPs'
    feature rows into the remaining ``k - m`` clusters; every cluster becomes the importance-weighted
    mean of its sub-MLPs and ``P`` holds the cluster sizes (MLP Fusion: ``sum_i f_i ~ P_c f(c)``);
 5. :func:`ridge_refit`: a second chunked pass accumulates ``G = H_f^T H_f`` and ``C = H_f^T Y``
@@ -30,7 +30,7 @@ fold into the one they correlate with most (:func:`fold_assignment`), the centro
 representative itself and P counts the members by their least-squares coefficients; the refit
 (step 5) comes from blocks of the same Gram.
 
-``fuse --calibration`` (mlpfuse/calibration.py) runs the model layer by layer and calls the
+``fuse --calibration`` (mlpfuse/compress/calibration.py) runs the model layer by layer and calls the
 data-aware form of the chosen method with each layer's cached inputs: :func:`selected_fusion` or
 :func:`calibrated_fusion` (``--grouping``) for ``fusion`` (and ``cluster``, with sqrt(P) folded and no refit), :func:`calibrated_prune` for
 ``prune``, :func:`calibrated_svd` for ``svd``.
@@ -43,8 +43,8 @@ from typing import Sequence
 
 import torch
 
-from ..errors import InputError
-from ..mlp import MLPWeights
+from mlpfuse.compress.mlp import MLPWeights
+from mlpfuse.errors import InputError
 
 CHUNK_TOKENS = 4096  # rows per chunk when one [tokens, p] tensor is given
 # Lloyd iterations of the importance-weighted k-means: FAISS's own default. The refit that follows
@@ -246,8 +246,8 @@ def importance_clusters(mlp: MLPWeights, k: int, score: torch.Tensor, protected:
                         backend: str = "torch", device=None, init: str | None = None) -> tuple[torch.Tensor, str]:
     """(labels (length I, int64), the k-means backend that ran): protected neurons are clusters ``0..m-1``, the others are grouped by an
     importance-weighted k-means of their feature rows (output part: the effective weight W_out * P)
-    into clusters ``m..k-1`` (``mlpfuse.kmeans.kmeans``, any backend and device)."""
-    from ..kmeans import kmeans
+    into clusters ``m..k-1`` (``mlpfuse.compress.kmeans.kmeans``, any backend and device)."""
+    from mlpfuse.compress.kmeans import kmeans
 
     width, m = mlp.width, protected.numel()
     rest = torch.ones(width, dtype=torch.bool)

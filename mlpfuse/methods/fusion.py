@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from ..kmeans import kmeans
-from ..mlp import MLPWeights
-from . import MethodOptions, register
-from .calibrated import calibrated_fusion, output_error, selected_fusion, size_histogram
+from mlpfuse.compress.kmeans import kmeans
+from mlpfuse.compress.mlp import MLPWeights
+from mlpfuse.methods import MethodOptions, register
+from mlpfuse.methods.calibrated import calibrated_fusion, output_error, selected_fusion, size_histogram
 
 
 def cluster_average(tensor: torch.Tensor, labels: torch.Tensor, k: int, dim: int = 0) -> torch.Tensor:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..mlp import MLPWeights
-from . import MethodOptions, register
+from mlpfuse.compress.mlp import MLPWeights
+from mlpfuse.methods import MethodOptions, register
 
 STEPS = 100
 LEARNING_RATE = 0.05  # times the features' standard deviation

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..mlp import MLPWeights
-from . import MethodOptions, register
-from .calibrated import calibrated_prune
+from mlpfuse.compress.mlp import MLPWeights
+from mlpfuse.methods import MethodOptions, register
+from mlpfuse.methods.calibrated import calibrated_prune
 
 
 def importance(mlp: MLPWeights) -> torch.Tensor:

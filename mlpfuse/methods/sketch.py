@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from ..mlp import MLPWeights
-from . import MethodOptions, register
+from mlpfuse.compress.mlp import MLPWeights
+from mlpfuse.methods import MethodOptions, register
 
 
 def gaussian_sketch(width: int, k: int, seed: int) -> torch.Tensor:

@@ -19,9 +19,9 @@ from dataclasses import replace
 
 import torch
 
-from ..mlp import MLPWeights
-from . import MethodOptions, register
-from .calibrated import calibrated_svd
+from mlpfuse.compress.mlp import MLPWeights
+from mlpfuse.methods import MethodOptions, register
+from mlpfuse.methods.calibrated import calibrated_svd
 
 WEIGHTS = ("w_gate", "w_in", "w_out")
 NEURON_BIASES = ("b_in", "b_gate")

@@ -25,7 +25,7 @@ from .configuration_mlpfuse import MlpFuseConfig
 
 REMOTE_CODE_FILES = ("configuration_mlpfuse.py", "modeling_mlpfuse.py")
 FUSED_MODEL_TYPE = "mlpfuse"
-# Module types of the config's ``mlpfuse.modules`` entries (mlpfuse/format.py re-exports them).
+# Module types of the config's ``mlpfuse.modules`` entries (mlpfuse/checkpoints/format.py re-exports them).
 LINEAR_MODULE = "linear"
 CONV1D_MODULE = "conv1d"
 LOW_RANK_MODULE = "lowrank"

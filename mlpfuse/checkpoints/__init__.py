@@ -1,0 +1,1 @@
+"""Checkpoints in and out: resolve the model argument, read and check a checkpoint tensor by tensor, the fused format, the one writer of derived checkpoints, and the load check every written checkpoint passes."""

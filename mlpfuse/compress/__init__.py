@@ -1,0 +1,1 @@
+"""Compression pipelines: plan the sites, run a method (``mlpfuse.methods``) on each MLP or expert, with or without calibration, and stream the new tensors to the writer; ``fuse`` and ``merge-layers``."""
