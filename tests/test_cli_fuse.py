@@ -214,3 +214,33 @@ def test_multiple_of_must_be_a_positive_integer(tiny_checkpoint, tmp_path):
                                       "--multiple-of", "0"])
     assert result.exit_code == 2 and "--multiple-of must be an integer >= 1" in result.stderr, result.output
     assert not (tmp_path / "out").exists()
+
+
+def _table_header(output: str) -> list[str]:
+    header = next(line for line in output.splitlines() if "┃ layer" in line)
+    return [cell.strip() for cell in header.strip("┃ ").split("┃")]
+
+
+@pytest.mark.parametrize("method, columns", [
+    ("fusion", ["layer", "width", "params", "inertia", "k-means s", "backend", "singletons", "largest", "cluster sizes"]),
+    ("prune", ["layer", "width", "params"]),
+    ("svd", ["layer", "width", "params"]),
+])
+def test_the_summary_table_has_the_columns_of_the_report_fields_the_method_declares(bert_dir, tmp_path, method, columns):
+    result = run("fuse", bert_dir, "--layers", "1", "--dim", "8", "--method", method, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert _table_header(result.stdout) == columns
+
+
+def test_a_method_that_declares_no_report_fields_gets_the_three_plain_columns(bert_dir, tmp_path):
+    @register(MethodDeclaration("first-k-table", help="keep the first k neurons", writes=("dense", "gated"),
+                                report_fields=("inertia",)))
+    def first(mlp, k, options):
+        return mlp.map_neurons(lambda t: t[:k].clone(), lambda w: w[:, :k].clone())
+
+    try:
+        result = run("fuse", bert_dir, "--layers", "1", "--dim", "8", "--method", "first-k-table", "-o", tmp_path / "out")
+    finally:
+        unregister("first-k-table")
+    assert result.exit_code == 0, result.output
+    assert _table_header(result.stdout) == ["layer", "width", "params"]  # declared inertia, but never filled

@@ -84,34 +84,50 @@ def fuse(
     write_json_report(json_path, report.to_dict())
 
 
+def _number(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+# report field (methods/catalog.REPORT_FIELDS) -> its columns: (title, text of one row's value); a row is a
+# LayerReport or an expert's dict (MoE), read alike. "rank" shows in the width column.
+_FIELD_COLUMNS = {
+    "inertia": [("inertia", lambda row: _number(_get(row, "inertia"), ".4g"))],
+    "kmeans_seconds": [("k-means s", lambda row: _number(_get(row, "kmeans_seconds"), ".2f"))],
+    "backend": [("backend", lambda row: _get(row, "backend") or "-")],
+    "cluster_sizes": [("singletons", lambda row: _number(_get(row, "singletons"), "d")),
+                      ("largest", lambda row: _number(_get(row, "largest_cluster"), "d")),
+                      ("cluster sizes", lambda row: compact_histogram(_get(row, "cluster_sizes") or {}) or "-")],
+    "protected": [("protected", lambda row: _number(_get(row, "protected"), "d"))],
+    "relative_error": [("rel. error", lambda row: _number(_get(row, "relative_error"), ".3g"))],
+}
+_LEFT = {"backend", "cluster sizes"}
+
+
+def _get(row, name: str):
+    return row.get(name) if isinstance(row, dict) else getattr(row, name, None)
+
+
 def _summary_table(report) -> Table:
+    """One row per compressed site (and per fused expert): the columns of the report fields the method
+    declares (``MethodDeclaration.report_fields``) that this run filled."""
+    from mlpfuse.methods import get_method
+
+    declared = get_method(report.method).report_fields
+    rows = [row for layer in report.layers for row in (layer, *(getattr(layer, "experts", None) or []))]
+    fields = [f for f in declared if f in _FIELD_COLUMNS and any(_get(row, f) is not None for row in rows)]
+    columns = [column for f in fields for column in _FIELD_COLUMNS[f]]
     table = Table(title=f"{report.method}: {report.source} -> {report.output}")
-    clustered = any(layer.cluster_sizes for layer in report.layers)
-    calibrated = report.calibration is not None
-    columns = ["layer", "width", "params", "inertia", "k-means s", "backend"]
-    columns += ["singletons", "largest", "cluster sizes"] if clustered else []
-    columns += ["rel. error"] if calibrated else []
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("backend", "cluster sizes") else "right", no_wrap=True)
+    for title in ["layer", "width", "params", *(title for title, _ in columns)]:
+        table.add_column(title, justify="left" if title in _LEFT else "right", no_wrap=True)
     for layer in report.layers:
-        extra = [str(layer.singletons), str(layer.largest_cluster), compact_histogram(layer.cluster_sizes)] \
-            if layer.cluster_sizes else ["-"] * 3
-        table.add_row(
-            layer.label, f"{layer.original_width} -> {layer.width}" + (f" rank {layer.rank}" if layer.rank else ""),
-            f"{layer.params_before:,} -> {layer.params_after:,}",
-            "-" if layer.inertia is None else f"{layer.inertia:.4g}",
-            "-" if layer.kmeans_seconds is None else f"{layer.kmeans_seconds:.2f}", layer.backend or "-",
-            *(extra if clustered else []),
-            *([f"{layer.relative_error:.3g}" if layer.relative_error is not None else "-"] if calibrated else []),
-        )
-        for expert in getattr(layer, "experts", None) or []:  # MoE: one row per fused expert
+        for row in (layer, *(getattr(layer, "experts", None) or [])):
+            expert = row is not layer
+            rank = _get(row, "rank")
             table.add_row(
-                f"  {expert['expert']}", f"{expert['original_width']} -> {expert['width']}",
-                f"{expert['params_before']:,} -> {expert['params_after']:,}",
-                "-" if expert["inertia"] is None else f"{expert['inertia']:.4g}",
-                "-" if expert["kmeans_seconds"] is None else f"{expert['kmeans_seconds']:.2f}", expert["backend"] or "-",
-                *(["-"] * (len(columns) - 6)),
-            )
+                f"  {row['expert']}" if expert else row.label,
+                f"{_get(row, 'original_width')} -> {_get(row, 'width')}" + (f" rank {rank}" if rank else ""),
+                f"{_get(row, 'params_before'):,} -> {_get(row, 'params_after'):,}",
+                *(text(row) for _, text in columns))
     return table
 
 
