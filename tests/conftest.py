@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models of every registered architecture, saved as checkpoints.
+"""Shared fixtures: tiny random models of every registered architecture, saved as checkpoints, and
+random MLP weights for the methods' maths.
 
 ``TINY`` is the one table of tiny configs (name -> (config factory, task, MLP or expert width)); every
 test that needs a tiny model builds it from here (``build_tiny``, ``tiny_config``), and
@@ -135,6 +136,12 @@ def build_tiny(name: str, seed: int = 0, **overrides):
     return auto.from_config(factory()).eval(), task
 
 
+def tiny_config_dict(name: str, **overrides) -> dict:
+    """The tiny config of family ``name`` as a plain dict (``model_type`` and what differs from the
+    defaults), the form ``mlpfuse.analysis.bench.preset_sources`` takes."""
+    return tiny_config(name, **overrides).to_diff_dict()
+
+
 def model_inputs(name: str, batch: int = 2, length: int = 7, seed: int = 1) -> dict:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
@@ -162,6 +169,31 @@ def tiny_checkpoint(tmp_path):
         return directory, model, task
 
     return make
+
+
+# ---- random MLP weights (one MLP block as MLPWeights, no model around it)
+
+def random_mlp(width: int = 48, hidden: int = 12, gated: bool = False, seed: int = 0, bias: bool | None = None,
+               small: bool = False, dtype: torch.dtype = torch.float64):
+    """Random ``MLPWeights`` (w_in, w_out: width x hidden and hidden x width; w_gate when ``gated``).
+
+    ``bias`` (default: not gated, as BERT-style MLPs have biases and LLaMA-style gated ones do not)
+    adds b_in and b_out. ``small`` scales the N(0, 1) draws (w_in and w_gate by 1/3, w_out by 1/6,
+    biases by 1/5) so pre-activations of a few units sit where the activation is neither linear
+    nor saturated."""
+    from mlpfuse.compress.mlp import MLPWeights
+
+    bias = not gated if bias is None else bias
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda factor, *shape: torch.randn(*shape, generator=g, dtype=dtype) * (factor if small else 1)  # noqa: E731
+    w_in, b_in = draw(1 / 3, width, hidden), draw(1 / 5, width) if bias else None
+    w_out, b_out = draw(1 / 6, hidden, width), draw(1 / 5, hidden) if bias else None
+    return MLPWeights(w_in=w_in, b_in=b_in, w_out=w_out, b_out=b_out, w_gate=draw(1 / 3, width, hidden) if gated else None)
+
+
+def repeat_neurons(mlp, order: torch.Tensor):
+    """``mlp`` with neuron ``order[j]`` as its neuron j (rows of w_in, b_in, w_gate; columns of w_out)."""
+    return mlp.map_neurons(lambda t: t[order].clone(), lambda w: w[:, order].clone())
 
 
 WORDS = [f"w{i}" for i in range(60)]
@@ -203,9 +235,10 @@ def write_texts(path: Path, rows: int = 48, seed: int = 0, labels=("pos", "neg")
     return path
 
 
-def make_checkpoints(directory: Path, kind: str = "bert", seed: int = 0) -> tuple[Path, Path]:
-    """A tiny original model (with the bundled MiniLM tokenizer) and its fused copy (every layer at width
-    16), saved; ``kind`` bert (BertModel) or llama (LlamaForCausalLM)."""
+def make_checkpoints(directory: Path, kind: str = "bert", seed: int = 0, layers: str = "all",
+                     dim: int = 16) -> tuple[Path, Path]:
+    """A tiny original model (with the bundled MiniLM tokenizer) and its fused copy (``layers`` at width
+    ``dim``), saved; ``kind`` bert (BertModel, MLP width 64) or llama (LlamaForCausalLM, MLP width 48)."""
     from mlpfuse.compress.fuse import FuseSettings, fuse_model
     from mlpfuse.checkpoints.source import bundled_model_path
 
@@ -220,7 +253,7 @@ def make_checkpoints(directory: Path, kind: str = "bert", seed: int = 0) -> tupl
     original, fused = directory / f"{kind}-original", directory / f"{kind}-fused"
     model.save_pretrained(original)
     tokenizer.save_pretrained(original)
-    fuse_model(model, FuseSettings(layers="all", dim=16, seed=0))
+    fuse_model(model, FuseSettings(layers=layers, dim=dim, seed=0))
     model.save_pretrained(fused)
     tokenizer.save_pretrained(fused)
     return original, fused

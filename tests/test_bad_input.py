@@ -24,7 +24,7 @@ from mlpfuse.cli import app
 from mlpfuse.errors import EnvironmentProblem, InputError
 from mlpfuse.runtime import dtype_name, resolve_device
 
-from .conftest import DENSE_FAMILIES, build_tiny, save_tokenizer, tree_digest
+from .conftest import DENSE_FAMILIES, build_tiny, save_tokenizer, tiny_config, tree_digest
 from .conftest import make_checkpoints, write_texts
 
 runner = CliRunner()
@@ -240,9 +240,8 @@ def trained(tmp_path_factory):
     original, fused = make_checkpoints(directory)
     wide = directory / "wide"
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(original))
-    transformers.BertModel(transformers.BertConfig(
-        vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64)).save_pretrained(wide)
+    transformers.BertModel(tiny_config("bert", vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64)
+                           ).save_pretrained(wide)
     tokenizer.save_pretrained(wide)
     bare = directory / "bare"  # weights and config, no tokenizer files
     bare.mkdir()

@@ -12,16 +12,20 @@ from mlpfuse import FuseSettings, fuse_checkpoint
 from mlpfuse.analysis.bench import BenchSettings, checkpoint_sources, preset_sources, run_bench
 from mlpfuse.cli import app
 
-H, L, I, K, V, POS, HEADS, SEQ = 32, 2, 48, 12, 99, 64, 4, 8
-TINY = dict(model_type="bert", hidden_size=H, num_hidden_layers=L, num_attention_heads=HEADS, intermediate_size=I,
-            vocab_size=V, max_position_embeddings=POS)
+from .conftest import tiny_config, tiny_config_dict
+
+SHAPE = tiny_config_dict("bert")  # tests/conftest.py's tiny BERT, as a --shape config
+_BERT = tiny_config("bert")
+H, L, I, V, POS = _BERT.hidden_size, _BERT.num_hidden_layers, _BERT.intermediate_size, _BERT.vocab_size, _BERT.max_position_embeddings
+K, SEQ = 12, 8  # layer 1's fused width; the benchmarked sequence length
 QUICK = dict(steps=3, warmup=1, batch_size=2, seq_len=SEQ, threads=1)
 runner = CliRunner()
 
 
 def hand_parameters(widths: list[int]) -> int:
-    """BERT: embeddings (+ LayerNorm), per layer attention + LayerNorms + MLP of width w, pooler."""
-    embeddings = V * H + POS * H + 2 * H + 2 * H
+    """BERT: embeddings (words, positions, token types, LayerNorm), per layer attention + LayerNorms + MLP of
+    width w, pooler."""
+    embeddings = V * H + POS * H + _BERT.type_vocab_size * H + 2 * H
     attention = 4 * (H * H + H) + 2 * H
     mlp = lambda w: H * w + w + w * H + H  # noqa: E731
     return embeddings + sum(attention + mlp(w) + 2 * H for w in widths) + H * H + H
@@ -36,7 +40,7 @@ def hand_flops_per_token(widths: list[int], s: int) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def report():
     """Original and a model with layer 1 fused to K, with the CPU memory probes (subprocesses)."""
-    return run_bench(preset_sources(TINY, layers="1", dims=[K], label="tiny"), BenchSettings(**QUICK, memory=True))
+    return run_bench(preset_sources(SHAPE, layers="1", dims=[K], label="tiny"), BenchSettings(**QUICK, memory=True))
 
 
 @pytest.mark.slow

@@ -9,11 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from mlpfuse import FuseSettings, fuse_checkpoint
-from mlpfuse.analysis.bench import BenchSettings, checkpoint_sources, preset_sources, run_bench
+from mlpfuse.analysis.bench import BenchSettings, preset_sources, run_bench
 from mlpfuse.cli import app
 
 from .conftest import tiny_config
-from .test_bench import QUICK, TINY, H, I, K, L
+from .test_bench import QUICK, SHAPE, H, I, K, L
 
 pytest.importorskip("peft")
 RANK = 3
@@ -37,10 +37,10 @@ def llama_projections(hidden: int, kv: int, widths: list[int]) -> list[tuple[int
 
 
 def test_lora_step_trains_only_the_adapters():
-    report = run_bench(preset_sources(TINY, layers="1", dims=[K], label="tiny"),
+    report = run_bench(preset_sources(SHAPE, layers="1", dims=[K], label="tiny"),
                        BenchSettings(**QUICK, memory=False, lora=True, lora_rank=RANK))
     assert report.settings["lora"] is True and report.settings["lora_rank"] == RANK
-    full = run_bench(preset_sources(TINY, layers="1", dims=[K], label="tiny"), BenchSettings(**QUICK, memory=False))
+    full = run_bench(preset_sources(SHAPE, layers="1", dims=[K], label="tiny"), BenchSettings(**QUICK, memory=False))
     for model, widths, plain in zip(report.models, ([I] * L, [I, K]), full.models):
         assert model.trainable_parameters == hand_lora(RANK, bert_projections(H, widths))
         assert model.trainable_parameters < model.parameters
@@ -98,7 +98,7 @@ def test_cli_benches_a_fused_checkpoint_with_lora(family, method, tiny_checkpoin
 def test_memory_probe_trains_the_same_adapters():
     """The CPU memory probe (a subprocess per model) wraps the model as the timed run does: run_bench
     refuses a probe whose trainable count differs, so a finished run with figures is the check."""
-    report = run_bench(preset_sources(TINY, layers="1", dims=[K], label="tiny"),
+    report = run_bench(preset_sources(SHAPE, layers="1", dims=[K], label="tiny"),
                        BenchSettings(**QUICK, memory=True, inference=False, lora=True, lora_rank=RANK))
     for model in report.models:
         assert model.peak_memory_bytes > 0 and model.peak_rss_bytes > model.peak_memory_bytes

@@ -22,16 +22,9 @@ from mlpfuse.methods.calibrated import (
 )
 from mlpfuse.methods.fusion import fusion
 
+from .conftest import random_mlp, repeat_neurons
+
 SILU, GELU = torch.nn.functional.silu, torch.nn.functional.gelu
-
-
-def tiny_mlp(gated: bool, width: int = 48, hidden: int = 12, seed: int = 0) -> MLPWeights:
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
-    if gated:
-        return MLPWeights(w_in=rand(width, hidden) / 3, w_out=rand(hidden, width) / 6, w_gate=rand(width, hidden) / 3)
-    return MLPWeights(w_in=rand(width, hidden) / 3, w_out=rand(hidden, width) / 6, b_in=rand(width) / 5,
-                      b_out=rand(hidden) / 5)
 
 
 def inputs(tokens: int, hidden: int = 12, seed: int = 1) -> torch.Tensor:
@@ -45,7 +38,7 @@ def error(mlp, fused, x, act) -> float:
 @pytest.mark.parametrize("gated,act", [(True, SILU), (False, GELU)])
 @pytest.mark.parametrize("protect", [0, 48])
 def test_full_width_and_protect_all_are_exact(gated, act, protect):
-    mlp, x = tiny_mlp(gated), inputs(200)
+    mlp, x = random_mlp(gated=gated, small=True), inputs(200)
     fused = calibrated_fusion(mlp, mlp.width, x, act, protect=protect)
     held_out = inputs(50, seed=7)
     torch.testing.assert_close(fused.forward(held_out, act), mlp.forward(held_out, act), rtol=0, atol=1e-12)
@@ -54,7 +47,7 @@ def test_full_width_and_protect_all_are_exact(gated, act, protect):
 
 @pytest.mark.parametrize("gated,act", [(True, SILU), (False, GELU)])
 def test_refit_lowers_the_calibration_error_and_keeps_p(gated, act):
-    mlp, x = tiny_mlp(gated), inputs(600)
+    mlp, x = random_mlp(gated=gated, small=True), inputs(600)
     plain = calibrated_fusion(mlp, 16, x, act, protect=2, refit=False)
     refit = calibrated_fusion(mlp, 16, x, act, protect=2, refit=True)
     paper = fusion(mlp, 16, MethodOptions(seed=0, backend="torch"))
@@ -71,7 +64,7 @@ def test_refit_lowers_the_calibration_error_and_keeps_p(gated, act):
 
 
 def test_ridge_refit_stores_the_solution_divided_by_p():
-    mlp, x = tiny_mlp(True), inputs(400)
+    mlp, x = random_mlp(gated=True, small=True), inputs(400)
     fused = calibrated_fusion(mlp, 12, x, SILU, refit=False)
     target = mlp.forward(x, SILU)
     refit = ridge_refit(fused, mlp, x, SILU, alpha=0.0)
@@ -81,7 +74,7 @@ def test_ridge_refit_stores_the_solution_divided_by_p():
 
 
 def test_a_massive_activation_neuron_survives_as_a_singleton():
-    mlp, x = tiny_mlp(False), inputs(300)
+    mlp, x = random_mlp(gated=False, small=True), inputs(300)
     mlp.w_in[5] *= 30  # neuron 5 fires far harder than the rest
     score = importance(mlp, activation_statistics(mlp, x, GELU))
     assert int(torch.argmax(score)) == 5
@@ -139,7 +132,7 @@ def _full_refit(h_c, h, out, alpha):
 @pytest.mark.parametrize("gated,act", [(True, SILU), (False, GELU)])
 def test_chunked_float32_statistics_equal_the_float64_maths(gated, act):
     """The methods on float32 chunks (as fuse --calibration gives them) against float64 on all tokens at once."""
-    mlp, x = tiny_mlp(gated), inputs(1000)
+    mlp, x = random_mlp(gated=gated, small=True), inputs(1000)
     h = neuron_activations(mlp, x, act)  # float64, every token
     chunks = list(x.float().split(300))
     full_score = h.pow(2).mean(0) * mlp.w_out.double().pow(2).sum(0)
@@ -161,7 +154,7 @@ def test_chunked_float32_statistics_equal_the_float64_maths(gated, act):
 
 
 def test_bad_values_are_input_errors():
-    mlp, x = tiny_mlp(True), inputs(50)
+    mlp, x = random_mlp(gated=True, small=True), inputs(50)
     with pytest.raises(InputError, match="protect fewer"):
         calibrated_fusion(mlp, 4, x, SILU, protect=5)
     with pytest.raises(InputError, match="between 1 and 48"):
@@ -178,7 +171,7 @@ from mlpfuse.methods.calibrated import activation_gram, fold_assignment, select_
 @pytest.mark.parametrize("gated,act", [(True, SILU), (False, GELU)])
 @pytest.mark.parametrize("protect", [0, 48])
 def test_selected_fusion_at_full_width_is_exact(gated, act, protect):
-    mlp, x = tiny_mlp(gated), inputs(200)
+    mlp, x = random_mlp(gated=gated, small=True), inputs(200)
     fused = selected_fusion(mlp, mlp.width, x, act, protect=protect)
     held_out = inputs(50, seed=7)
     torch.testing.assert_close(fused.forward(held_out, act), mlp.forward(held_out, act), rtol=0, atol=1e-12)
@@ -187,10 +180,10 @@ def test_selected_fusion_at_full_width_is_exact(gated, act, protect):
 
 def repeated_mlp(gated: bool, distinct: int = 6, copies: tuple = (3, 1, 4, 2, 2, 5)) -> tuple[MLPWeights, torch.Tensor]:
     """An MLP of ``distinct`` neurons, neuron i repeated ``copies[i]`` times (shuffled), and its labels."""
-    base = tiny_mlp(gated, width=distinct)
+    base = random_mlp(gated=gated, small=True, width=distinct)
     order = torch.repeat_interleave(torch.arange(distinct), torch.tensor(copies))
     order = order[torch.randperm(order.numel(), generator=torch.Generator().manual_seed(3))]
-    return base.map_neurons(lambda t: t[order].clone(), lambda w: w[:, order].clone()), order
+    return repeat_neurons(base, order), order
 
 
 @pytest.mark.parametrize("gated,act", [(True, SILU), (False, GELU)])
@@ -211,7 +204,7 @@ def test_selected_fusion_of_repeated_neurons_is_exact_with_p_the_copies(gated, a
 @pytest.mark.parametrize("p_from", ["coefficients", "members"])
 def test_p_counts_scaled_copies_by_their_coefficients(p_from):
     """Neurons whose up weight is a scaled copy (h_j = a_j h_s): exact, P = sum |a_j| (or the count)."""
-    base = tiny_mlp(True, width=3)
+    base = random_mlp(gated=True, small=True, width=3)
     order, factors = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([1.0, -0.5, 1.0, 1.0, 0.25, 2.0], dtype=torch.float64)
     mlp = MLPWeights(w_in=base.w_in[order] * factors[:, None], w_gate=base.w_gate[order], w_out=base.w_out[:, order])
     fused = selected_fusion(mlp, 3, inputs(300), SILU, alpha=0.0, p_from=p_from)
@@ -228,7 +221,7 @@ def test_p_counts_scaled_copies_by_their_coefficients(p_from):
 
 
 def test_the_refit_from_the_gram_is_the_least_squares_fit_on_the_activations_divided_by_p():
-    mlp, x = tiny_mlp(True), inputs(400)
+    mlp, x = random_mlp(gated=True, small=True), inputs(400)
     fused = selected_fusion(mlp, 12, x, SILU, alpha=0.0)
     h_kept = neuron_activations(fused, x, SILU)  # the representatives' own activations
     expected = torch.linalg.lstsq(h_kept, mlp.forward(x, SILU)).solution.T  # [p_out, k], independent solver
@@ -240,7 +233,7 @@ def test_the_refit_from_the_gram_is_the_least_squares_fit_on_the_activations_div
 
 def test_selection_drops_a_duplicate_that_importance_keeps():
     """Two copies of the most important neuron: prune keeps both, selection keeps one and a new neuron."""
-    mlp = tiny_mlp(True, width=20)
+    mlp = random_mlp(gated=True, small=True, width=20)
     big = mlp.map_neurons(lambda t: torch.cat([t[:1] * 3, t[:1] * 3, t[2:]]), lambda w: torch.cat([w[:, :1] * 3, w[:, :1] * 3, w[:, 2:]], 1))
     x = inputs(300)
     selected = selected_fusion(big, 6, x, SILU)
@@ -252,7 +245,7 @@ def test_selection_drops_a_duplicate_that_importance_keeps():
 
 def test_the_greedy_step_is_the_exact_drop_of_the_refitted_error():
     """The first pick maximises ||G_j W||^2 / G_jj (the error drop of a one-neuron refit), checked by brute force."""
-    mlp, x = tiny_mlp(False, width=16), inputs(200)
+    mlp, x = random_mlp(gated=False, small=True, width=16), inputs(200)
     gram = activation_gram(mlp, x, GELU).gram
     h, y = neuron_activations(mlp, x, GELU), mlp.forward(x, GELU) - mlp.b_out
     drops = [float(y.pow(2).sum() - (y - h[:, [j]] @ torch.linalg.lstsq(h[:, [j]], y).solution).pow(2).sum())
@@ -263,7 +256,7 @@ def test_the_greedy_step_is_the_exact_drop_of_the_refitted_error():
 
 
 def test_fold_assignment_joins_the_most_correlated_representative():
-    mlp, x = tiny_mlp(True, width=10), inputs(100)
+    mlp, x = random_mlp(gated=True, small=True, width=10), inputs(100)
     gram = activation_gram(mlp, x, SILU).gram
     labels, coefficient = fold_assignment(gram, torch.tensor([1, 4, 7]))
     assert labels[[1, 4, 7]].tolist() == [0, 1, 2] and coefficient[[1, 4, 7]].tolist() == [1.0, 1.0, 1.0]
@@ -276,7 +269,7 @@ def test_fold_assignment_joins_the_most_correlated_representative():
 
 
 def test_selected_fusion_chunked_float32_matches_float64_and_bad_values():
-    mlp, x = tiny_mlp(True), inputs(500)
+    mlp, x = random_mlp(gated=True, small=True), inputs(500)
     fused64 = selected_fusion(mlp, 16, x, SILU, protect=2)
     fused32 = selected_fusion(mlp.map_neurons(lambda t: t.float(), lambda w: w.float()), 16,
                               list(x.float().split(128)), SILU, protect=2)

@@ -14,17 +14,14 @@ import torch
 from mlpfuse.compress.mlp import MLPWeights
 from mlpfuse.methods import MethodOptions, get_method
 
+from .conftest import random_mlp, repeat_neurons
+
 DISTINCT, REPEAT, HIDDEN = 6, 3, 16
 
 
 def repeated_mlp(seed: int = 0) -> MLPWeights:
-    g = torch.Generator().manual_seed(seed)
-    w_in, b_in = torch.randn(DISTINCT, HIDDEN, generator=g), torch.randn(DISTINCT, generator=g)
-    w_out, b_out = torch.randn(HIDDEN, DISTINCT, generator=g), torch.randn(HIDDEN, generator=g)
-    return MLPWeights(
-        w_in=w_in.repeat_interleave(REPEAT, 0).double(), b_in=b_in.repeat_interleave(REPEAT).double(),
-        w_out=w_out.repeat_interleave(REPEAT, 1).double(), b_out=b_out.double(),
-    )
+    base = random_mlp(DISTINCT, HIDDEN, seed=seed)
+    return repeat_neurons(base, torch.arange(DISTINCT).repeat_interleave(REPEAT))
 
 
 def adam_ntk(params: list[torch.Tensor], scalar_fns) -> torch.Tensor:

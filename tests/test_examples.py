@@ -21,7 +21,7 @@ from mlpfuse.cli import app
 from mlpfuse.cli.common import load_recipe
 from mlpfuse.cli.fuse_cmd import RECIPE_FIELDS, RECIPE_TYPES
 
-from .conftest import WORDS, build_tiny, save_tokenizer
+from .conftest import WORDS, build_tiny, save_tokenizer, tiny_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 RECIPES = sorted(EXAMPLES.glob("*.yaml"))
@@ -32,26 +32,15 @@ WORKFLOW = EXAMPLES / "ci" / "fuse-and-check.yml"
 def _tiny_roberta_12():
     """RoBERTa-base's depth (12 layers) and a width above 768, at toy size, for the 4-11 -> 768 recipe."""
     torch.manual_seed(0)
-    config = transformers.RobertaConfig(vocab_size=99, hidden_size=16, num_hidden_layers=12, num_attention_heads=2,
-                                        intermediate_size=800, max_position_embeddings=40, pad_token_id=1)
+    config = tiny_config("roberta", num_hidden_layers=12, intermediate_size=800)
     return transformers.AutoModelForMaskedLM.from_config(config).eval(), "masked-lm"
-
-
-def _tiny_mixtral():
-    from .conftest import TINY
-
-    if "mixtral" in TINY:
-        return build_tiny("mixtral")
-    from .test_moe import _model
-
-    return _model("mixtral"), "causal-lm"
 
 
 # recipe file -> a tiny local model of the family it is written for
 LOCAL_MODEL = {
     "roberta-base-4-11.yaml": _tiny_roberta_12,
     "llama-calibration.yaml": lambda: build_tiny("llama"),
-    "mixtral-experts.yaml": _tiny_mixtral,
+    "mixtral-experts.yaml": lambda: build_tiny("mixtral"),
 }
 
 

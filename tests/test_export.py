@@ -153,11 +153,11 @@ def test_low_rank_factors_are_multiplied_out(tmp_path):
 
 @pytest.mark.parametrize("mode", ["tie", "drop"])
 def test_merge_layers_outputs_export_tied_modules_as_copies_and_dropped_ones_as_zero_neurons(tmp_path, mode):
-    from .test_merge import WORDS, _tokenizer
+    from .conftest import WORDS, save_tokenizer
 
     model, _ = build_tiny("llama")
     model.save_pretrained(tmp_path / "src")
-    _tokenizer(tmp_path / "src")
+    save_tokenizer(tmp_path / "src")
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{' '.join(WORDS[i:i + 6])}\t1\n" for i in range(20)))
     flags = ["--calibration", str(tmp_path / "train.tsv")] if mode == "tie" else ["--drop"]
     result = CliRunner().invoke(app, ["merge-layers", str(tmp_path / "src"), "--layers", "0-1", "-o", str(tmp_path / "merged"),

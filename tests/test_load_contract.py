@@ -28,17 +28,10 @@ from mlpfuse.checkpoints.modeling import UncleanCheckpoint, verify_checkpoint
 from mlpfuse.cli import app
 from mlpfuse.remote.modeling_mlpfuse import fused_model_class
 
-WORDS = [f"w{i}" for i in range(40)]
-
+from .conftest import TINY, WORDS, build_tiny, save_tokenizer, tiny_config
 
 def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _tokenizer(directory: Path) -> None:
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(directory)
 
 
 def _fresh_python(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -57,13 +50,11 @@ def _left_behind(parent: Path, name: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
-    """A tiny GPT-2 (n_embd 32, n_inner 48, so Conv1D's in != out) with a tokenizer, and its merge."""
+    """tests/conftest.py's tiny GPT-2 (Conv1D's in 32 != out 128) with a tokenizer, and its merge."""
     directory = tmp_path_factory.mktemp("gpt2")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=len(WORDS) + 5, n_embd=32, n_inner=48, n_layer=2, n_head=2, n_positions=32)).eval()
+    model, _ = build_tiny("gpt2")
     model.save_pretrained(directory / "src")
-    _tokenizer(directory / "src")
+    save_tokenizer(directory / "src")
     result = run("merge-layers", directory / "src", "--layers", "0-1", "--no-permute", "-o", directory / "merged")
     assert result.exit_code == 0, result.output
     # what the merged model must compute: both layers use the average of the two MLPs
@@ -85,27 +76,13 @@ def test_gpt2_merged_layers_load_with_their_bias_shapes_and_the_averaged_mlp(gpt
     model = mlpfuse.load(merged, task="causal-lm").eval()
     c_fc, c_proj = model.transformer.h[0].mlp.c_fc, model.transformer.h[0].mlp.c_proj
     assert model.transformer.h[1].mlp.c_fc is c_fc
-    assert tuple(c_fc.bias.shape) == (48,) and tuple(c_proj.bias.shape) == (32,)
+    config = model.config
+    assert tuple(c_fc.bias.shape) == (TINY["gpt2"][2],) and tuple(c_proj.bias.shape) == (config.n_embd,)
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, expected, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_gpt2_merged_layers_load_with_trust_remote_code_in_a_fresh_process(gpt2, tmp_path):
-    merged, ids, expected = gpt2
-    out = tmp_path / "logits.pt"
-    proc = _fresh_python(f"""
-        import sys, torch, transformers
-        model = transformers.AutoModelForCausalLM.from_pretrained({str(merged)!r}, trust_remote_code=True).eval()
-        assert "mlpfuse" not in sys.modules
-        mlp = model.transformer.h[0].mlp
-        print(tuple(mlp.c_fc.bias.shape), tuple(mlp.c_proj.bias.shape))
-        with torch.no_grad():
-            torch.save(model(torch.tensor({ids.tolist()})).logits, {str(out)!r})
-    """)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split("\n")[0] == "(48,) (32,)"
-    assert torch.allclose(torch.load(out), expected, atol=1e-5)
+# its load through trust_remote_code in a fresh process: tests/test_registry.py's shared load ("gpt2 merged")
 
 
 # ------------------------------------------------------------------ fault 3: key renames
@@ -113,13 +90,15 @@ def test_gpt2_merged_layers_load_with_trust_remote_code_in_a_fresh_process(gpt2,
 def test_fused_class_keeps_the_base_module_so_checkpoint_renames_apply(tmp_path):
     """GPT-NeoX hub checkpoints name the head ``embed_out``; transformers renames it to ``lm_head``
     on load, but only for classes it considers its own."""
-    base = transformers.GPTNeoXConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=24, max_position_embeddings=32)
+    base = tiny_config("gpt_neox")
+    hidden = base.hidden_size
     cls = fused_model_class(transformers.GPTNeoXForCausalLM)
     assert cls.__module__ == transformers.GPTNeoXForCausalLM.__module__ and not cls.is_custom_code()
     section = {"modules": [
-        {"path": "layers.0.mlp.dense_h_to_4h", "type": "linear", "in_features": 16, "out_features": 6, "bias": True, "scaled": False},
-        {"path": "layers.0.mlp.dense_4h_to_h", "type": "linear", "in_features": 6, "out_features": 16, "bias": True, "scaled": True},
+        {"path": "layers.0.mlp.dense_h_to_4h", "type": "linear", "in_features": hidden, "out_features": 6, "bias": True,
+         "scaled": False},
+        {"path": "layers.0.mlp.dense_4h_to_h", "type": "linear", "in_features": 6, "out_features": hidden, "bias": True,
+         "scaled": True},
     ]}
     base.mlpfuse = section
     torch.manual_seed(0)
@@ -146,16 +125,13 @@ def test_fused_class_keeps_the_base_module_so_checkpoint_renames_apply(tmp_path)
 
 def _duplicated_llama(directory: Path, sizes=(257, 343)) -> torch.nn.Module:
     """A one-layer LLaMA whose MLP is len(sizes) distinct neurons, repeated ``sizes`` times."""
-    config = transformers.LlamaConfig(vocab_size=60, hidden_size=8, intermediate_size=sum(sizes), num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    mlp = model.model.layers[0].mlp
+    model, _ = build_tiny("llama", intermediate_size=sum(sizes), num_hidden_layers=1)
+    mlp, hidden = model.model.layers[0].mlp, model.config.hidden_size
     repeats = torch.tensor(sizes)
     with torch.no_grad():
         for proj in (mlp.gate_proj, mlp.up_proj):
-            proj.weight.copy_(torch.randn(len(sizes), 8).repeat_interleave(repeats, 0))
-        mlp.down_proj.weight.copy_(torch.randn(8, len(sizes)).repeat_interleave(repeats, 1) / repeats.repeat_interleave(repeats))
+            proj.weight.copy_(torch.randn(len(sizes), hidden).repeat_interleave(repeats, 0))
+        mlp.down_proj.weight.copy_(torch.randn(hidden, len(sizes)).repeat_interleave(repeats, 1) / repeats.repeat_interleave(repeats))
     model.save_pretrained(directory)
     return model
 
@@ -184,25 +160,15 @@ def test_cluster_sizes_stay_exact_in_bfloat16_on_disk_after_load_and_after_to(tm
     assert logits.dtype == torch.bfloat16
     assert torch.allclose(logits.float(), reference.float(), atol=0.05)
 
-    proc = _fresh_python(f"""
-        import torch, transformers
-        model = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.bfloat16)
-        scale = model.model.layers[0].mlp.down_proj.fusion_scale
-        print(scale.dtype, sorted(scale.tolist()))
-    """)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "torch.float32 [257.0, 343.0]"
+    # the same in a fresh process through trust_remote_code: tests/test_registry.py's shared load ("llama bf16")
 
 
 # ------------------------------------------------------------------ the load check itself
 
 @pytest.fixture
 def bert(tmp_path):
-    torch.manual_seed(0)
-    transformers.BertForMaskedLM(transformers.BertConfig(
-        vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=20,
-        max_position_embeddings=32)).save_pretrained(tmp_path / "src")
-    _tokenizer(tmp_path / "src")
+    build_tiny("bert")[0].save_pretrained(tmp_path / "src")
+    save_tokenizer(tmp_path / "src")
     return tmp_path / "src"
 
 

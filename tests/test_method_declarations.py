@@ -17,7 +17,8 @@ from mlpfuse.methods import (BUILTIN, REPORT_FIELDS, Calibration, MethodDeclarat
                              check_can_write, get_method, method_names, register, unregister)
 from mlpfuse.methods.calibrated import size_histogram
 
-from .test_calibrated import inputs, tiny_mlp
+from .conftest import random_mlp
+from .test_calibrated import inputs
 
 
 @pytest.fixture
@@ -79,7 +80,7 @@ def test_every_builtin_does_what_it_declares(declaration):
     a calibrated form exactly when declared; a method that clusters uses the clustering it is given."""
     method = get_method(declaration.name)
     assert method.declaration is declaration and method.writes == declaration.writes
-    mlp, k = tiny_mlp(gated=False), 12
+    mlp, k = random_mlp(small=True), 12
     forms = [method(mlp, k, MethodOptions(backend="torch"))]
     calibration = Calibration(inputs(64), torch.nn.functional.gelu, protect=2)
     if declaration.calibrated is not None:
@@ -98,7 +99,7 @@ def test_every_builtin_does_what_it_declares(declaration):
 
 
 def test_the_layer_report_takes_the_declared_fields():
-    mlp = tiny_mlp(gated=False)
+    mlp = random_mlp(small=True)
     plan = SimpleNamespace(site=SimpleNamespace(index=0, label="0"), original_width=mlp.width, width=12)  # what it reads
     _, report = compress_layer(plan, mlp, "svd", MethodOptions())
     assert report.rank is not None and report.inertia is None and report.cluster_sizes is None

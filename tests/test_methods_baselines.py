@@ -13,20 +13,9 @@ from mlpfuse.methods.mmd import support_points
 from mlpfuse.methods.prune import importance
 from mlpfuse.methods.svd import fused_parameter_count, matched_rank
 
-from .conftest import build_tiny, model_inputs, outputs_of
+from .conftest import build_tiny, model_inputs, outputs_of, random_mlp
 
 GELU = torch.nn.functional.gelu
-
-
-def random_mlp(width=48, hidden=12, gated=False, seed=0) -> MLPWeights:
-    g = torch.Generator().manual_seed(seed)
-    mlp = MLPWeights(w_in=torch.randn(width, hidden, generator=g, dtype=torch.float64),
-                     b_in=torch.randn(width, generator=g, dtype=torch.float64),
-                     w_out=torch.randn(hidden, width, generator=g, dtype=torch.float64),
-                     b_out=torch.randn(hidden, generator=g, dtype=torch.float64))
-    if gated:
-        mlp.w_gate = torch.randn(width, hidden, generator=g, dtype=torch.float64)
-    return mlp
 
 
 def test_all_six_methods_are_registered():
@@ -35,7 +24,7 @@ def test_all_six_methods_are_registered():
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_prune_keeps_the_most_important_neurons_unchanged(gated):
-    mlp = random_mlp(gated=gated)
+    mlp = random_mlp(gated=gated, bias=True)
     pruned = get_method("prune")(mlp, 10, MethodOptions())
     keep = torch.topk(importance(mlp), 10).indices.sort().values
     assert pruned.width == 10 and pruned.scale is None
@@ -63,7 +52,7 @@ def test_sketch_is_seeded_and_unbiased_for_a_linear_mlp():
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_svd_rank_matches_the_fused_parameter_count(gated):
-    mlp = random_mlp(width=48, hidden=12, gated=gated)
+    mlp = random_mlp(width=48, hidden=12, gated=gated, bias=True)
     for k in (4, 12, 30):
         rank = matched_rank(mlp, k)
         result = get_method("svd")(mlp, k, MethodOptions())

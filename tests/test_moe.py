@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -25,20 +22,14 @@ from .conftest import MOE_FAMILIES as FAMILIES
 from .conftest import MOE_H as H
 from .conftest import MOE_I as I
 from .conftest import MOE_SHARED_I as SHARED_I
-from .conftest import tiny_config
+from .conftest import TINY, build_tiny
 
-
-def _config(family: str):
-    return tiny_config(family)
-
-
-TASK = {f: "causal-lm" for f in FAMILIES} | {"switch_transformers": "seq2seq-lm"}
-AUTO = {"causal-lm": transformers.AutoModelForCausalLM, "seq2seq-lm": transformers.AutoModelForSeq2SeqLM}
+TASK = {family: TINY[family][1] for family in FAMILIES}
 
 
 def _model(family: str):
-    torch.manual_seed(0)
-    model = AUTO[TASK[family]].from_config(_config(family)).float().eval()
+    """tests/conftest.py's tiny model of ``family``, its expert weights drawn wider."""
+    model, _ = build_tiny(family)
     with torch.no_grad():  # spread expert weights so k-means has real clusters
         for name, param in model.named_parameters():
             if "expert" in name:
@@ -152,22 +143,7 @@ def test_fused_checkpoint_loads_with_same_routers(family, saved, tmp_path):
         assert buffer.sum(-1).eq(I if "shared" not in name else SHARED_I).all()  # cluster sizes add up
 
 
-@pytest.mark.slow
-def test_mixtral_trust_remote_code_in_fresh_process(saved, tmp_path):
-    source, _ = saved["mixtral"]
-    fuse_checkpoint(str(source), tmp_path / "out", FuseSettings(dim=4, layers="0", backend="torch"))
-    expected = _run(mlpfuse.load(tmp_path / "out", task="causal-lm").eval(), _ids())[0]
-    torch.save(_ids(), tmp_path / "ids.pt")
-    code = (
-        "import sys, torch, transformers\n"
-        "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
-        "assert 'mlpfuse' not in sys.modules\n"
-        "ids = torch.load(sys.argv[2])\n"
-        "with torch.no_grad(): torch.save(m(input_ids=ids).logits, sys.argv[3])\n"
-    )
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), str(tmp_path / "ids.pt"), str(tmp_path / "y.pt")],
-                   check=True, cwd=tmp_path)
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, atol=1e-6, rtol=1e-6)
+# A narrow Mixtral through trust_remote_code in a fresh process: tests/test_registry.py's shared load.
 
 
 def test_switch_sparse_layers_fused_dense_layers_untouched(saved, tmp_path):

@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 
 from mlpfuse.compress.fuse_moe import batched_clusterings
-from mlpfuse.compress.mlp import MLPWeights
 from mlpfuse.methods import MethodOptions, get_method
+
+from .conftest import random_mlp
 
 
 def experts(count=4, width=48, hidden=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [MLPWeights(w_in=torch.randn(width, hidden, generator=g), w_gate=torch.randn(width, hidden, generator=g),
-                       w_out=torch.randn(hidden, width, generator=g)) for _ in range(count)]
+    return [random_mlp(width, hidden, gated=True, seed=seed + i, dtype=torch.float32) for i in range(count)]
 
 
 def test_batched_clusterings_feed_fusion_and_match_a_loop_in_quality():

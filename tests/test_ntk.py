@@ -16,7 +16,7 @@ from mlpfuse.cli import app
 
 from .conftest import build_tiny, slow_kernels, tiny_config
 
-DISTINCT, REPEAT, HIDDEN = 5, 3, 16
+DISTINCT, REPEAT = 5, 3
 REPO = Path(__file__).resolve().parents[1]
 SST2_DEV = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"  # ../shared/data relative to the repository root
 needs_sst2 = pytest.mark.skipif(not SST2_DEV.is_file(), reason=f"real data {SST2_DEV} not present")
@@ -32,8 +32,8 @@ def tokens(batch=6, length=7, vocab=50, seed=1) -> dict:
 
 
 def bert(intermediate: int, repeated: bool = False) -> transformers.BertModel:
-    config = tiny_config("bert", vocab_size=50, hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=intermediate,
-                         max_position_embeddings=32)
+    """tests/conftest.py's tiny BERT (base model: ntk-check's random head) at MLP width ``intermediate``."""
+    config = tiny_config("bert", intermediate_size=intermediate)
     torch.manual_seed(0)
     model = transformers.BertModel(config).double().eval()
     if repeated:  # layer 0: DISTINCT neurons, each REPEAT times
@@ -89,8 +89,7 @@ def test_sign_kernel_matches_plain_autograd_on_low_rank_modules():
 
 
 def test_model_with_its_own_head_uses_it():
-    config = transformers.BertConfig(vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=12, max_position_embeddings=32, num_labels=3)
+    config = tiny_config("bert", num_hidden_layers=1, intermediate_size=12, num_labels=3)
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config).double().eval()
     inputs = tokens()

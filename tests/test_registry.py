@@ -2,7 +2,8 @@
 
 For each family: full-width fusion through a written checkpoint gives the original logits; the
 checkpoint loads the same through ``trust_remote_code`` in ONE fresh process (transformers and
-torch only) shared by all families; ntk-check's kernels equal plain autograd; merge-layers runs and
+torch only) shared by all families and by the other checkpoint kinds whose remote-code load is a
+fact (narrow, bf16, merged: REMOTE_EXTRAS); ntk-check's kernels equal plain autograd; merge-layers runs and
 reloads; one ``tune`` step runs. Families where a command does not apply (Mixture-of-Experts
 layers in ntk-check and merge-layers) must refuse it with a one-line InputError.
 
@@ -155,21 +156,80 @@ def test_full_width_fusion_is_exact_through_a_written_checkpoint(name, full_widt
     assert torch.allclose(outputs_of(loaded, expected["inputs"]), expected["logits"], atol=1e-5, rtol=0)
 
 
+# Checkpoints beyond full width that the one fresh process loads too: label -> (family, how it is written,
+# load dtype). Narrow: P other than 1 in the scaled modules (experts too); bf16: P stays float32 in a
+# bfloat16 checkpoint loaded in bfloat16; merged: the window's layers load as one tied module, GPT-2's
+# Conv1D biases in their own shapes (issue 10, fault 2).
+REMOTE_EXTRAS = {
+    **{f"{name} narrow": (name, "fuse", "float32") for name in ("bert", "roberta", "gpt2", "llama", "mixtral")},
+    "llama bf16": ("llama", "fuse", "bfloat16"),
+    **{f"{name} merged": (name, "merge", "float32") for name in ("bert", "gpt2")},
+}
+
+
+@pytest.fixture(scope="module")
+def remote_extras(root, sources):
+    """label -> (checkpoint, task, load dtype, tied module pairs, file of inputs, logits and P buffers
+    as mlpfuse.load gives them)."""
+    made = {}
+    for label, (name, how, dtype) in REMOTE_EXTRAS.items():
+        source, _, task = sources(name)
+        out = root / name / label.replace(" ", "-")
+        ties = []
+        if how == "fuse":
+            fuse_checkpoint(str(source), out, FuseSettings(layers="all", dim=9, dtype=dtype, backend="torch"))
+        else:
+            merge_checkpoint(str(source), out, MergeSettings(layers="0-1", mode="average"))
+            config = tiny_config(name).to_dict()
+            sites = resolve_sites(lookup(config["model_type"]), config)
+            ties = [(a.path, b.path) for a, b in zip(sites[0].modules, sites[1].modules)]
+        model = mlpfuse.load(out, task=task, dtype=getattr(torch, dtype)).eval()
+        inputs = model_inputs(name)
+        scales = {n: b for n, b in model.named_buffers() if n.endswith("fusion_scale")}
+        assert scales or how == "merge"
+        torch.save({"inputs": inputs, "logits": outputs_of(model, inputs), "scales": scales}, out.with_suffix(".pt"))
+        made[label] = (out, task, dtype, ties, out.with_suffix(".pt"))
+    return made
+
+
 @pytest.mark.slow
-def test_every_family_loads_with_trust_remote_code_in_one_fresh_process(full_width, root):
+def test_every_family_loads_with_trust_remote_code_in_one_fresh_process(full_width, remote_extras, root):
+    """One process with transformers and torch only: every family's full-width checkpoint and the
+    REMOTE_EXTRAS give mlpfuse.load's logits (and P buffers, float32 and bit for bit, and ties); a fused
+    checkpoint without trust_remote_code is refused with an error that names it."""
     cases = {}
     for name in FAMILIES:
         out, task, _ = full_width(name)
-        cases[name] = (str(out), AUTO[task], str(root / name / "expected.pt"))
+        cases[name] = (str(out), AUTO[task], str(root / name / "expected.pt"), "float32", [])
+    for label, (out, task, dtype, ties, expected) in remote_extras.items():
+        cases[label] = (str(out), AUTO[task], str(expected), dtype, ties)
     script = textwrap.dedent(f"""
         import sys, torch, transformers
+        cases = {cases!r}
+        path, auto = next(iter(cases.values()))[:2]
+        try:
+            getattr(transformers, auto).from_pretrained(path, trust_remote_code=False)
+            print("loaded without trust_remote_code")
+        except Exception as error:
+            print("refused:", "trust_remote_code" in str(error))
         failures = []
-        for name, (path, auto, expected) in {cases!r}.items():
+        for name, (path, auto, expected, dtype, ties) in cases.items():
             data = torch.load(expected)
-            model = getattr(transformers, auto).from_pretrained(path, trust_remote_code=True).eval()
+            model = getattr(transformers, auto).from_pretrained(path, trust_remote_code=True,
+                                                                dtype=getattr(torch, dtype)).eval()
             with torch.no_grad():
                 logits = model(**data["inputs"]).logits
-            if logits.shape != data["logits"].shape or not torch.allclose(logits, data["logits"], atol=1e-5, rtol=0):
+            atol = 1e-5 if dtype == "float32" else 1e-2
+            ok = logits.shape == data["logits"].shape and torch.allclose(logits.float(), data["logits"].float(),
+                                                                         atol=atol, rtol=0)
+            buffers = {{n: b for n, b in model.named_buffers() if n.endswith("fusion_scale")}}
+            scales = data.get("scales")
+            if scales is not None:
+                ok = ok and buffers.keys() == scales.keys() and all(
+                    b.dtype == torch.float32 and torch.equal(b, scales[n]) for n, b in buffers.items())
+            base = model.base_model
+            ok = ok and all(base.get_submodule(a) is base.get_submodule(b) for a, b in ties)
+            if not ok:
                 failures.append(name)
         assert "mlpfuse" not in sys.modules, "the fresh process imported mlpfuse"
         print("failures:", ",".join(failures))
@@ -178,7 +238,8 @@ def test_every_family_loads_with_trust_remote_code_in_one_fresh_process(full_wid
                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(root / "hf"),
                                  "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "failures:"
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "refused: True" and lines[-1] == "failures:", result.stdout[-3000:]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -12,17 +12,14 @@ import transformers
 from typer.testing import CliRunner
 
 import mlpfuse
-from mlpfuse.checkpoints.source import bundled_model_path
 from mlpfuse.cli import app
-from mlpfuse.compress.fuse import FuseSettings, fuse_model
 from mlpfuse.train.tune import (TuneSettings, first_changed_state, hidden_error, layerwise_loss, logit_kl, token_weights,
                           tune_checkpoint, tune_model)
 from mlpfuse.train.tune import _encode
 from mlpfuse.train.tune_kl import chunked_logit_kl, kl_heads, last_hidden_state
 
-from .conftest import TINY, build_tiny, model_inputs, tiny_config
+from .conftest import TINY, build_tiny, make_checkpoints, model_inputs, write_texts
 from .test_bad_input import assert_one_line_error
-from .conftest import make_checkpoints, write_texts
 
 runner = CliRunner()
 
@@ -104,16 +101,7 @@ def test_logit_kl_is_zero_for_equal_logits_and_ignores_padding():
 def llama_last_layer(tmp_path_factory):
     """A tiny LLaMA (2 layers) with only its last MLP fused, its original, and a TSV."""
     directory = tmp_path_factory.mktemp("tune-llama")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(bundled_model_path()))
-    torch.manual_seed(0)
-    config = tiny_config("llama", vocab_size=len(tokenizer), intermediate_size=48, pad_token_id=tokenizer.pad_token_id)
-    model = transformers.LlamaForCausalLM(config)
-    original, fused = directory / "original", directory / "fused"
-    model.save_pretrained(original)
-    tokenizer.save_pretrained(original)
-    fuse_model(model, FuseSettings(layers="1", dim=8, seed=0))
-    model.save_pretrained(fused)
-    tokenizer.save_pretrained(fused)
+    original, fused = make_checkpoints(directory, kind="llama", layers="1", dim=8)
     return original, fused, write_texts(directory / "text.tsv", rows=64)
 
 
