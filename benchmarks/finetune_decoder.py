@@ -143,8 +143,11 @@ def prepare_checkpoints(model: str, work: Path, settings: list[str], methods: li
 
 def measure_cost(checkpoints: dict[str, str], protocol: dict, results: dict, save) -> None:
     """Training step time and peak memory of every row beside the original's (LoRA and full)."""
-    names = list(checkpoints)
     for mode in ("lora", "full"):
+        missing = [n for n in checkpoints if mode not in results["cost"].get(n, {})]
+        if not missing:
+            continue  # resumed: this mode was measured for every row already
+        names = ["original", *[n for n in missing if n != "original"]]
         settings = BenchSettings(steps=protocol["bench_steps"], warmup=2, batch_size=protocol["batch_size"],
                                  seq_len=protocol["max_length"], inference=False, memory=True, seed=0,
                                  lora=mode == "lora", lora_rank=protocol["lora_rank"])
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["protocol"]["instruct_eval_rows_used"] = instruction_jsonl(
         Path(args.dev), protocol["instruct_eval_rows"], 0, files["instruct_dev"], sample=False)
     checkpoints = prepare_checkpoints(args.model, work, args.settings, args.methods, files["calibration"], results, save)
-    if not args.no_cost and not results["cost"]:
+    if not args.no_cost:
         measure_cost(checkpoints, protocol, results, save)
     done = {(r["task"], r["row"], r["seed"]) for r in results["runs"]}
     # seed-major: every cell gets seed 0 before any gets seed 1, so a cut-short table stays comparable
