@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
-__all__ = ["Field", "Group", "COMMON", "OUTPUT", "RUNTIME", "TEXT", "TRAINING", "LORA", "COMPRESSION", "CALIBRATION",
+__all__ = ["Field", "Group", "COMMON", "OUTPUT", "RUNTIME", "TEXT", "TRAINING", "TUNING", "FINETUNE_TASKS", "LORA", "COMPRESSION", "CALIBRATION",
            "FUSE_FIELDS", "recipe_types", "parse_calibration_limit"]
 
 _NONE = type(None)
@@ -153,6 +153,19 @@ TRAINING = Group(
           shown="all epochs"),
     Field("log_every", int, 10, "Without a terminal: one progress line per N steps.", ("--log-every",)),
 )
+
+# --- tune (mlpfuse/train/tune.py): TuneSettings reads its defaults here ---------------------------------------
+TUNING = Group(
+    "tuning",
+    Field("lr", float, 1e-4, "AdamW learning rate.", ("--lr",)),
+    Field("first_token_weight", float, 1.0,
+          "Loss weight of each sequence's first token (the attention sink); 0 masks it.", ("--first-token-weight",)),
+    Field("kl_temperature", float, 1.0, "Softmax temperature of the KL term.", ("--kl-temperature",)),
+    Field("eval_rows", int, 256, "Held-out rows for the before/after report (0: no report).", ("--eval-rows",)),
+)
+
+# --- finetune (mlpfuse/train/finetune.py) ------------------------------------------------------------------
+FINETUNE_TASKS = ("classification", "regression", "causal-lm")  # --task
 
 # --- LoRA (PEFT, mlpfuse/train/lora.py): finetune trains with it, bench times its training step ---------------
 LORA = Group(

@@ -5,13 +5,12 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
+from mlpfuse.arch.presets import PRESETS
 from mlpfuse.cli.common import check_inputs, check_json_path, log, results_console, write_json_report
 from mlpfuse.cli.options import Options, command
 from mlpfuse.errors import InputError
 from mlpfuse.option_fields import LORA, OUTPUT, RUNTIME, TEXT
 
-# The names of mlpfuse/analysis/bench.py's PRESETS, for --help (not imported here: it pulls torch; a test checks they agree)
-PRESET_NAMES = ("roberta-base", "bert-base", "minilm", "gpt2", "tiny")
 
 
 @command(TEXT["batch_size"].using(8), RUNTIME["device"], RUNTIME["threads"], RUNTIME["seed"], OUTPUT["json_path"],
@@ -19,7 +18,7 @@ PRESET_NAMES = ("roberta-base", "bert-base", "minilm", "gpt2", "tiny")
 def bench(
     models: list[str] = typer.Argument(None, help="ORIGINAL FUSED [FUSED...]: checkpoint directories (or 'minilm'); "
                                                   "ratios are against the first."),
-    shape: str = typer.Option(None, "--shape", help=f"Instead of checkpoints, a preset with random weights: {', '.join(PRESET_NAMES)}."),
+    shape: str = typer.Option(None, "--shape", help=f"Instead of checkpoints, a preset with random weights: {', '.join(PRESETS)}."),
     layers: str = typer.Option(None, "--layers", help="With --shape: layers to fuse (default: the preset's, e.g. 4-11)."),
     dim: list[int] = typer.Option(None, "--dim", help="With --shape: fused width; repeat for several fused models."),
     assign: str = typer.Option("round-robin", "--assign", help="With --shape: round-robin (fast, same shapes) or kmeans (real fusion)."),

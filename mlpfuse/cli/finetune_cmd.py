@@ -8,10 +8,8 @@ from rich.table import Table
 from mlpfuse.cli.common import check_inputs, check_json_path, log, results_console, write_json_report
 from mlpfuse.cli.options import Options, command
 from mlpfuse.errors import InputError
-from mlpfuse.option_fields import LORA, OUTPUT, RUNTIME, TEXT, TRAINING
+from mlpfuse.option_fields import FINETUNE_TASKS, LORA, OUTPUT, RUNTIME, TEXT, TRAINING
 
-# mlpfuse/train/finetune.py's TASK_CHOICES, for --help (not imported here: it pulls torch; a test checks they agree)
-TASK_CHOICES = ("classification", "regression", "causal-lm")
 METRIC_NAMES = ("accuracy", "f1", "pearson", "spearman", "perplexity", "response_perplexity", "eval_loss")
 
 
@@ -36,7 +34,7 @@ def finetune(
     model: str = typer.Argument(..., help="Checkpoint directory (original or fused), or 'minilm'."),
     train: str = typer.Option(None, "--train", help="Training file (.tsv/.csv/.jsonl) or hub:NAME."),
     eval_file: str = typer.Option(None, "--eval", help="Evaluation file, same format."),
-    task: str = typer.Option("classification", "--task", help=f"One of: {', '.join(TASK_CHOICES)}."),
+    task: str = typer.Option("classification", "--task", help=f"One of: {', '.join(FINETUNE_TASKS)}."),
     label_column: str = typer.Option("label", "--label-column", help="Column with the label (classification/regression)."),
     epochs: float = typer.Option(3.0, "--epochs", help="Training epochs."),
     lr: float = typer.Option(2e-5, "--lr", help="AdamW peak learning rate (linear decay)."),

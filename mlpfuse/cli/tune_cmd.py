@@ -9,10 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mlpfuse.cli.common import check_inputs, check_json_path, interruption_message, log, results_console, write_json_report
 from mlpfuse.cli.options import Options, command
-from mlpfuse.option_fields import OUTPUT, RUNTIME, TEXT, TRAINING
-
-# Defaults of TuneSettings shown by --help (mlpfuse/train/tune.py holds the same; not imported here: it pulls torch).
-TUNE_DEFAULTS = {"lr": 1e-4, "first_token_weight": 1.0, "kl_temperature": 1.0, "eval_rows": 256}
+from mlpfuse.option_fields import OUTPUT, RUNTIME, TEXT, TRAINING, TUNING
 
 
 @contextmanager
@@ -49,28 +46,23 @@ def step_progress(description: str, every: int):
 
 @command(OUTPUT["output"].using(required=True), TEXT["text_column"], TEXT["pair_column"], TEXT["batch_size"].using(32),
          TEXT["max_length"].using(128), TRAINING["max_steps"], RUNTIME["seed"], RUNTIME["device"],
-         TRAINING["log_every"].using(10), OUTPUT["overwrite"], OUTPUT["json_path"])
+         TRAINING["log_every"].using(10), OUTPUT["overwrite"], OUTPUT["json_path"], TUNING)
 def tune(
     fused: str = typer.Argument(..., help="Fused checkpoint directory (output of `mlpfuse fuse`)."),
     teacher: str = typer.Option(..., "--teacher", help="The original checkpoint the fused one came from ('minilm' for the bundled model)."),
     data: str = typer.Option(..., "--data", help="Task text: .tsv/.csv/.jsonl file (labels not needed), or hub:NAME."),
-    lr: float = typer.Option(TUNE_DEFAULTS["lr"], "--lr", help="AdamW learning rate."),
     epochs: int = typer.Option(1, "--epochs", help="Passes over the data."),
     limit: int = typer.Option(None, "--limit", help="Use only the first N rows of --data."),
     save_every: int = typer.Option(100, "--save-every", help="Save resumable state every N steps (0: only on Ctrl-C)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUTPUT.tune-state/."),
     layer_loss: str = typer.Option(None, "--layer-loss",
                                    help="variance: per-layer MSE / the teacher's variance of that layer, averaged; mse: the paper's summed MSE (default: variance for causal LMs, mse otherwise)."),
-    first_token_weight: float = typer.Option(TUNE_DEFAULTS["first_token_weight"], "--first-token-weight",
-                                             help="Loss weight of each sequence's first token (the attention sink); 0 masks it."),
     kl_weight: float = typer.Option(None, "--kl-weight",
                                     help="Add this times the KL divergence of the next-token distributions (default: 1 for causal LMs, 0 otherwise; 0: the LM head is never run)."),
-    kl_temperature: float = typer.Option(TUNE_DEFAULTS["kl_temperature"], "--kl-temperature", help="Softmax temperature of the KL term."),
     eval_data: str = typer.Option(None, "--eval-data",
                                   help="Held-out text for the before/after report (default: the rows of --data after --limit)."),
     pack: bool = typer.Option(None, "--pack/--no-pack",
                               help="Join the rows into windows of --max-length tokens (default: on for causal LMs; encoders: off)."),
-    eval_rows: int = typer.Option(TUNE_DEFAULTS["eval_rows"], "--eval-rows", help="Held-out rows for the before/after report (0: no report)."),
     opts: Options = None,
 ):
     """Tune the fused MLPs so each layer's hidden states match the original model's (paper Sec. 4.4)."""
@@ -79,11 +71,11 @@ def tune(
     check_inputs(fused, teacher, files=(data, eval_data))
     from mlpfuse.train.tune import TuneSettings, state_directory, tune_checkpoint  # heavy: once the inputs are known to exist
 
-    settings = TuneSettings(text_column=opts.text_column, pair_column=opts.pair_column, lr=lr, batch_size=opts.batch_size,
+    settings = TuneSettings(text_column=opts.text_column, pair_column=opts.pair_column, lr=opts.lr, batch_size=opts.batch_size,
                             max_length=opts.max_length, epochs=epochs, max_steps=opts.max_steps, seed=opts.seed,
                             limit=limit, save_every=save_every, device=opts.device, layer_loss=layer_loss,
-                            first_token_weight=first_token_weight, kl_weight=kl_weight, kl_temperature=kl_temperature,
-                            eval_data=eval_data, eval_rows=eval_rows, pack=pack)
+                            first_token_weight=opts.first_token_weight, kl_weight=kl_weight, kl_temperature=opts.kl_temperature,
+                            eval_data=eval_data, eval_rows=opts.eval_rows, pack=pack)
     try:
         with step_progress("tuning", opts.log_every) as advance:
             report = tune_checkpoint(fused, teacher, data, output, settings, overwrite=opts.overwrite, resume=resume,

@@ -28,13 +28,12 @@ from mlpfuse.checkpoints.source import resolve_model
 from mlpfuse.checkpoints.validate import check_causal_lm
 from mlpfuse.data import Table, read_table
 from mlpfuse.errors import InputError
-from mlpfuse.option_fields import LORA
+from mlpfuse.option_fields import FINETUNE_TASKS, LORA
 from mlpfuse.options import check_optional_positive, check_positive, check_seed
 from mlpfuse.runtime import load_tokenizer
 from mlpfuse.train.instruct import TEXT, InstructDataset, data_format, encode_instructions, response_perplexity
 from mlpfuse.train.instruct import collator as instruct_collator
 
-TASK_CHOICES = ("classification", "regression", "causal-lm")
 REPORT_FILE = "mlpfuse_finetune.json"
 
 
@@ -74,8 +73,8 @@ class FinetuneSettings:
 
 def check_settings(settings: FinetuneSettings) -> None:
     """One-line InputErrors for values no run can use (unknown task, NaN --lr, --epochs <= 0, ...)."""
-    if settings.task not in TASK_CHOICES:
-        raise InputError(f"unknown --task {settings.task!r}; choose one of: {', '.join(TASK_CHOICES)}")
+    if settings.task not in FINETUNE_TASKS:
+        raise InputError(f"unknown --task {settings.task!r}; choose one of: {', '.join(FINETUNE_TASKS)}")
     check_positive(settings.lr, "--lr")
     check_positive(settings.epochs, "--epochs")
     check_positive(settings.warmup, "--warmup", allow_zero=True)
@@ -341,8 +340,8 @@ def finetune(model: str, train: str | None, evaluation: str | None, output: str 
     if target is not None and _is_main_process():  # checks, lock, staging: before any work
         inputs = [directory] + [p for p in (train, evaluation) if p is not None and not str(p).startswith("hub:")]
         target = claim_output(output, inputs, overwrite).target
-    if settings.task not in TASK_CHOICES:
-        raise InputError(f"unknown --task {settings.task!r}; choose one of: {', '.join(TASK_CHOICES)}")
+    if settings.task not in FINETUNE_TASKS:
+        raise InputError(f"unknown --task {settings.task!r}; choose one of: {', '.join(FINETUNE_TASKS)}")
     if settings.task == "causal-lm":
         check_causal_lm(directory, model)
     train_table = read_table(train, limit=settings.limit_train) if train is not None else None
