@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,18 @@ def model_inputs(name: str, batch: int = 2, length: int = 7, seed: int = 1) -> d
 def outputs_of(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt in this process, as in a terminal's foreground job.
+
+    A pytest started in the background from a script (``pytest &``) inherits SIGINT ignored, and a test
+    that sends itself SIGINT would then see nothing happen.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

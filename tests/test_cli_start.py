@@ -152,12 +152,18 @@ STARTING = "interrupted while starting: nothing was done"
 NOTHING_WRITTEN = "interrupted: nothing was written (partial output removed)"  # the command body had started
 
 
-def _mlpfuse(args: list[str], cwd: Path, env: dict | None = None, importtime: bool = False) -> subprocess.Popen:
-    """``python -m mlpfuse ARGS`` with stderr piped (``-X importtime`` reports each import there as it finishes)."""
+def _mlpfuse(args: list[str], cwd: Path, env: dict | None = None, importtime: bool = False,
+             sigint=signal.SIG_DFL) -> subprocess.Popen:
+    """``python -m mlpfuse ARGS`` with stderr piped (``-X importtime`` reports each import there as it finishes).
+
+    The child starts with SIGINT as ``sigint`` says: by default as a terminal's foreground job has it,
+    whether or not pytest itself was started in the background (which starts it ignored).
+    """
     env = {k: v for k, v in (env or os.environ).items() if k != "MLPFUSE_DEBUG"}
     flags = ["-X", "importtime"] if importtime else []
     return subprocess.Popen([sys.executable, *flags, "-m", "mlpfuse", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
 
 
 def _interrupt_when(proc: subprocess.Popen, ready) -> tuple[int, list[str]]:
@@ -211,6 +217,16 @@ def test_ctrl_c_inside_generated_code_while_starting_still_exits_130(tmp_path):
     proc = _mlpfuse(FUSE_ARGS, tmp_path, env={**os.environ, "PYTHONPATH": path})
     lines = [line for line in proc.communicate(timeout=120)[1].splitlines() if line.strip()]
     assert (proc.returncode, lines) == (130, [STARTING])
+
+
+def test_a_fuse_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
+    """``mlpfuse fuse ... &`` in a script: the shell starts it with SIGINT ignored, and the terminal's
+    Ctrl-C (meant for the script) must not stop it."""
+    proc = _mlpfuse(FUSE_ARGS, tmp_path, sigint=signal.SIG_IGN)
+    code, lines = _interrupt_when(proc, lambda line: line.startswith("fusing: layer 5 "))
+    assert code == 0, lines
+    assert not any("interrupted" in line for line in lines), lines
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

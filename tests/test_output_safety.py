@@ -278,6 +278,7 @@ def _signal_after(monkeypatch, name: str):
     monkeypatch.setattr(output_module, name, renamed_then_interrupted)
 
 
+@pytest.mark.usefixtures("sigint_raises")
 @pytest.mark.parametrize("writer", QUICK)
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_ctrl_c_right_after_the_final_rename_says_the_output_was_written(src, writer, overwrite, tmp_path, monkeypatch):
@@ -295,6 +296,7 @@ def test_ctrl_c_right_after_the_final_rename_says_the_output_was_written(src, wr
     assert not (out / INCOMPLETE_MARKER).exists() and hidden(tmp_path) == []  # the replaced output is gone too
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_during_the_work_says_nothing_was_written_and_leaves_nothing(src, tmp_path, monkeypatch):
     import mlpfuse.compress.fuse_layers as fuse_module
 

@@ -15,6 +15,8 @@ EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT), as shells report it
 def main() -> None:
     """Console-script entry point: SIGTERM stops like Ctrl-C; Ctrl-C at any point is one line, exit 130.
 
+    A signal the process was started with ignored (``mlpfuse ... &`` in a script) stays ignored.
+
     Both signals go through ``common.terminate``, which records that a signal came: an error that a
     library turns the KeyboardInterrupt into (transformers' lazy imports do) is still reported as
     an interruption.
@@ -28,8 +30,11 @@ def main() -> None:
         from mlpfuse.cli.commands import app
         from mlpfuse.cli.common import terminate
 
-        signal.signal(signal.SIGTERM, terminate)
-        signal.signal(signal.SIGINT, terminate)
+        for number in (signal.SIGTERM, signal.SIGINT):
+            # a job a shell started in the background inherits SIGINT ignored: it keeps ignoring the
+            # terminal's Ctrl-C, as POSIX tools and Python itself do
+            if signal.getsignal(number) is not signal.SIG_IGN:
+                signal.signal(number, terminate)
         app()
     except KeyboardInterrupt:  # outside a command body (start-up, imports); commands report their own
         sys.stderr.write("interrupted while starting: nothing was done\n")
